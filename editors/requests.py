@@ -1,0 +1,137 @@
+"""Typed edit requests.
+
+An :class:`EditRequest` is one fact to rewrite: ``prompt`` is a complete string that contains ``subject``
+(e.g. "The Eiffel Tower is located in the city of", subject "The Eiffel Tower"); the model should continue it
+with ``target_new`` instead of ``target_true``. Targets are stored without their leading space; every consumer
+tokenises ``" " + target`` (the EasyEdit / ROME convention, see ../shared/guides/EVALUATION.md).
+
+Normalisation happens once, here, when a request is built: a malformed record raises
+:class:`RequestError` naming the source, the record and the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class RequestError(ValueError):
+    """A malformed edit record. The message names the source file, the record and the field."""
+
+    def __init__(self, source: str, record: object, field_name: str, problem: str):
+        self.source = source
+        self.record = record
+        self.field_name = field_name
+        self.problem = problem
+        super().__init__(f"{source}: record {record}: field '{field_name}': {problem}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One counterfactual edit.
+
+    Attributes:
+        case_id: identifier, unique within a data set.
+        prompt: full prompt containing ``subject`` (no target).
+        subject: the entity whose fact is edited; must occur in ``prompt``.
+        target_new: the new object (no leading space).
+        target_true: the original object (may be empty when unknown, e.g. user edits).
+        rephrase_prompts: paraphrases of ``prompt`` (generality).
+        locality_prompts: unrelated prompts (locality / specificity).
+        locality_answers: one answer per locality prompt (its tokens mark where locality is measured).
+    """
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str = ""
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[str, ...] = ()
+    locality_answers: tuple[str, ...] = ()
+    relation: str = ""
+    extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def prompt_template(self) -> str:
+        """The prompt with the first occurrence of the subject replaced by ``{}`` (ROME's template form)."""
+        i = self.prompt.index(self.subject)
+        return self.prompt[:i] + "{}" + self.prompt[i + len(self.subject):]
+
+    def to_dict(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target_new": self.target_new,
+            "target_true": self.target_true,
+            "rephrase_prompts": list(self.rephrase_prompts),
+            "locality_prompts": list(self.locality_prompts),
+            "locality_answers": list(self.locality_answers),
+            "relation": self.relation,
+        }
+
+
+def _as_tuple(value, source, record, name) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise RequestError(source, record, name, f"expected a string or a list of strings, got {type(value).__name__}")
+
+
+def make_request(
+    *,
+    source: str,
+    record: object,
+    case_id,
+    prompt,
+    subject,
+    target_new,
+    target_true="",
+    rephrase_prompts=(),
+    locality_prompts=(),
+    locality_answers=(),
+    relation: str = "",
+) -> EditRequest:
+    """Validate and normalise one record into an :class:`EditRequest`.
+
+    Raises:
+        RequestError: missing/empty field, subject absent from the prompt, or locality prompts and answers of
+            different lengths.
+    """
+    for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
+        if value is None:
+            raise RequestError(source, record, name, "missing")
+        if not isinstance(value, str):
+            raise RequestError(source, record, name, f"expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RequestError(source, record, name, "empty")
+    if target_true is None:
+        target_true = ""
+    if not isinstance(target_true, str):
+        raise RequestError(source, record, "target_true", f"expected a string, got {type(target_true).__name__}")
+    prompt = prompt.strip()
+    subject = subject.strip()
+    if subject not in prompt:
+        raise RequestError(source, record, "subject", f"subject {subject!r} does not occur in prompt {prompt!r}")
+    reph = tuple(p.strip() for p in _as_tuple(rephrase_prompts, source, record, "rephrase_prompts"))
+    locp = tuple(p.strip() for p in _as_tuple(locality_prompts, source, record, "locality_prompts"))
+    loca = tuple(a.strip() for a in _as_tuple(locality_answers, source, record, "locality_answers"))
+    if len(locp) != len(loca):
+        raise RequestError(source, record, "locality_answers",
+                           f"{len(locp)} locality prompts but {len(loca)} answers")
+    for i, a in enumerate(loca):
+        if not a:
+            raise RequestError(source, record, f"locality_answers[{i}]", "empty")
+    return EditRequest(
+        case_id=str(case_id),
+        prompt=prompt,
+        subject=subject,
+        target_new=target_new.strip(),
+        target_true=target_true.strip(),
+        rephrase_prompts=reph,
+        locality_prompts=locp,
+        locality_answers=loca,
+        relation=relation or "",
+    )
