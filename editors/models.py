@@ -75,6 +75,44 @@ def default_model_dir() -> str:
     return path
 
 
+def default_snapshot_dir() -> str:
+    """A safetensors snapshot of the dequantised default model in the cache (built once from the GGUF file).
+
+    Dequantising the GGUF file and parsing its tokenizer takes ~20 s on a 2-core CPU; loading the snapshot ~3 s.
+    The snapshot is keyed by the GGUF file's size and mtime and written atomically (temp dir + rename).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+
+    from .cache import cache_root
+
+    src = os.path.join(default_model_dir(), DEFAULT_GGUF)
+    st = os.stat(src)
+    key = hashlib.sha256(f"{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    target = os.path.join(cache_root(), "models", f"{DEFAULT_NAME}-{key}")
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        return target
+    log.info("building a safetensors snapshot of %s (one time)", src)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(src), gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(src), gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    tmp = f"{target}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied},
+              os.path.join(tmp, "model.safetensors"))
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over the config and a strided sample of every parameter (cheap, stable, changes with any edit of
     a sampled entry; used as a cache key for statistics of the unedited model)."""
@@ -109,9 +147,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_re
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         if name == DEFAULT_MODEL:
-            path = default_model_dir()
-            tok = AutoTokenizer.from_pretrained(path, gguf_file=DEFAULT_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=DEFAULT_GGUF, **kwargs)
+            path = default_snapshot_dir()
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             display = DEFAULT_NAME
         else:
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

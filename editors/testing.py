@@ -9,13 +9,13 @@ import functools
 
 import torch
 
-from .models import LoadedModel, default_model_dir, DEFAULT_GGUF, wrap_model
+from .models import LoadedModel, default_snapshot_dir, wrap_model
 
 
 @functools.lru_cache(maxsize=1)
 def default_tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    return AutoTokenizer.from_pretrained(default_snapshot_dir())
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 4, hidden: int = 64, mlp: int = 128,
