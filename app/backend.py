@@ -1,0 +1,345 @@
+"""What the pages ask of the application, without Streamlit: submit / cancel / watch jobs, method forms, uploads.
+
+Pages call these through :mod:`app.ui` (which caches the store and the queue per runs directory). Everything that
+runs a model goes through the job queue to the worker process (:mod:`app.worker`); this module only validates,
+queues and reads.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from .jobs import Job, JobError, JobQueue, device_key
+from .settings import upload_limit_bytes
+from .store import RunStore, TERMINAL
+
+#: fields of RunConfig the New run form sets itself (the rest keep their defaults or go into "advanced")
+FORM_RUN_FIELDS = ("model", "method", "method_overrides", "data", "n_edits", "batch_size", "eval_every", "label",
+                   "runs_dir", "device")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# methods and their config forms
+# ---------------------------------------------------------------------------------------------------------------
+def available_methods() -> list[str]:
+    from editors.registry import available_methods as _available
+    return _available()
+
+
+def method_summary(name: str) -> str:
+    from editors.registry import get_editor_class
+    return get_editor_class(name).summary
+
+
+def method_fields(name: str) -> list[dict]:
+    """``[{name, type, default, help}]`` of a method's config (the registry's ``field_help``)."""
+    from editors.registry import get_editor_class
+    return get_editor_class(name).config_cls.field_help()
+
+
+def run_fields() -> list[dict]:
+    from .engine import RunConfig
+    return RunConfig.field_help()
+
+
+def field_to_text(value: Any) -> str:
+    """How a default is shown in a text box: tuples/lists as "1, 2", None as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def changed_overrides(fields: Sequence[Mapping[str, Any]], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the fields whose form value differs from the default (text values stay strings: ``make_config`` coerces
+    them to the field's type and reports a bad one by name)."""
+    out = {}
+    for f in fields:
+        name = f["name"]
+        if name not in values:
+            continue
+        v, d = values[name], f["default"]
+        if isinstance(v, str):
+            if v.strip() == field_to_text(d).strip():
+                continue
+        elif isinstance(v, float) and isinstance(d, (int, float)) and not isinstance(d, bool):
+            if math.isclose(v, float(d), rel_tol=0, abs_tol=0):
+                continue
+        elif v == d:
+            continue
+        out[name] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: built-in facts and uploads
+# ---------------------------------------------------------------------------------------------------------------
+def builtin_requests() -> list[dict]:
+    """The built-in edit requests as dicts (empty when ``editors.data`` is not installed yet)."""
+    try:
+        from editors.data import builtin_requests as _builtin
+        return [r.to_dict() for r in _builtin()]
+    except (ImportError, OSError, ValueError):  # not installed yet / resource missing
+        return []
+
+
+_REQUEST_KEYS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase_prompts",
+                 "locality_prompts", "locality_answers", "relation")
+
+
+def _fallback_parse(data: bytes, filename: str) -> list:
+    """JSON (list / JSONL) or CSV records with our request fields (used only when ``editors.data`` lacks a parser)."""
+    from editors.requests import RequestError, make_request
+    text = data.decode("utf-8-sig")
+    name = os.path.basename(filename) or "upload"
+    records: list[Any]
+    if filename.lower().endswith(".csv"):
+        records = list(csv.DictReader(io.StringIO(text)))
+        for r in records:
+            for key in ("rephrase_prompts", "locality_prompts", "locality_answers"):
+                if isinstance(r.get(key), str) and r[key].strip().startswith("["):
+                    r[key] = json.loads(r[key])
+    else:
+        try:
+            obj = json.loads(text)
+            records = obj if isinstance(obj, list) else obj.get("requests", [obj]) if isinstance(obj, dict) else []
+        except json.JSONDecodeError:
+            records = []
+            for i, line in enumerate(text.splitlines()):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise RequestError(name, f"line {i + 1}", "(json)", str(exc)) from exc
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise RequestError(name, i, "(record)", f"expected an object, got {type(r).__name__}")
+        unknown = [k for k in r if k not in _REQUEST_KEYS]
+        if unknown:
+            raise RequestError(name, i, unknown[0], f"unknown field; valid: {', '.join(_REQUEST_KEYS)}")
+        out.append(make_request(source=name, record=i, case_id=r.get("case_id") or f"upload-{i}",
+                                **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r}))
+    return out
+
+
+def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
+    """Parse a user's edits file (JSON / JSONL / CSV only -- never unpickled) into ``EditRequest`` objects.
+
+    Raises:
+        JobError: too large, wrong type, or a bad record (the message names the record and the field).
+    """
+    limit = upload_limit_bytes() if limit is None else limit
+    if len(data) > limit:
+        raise JobError(f"{filename}: {len(data) / 2 ** 20:.1f} MB is over the upload limit of {limit / 2 ** 20:.1f} MB")
+    ext = os.path.splitext(filename.lower())[1]
+    if ext not in (".json", ".jsonl", ".csv"):
+        raise JobError(f"{filename}: only .json, .jsonl and .csv files are accepted")
+    from editors.requests import RequestError
+    try:
+        try:
+            from editors.data import parse_user_edits_bytes
+        except ImportError:
+            requests = _fallback_parse(data, filename)
+        else:
+            requests = parse_user_edits_bytes(data, filename, max_bytes=limit)
+    except RequestError as exc:
+        raise JobError(str(exc)) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise JobError(f"{filename}: {exc}") from exc
+    if not requests:
+        raise JobError(f"{filename}: no edit records found")
+    return requests
+
+
+def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
+    """Write parsed requests as JSON under ``<runs_dir>/uploads/`` (content-addressed); returns the path, which a
+    run's ``data`` field can name."""
+    recs = [r.to_dict() for r in requests]
+    text = json.dumps(recs, indent=1, ensure_ascii=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = os.path.join(os.path.abspath(runs_dir), "uploads")
+    os.makedirs(folder, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.splitext(os.path.basename(filename))[0])
+    path = os.path.join(folder, f"{stem[:40] or 'edits'}-{digest}.json")
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------------------------------------------
+def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, device: str = "auto",
+               start_worker: bool = True) -> tuple[str, str]:
+    """Validate a run config (dict of :class:`app.engine.RunConfig` fields), create its ``queued`` run row and its job;
+    returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
+    from editors.base import ConfigError
+    from editors.registry import UnknownMethodError
+
+    from .engine import RunConfig, queue_run
+    cfg = dict(config)
+    cfg["runs_dir"] = store.runs_dir
+    cfg.setdefault("device", None if device_key(device) == "auto" else device_key(device))
+    try:
+        rc = RunConfig.from_dict(cfg)
+        run_id, _ = queue_run(rc, store)
+    except (ConfigError, UnknownMethodError, TypeError, ValueError) as exc:
+        raise JobError(str(exc)) from exc
+    job_id = queue.submit("run", {"config": rc.to_dict()}, device=device, run_id=run_id)
+    if start_worker:
+        wake_workers(queue)
+    return run_id, job_id
+
+
+def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: str = "auto",
+                      start_worker: bool = True) -> str:
+    """Queue a playground edit (see :func:`app.playground.playground_edit` for the payload)."""
+    from editors.base import ConfigError, make_config
+    from editors.registry import UnknownMethodError, get_editor_class
+    from editors.requests import RequestError, make_request
+    try:
+        cls = get_editor_class(payload["method"])
+        make_config(cls.config_cls, dict(payload.get("overrides") or {}), method=cls.name)
+        r = payload["request"]
+        make_request(source="playground", record="edit", case_id="playground",
+                     **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r})
+    except (ConfigError, UnknownMethodError, RequestError) as exc:
+        raise JobError(str(exc)) from exc
+    job_id = queue.submit("playground", payload, device=device)
+    if start_worker:
+        wake_workers(queue)
+    return job_id
+
+
+def wake_workers(queue: JobQueue, devices: Sequence[str] | None = None) -> list[int]:
+    """Start a worker for every device key with queued jobs that has none (respects ``EDITBENCH_NO_WORKER``)."""
+    from .settings import autostart_worker
+    from .worker import ensure_worker
+    if not autostart_worker():
+        return []
+    started = []
+    for dev in devices if devices is not None else queue.pending_devices():
+        pid = ensure_worker(queue.runs_dir, dev, parent_pid=os.getpid())
+        if pid:
+            started.append(pid)
+    return started
+
+
+def housekeeping(store: RunStore, queue: JobQueue) -> None:
+    """Notice dead workers (their jobs -> failed, their runs -> interrupted) and restart workers for queued jobs."""
+    dead = queue.recover_dead()
+    store.recover_interrupted()
+    for job_id in dead:
+        job = queue.get(job_id)
+        if job.run_id:
+            try:
+                run = store.get_run(job.run_id)
+            except KeyError:
+                continue
+            if run["status"] not in TERMINAL:
+                store.update_status(job.run_id, "failed", error=job.error)
+    if queue.pending_devices():
+        wake_workers(queue)
+
+
+def cancel_run(store: RunStore, queue: JobQueue, run_id: str) -> str:
+    """Cancel a queued run at once, or ask a running one to stop after its step. Returns the job status."""
+    store.request_cancel(run_id)
+    job = queue.job_for_run(run_id)
+    return queue.cancel(job.job_id) if job is not None else store.get_run(run_id)["status"]
+
+
+def delete_run(store: RunStore, queue: JobQueue, run_id: str) -> None:
+    store.delete_run(run_id)
+    queue.delete_for_run(run_id)
+
+
+@dataclasses.dataclass
+class Progress:
+    run_id: str
+    status: str
+    done: int
+    planned: int
+    fraction: float
+    seconds: float
+    eta_seconds: float | None
+    error: str | None
+    job_status: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+def run_progress(store: RunStore, queue: JobQueue, run_id: str) -> Progress:
+    """Status, edits done / planned, elapsed seconds and a rough ETA (seconds per edit so far x edits left)."""
+    run = store.get_run(run_id)
+    job = queue.job_for_run(run_id)
+    done = int(run.get("n_edits_done") or 0)
+    planned = int(run.get("n_edits_planned") or 0)
+    started = (job.started if job and job.started else None) or run["created"]
+    end = run["updated"] if run["status"] in TERMINAL else time.time()
+    seconds = max(0.0, end - started) if run["status"] != "queued" else 0.0
+    eta = None
+    if run["status"] == "running" and done > 0 and planned > done:
+        eta = seconds / done * (planned - done)
+    error = run.get("error") or (job.error if job is not None else None)
+    return Progress(run_id=run["run_id"], status=run["status"], done=done, planned=planned,
+                    fraction=(done / planned) if planned else 0.0, seconds=seconds, eta_seconds=eta, error=error,
+                    job_status=job.status if job is not None else None)
+
+
+def active_runs(store: RunStore) -> list[str]:
+    df = store.list_runs(status=("queued", "running"))
+    return list(df["run_id"])
+
+
+def get_job(queue: JobQueue, job_id: str) -> Job:
+    return queue.get(job_id)
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and not math.isfinite(s)):
+        return "–"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+__all__ = ["submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
+           "wake_workers", "parse_upload", "save_upload", "method_fields", "run_fields", "available_methods",
+           "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError"]
+
+
+def export_bytes(store: RunStore, run_id: str, fmt: str = "csv") -> bytes:
+    """The run's long-form rows (:meth:`RunStore.export`) as CSV or Parquet bytes."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.export(run_id, fmt, os.path.join(tmp, f"export.{fmt}"))
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - a requirement
+        return False
+    return bool(torch.cuda.is_available())

@@ -1,0 +1,470 @@
+"""``python -m app``: run sequential edits, inspect and export the run store, list methods.
+
+Commands::
+
+    run      one sequential run (progress bar on stderr; --json prints a JSON summary as the last stdout line)
+    list     runs in the store
+    show     one run: config, status, final metrics, collapse summary
+    export   one run's long-form rows as CSV or Parquet
+    methods  methods, their summaries and config fields (help, defaults)
+    cancel   ask a running run to stop after its current step
+    delete   remove a run and its rows
+    bench    the editor benchmarks (benchmarks/bench_editors.py)
+
+Exit codes: 0 done (a run that finished or diverged: the status says which), 1 a run failed, 2 invalid input
+(unknown method / field, bad data file, bad model), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import textwrap
+from typing import Sequence
+
+log = logging.getLogger("app.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a traceback, exit code 2."""
+
+
+def _default_runs_dir() -> str:
+    return os.environ.get("EDITBENCH_RUNS", "runs")
+
+
+def _add_runs_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default=_default_runs_dir(),
+                   help="directory of the run store runs.sqlite (default: $EDITBENCH_RUNS or ./runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Knowledge-editing workbench: sequential "
+                                     "editing runs, the run store, methods.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug, tracebacks)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run sequential edits and record them",
+                       description="Edit a model step by step (never rolled back) and record edit, retention, "
+                                   "locality, general-ability, weight and timing metrics in the run store.")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model directory or hub id")
+    p.add_argument("--method", default="rome", help="editing method (see `python -m app methods`)")
+    p.add_argument("--data", default="builtin", help="builtin | counterfact:PATH | zsre:PATH | PATH")
+    p.add_argument("--n-edits", type=int, default=10, help="number of edits (default 10)")
+    p.add_argument("--batch-size", type=int, default=1, help="edits per step (default 1)")
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="checkpoint every N steps (retention etc.); the last step always is one (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    _add_runs_dir(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method config field (repeatable); run.<field>=VALUE sets a run field, e.g. "
+                        "run.general=none, run.protocols=tf_token_acc,gen_exact, run.hidden_states=true")
+    p.add_argument("--label", default="", help="free-text name of the run")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("list", help="list runs")
+    _add_runs_dir(p)
+    p.add_argument("--method", default=None)
+    p.add_argument("--status", default=None)
+    p.add_argument("--json", action="store_true", help="JSON records instead of a table")
+
+    p = sub.add_parser("show", help="one run: config, status, final metrics, collapse summary")
+    p.add_argument("run_id", help="run id (or a unique prefix)")
+    _add_runs_dir(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export one run's long-form rows")
+    p.add_argument("run_id", help="run id (or a unique prefix)")
+    _add_runs_dir(p)
+    p.add_argument("--format", choices=("csv", "parquet"), default=None,
+                   help="default: from the extension of --out, else csv")
+    p.add_argument("--out", default=None, help="output file (default: <runs-dir>/<run_id>.<format>)")
+
+    p = sub.add_parser("methods", help="methods and their config fields")
+    p.add_argument("name", nargs="?", default=None, help="one method")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cancel", help="ask a run to stop after its current step")
+    p.add_argument("run_id")
+    _add_runs_dir(p)
+
+    p = sub.add_parser("delete", help="delete a run and its rows")
+    p.add_argument("run_id")
+    _add_runs_dir(p)
+
+    p = sub.add_parser("bench", help="editor benchmarks (arguments are passed on)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    # ---- study (app/study.py) ----------------------------------------------------------------------------
+    p = sub.add_parser("study", help="reproduction studies (collapse: N sequential edits per method, one table)",
+                       description="collapse: N sequential single edits per method into one run store, then a "
+                                   "table per method at N: retention reliability / generality / locality and the "
+                                   "edited matrices' Frobenius norm and condition number relative to the unedited "
+                                   "model. A method already finished with the same settings is not run again.")
+    p.add_argument("study", choices=("collapse",), help="which study")
+    p.add_argument("--n", type=int, default=200, help="sequential edits per method (default 200)")
+    p.add_argument("--methods", default="rome,memit,alphaedit,rect,prune,adaedit,mose",
+                   help="comma-separated methods (default: rome,memit,alphaedit,rect,prune,adaedit,mose)")
+    p.add_argument("--data", default="counterfact:../shared/data/counterfact/counterfact-edit.json",
+                   help="request source (default: counterfact:../shared/data/counterfact/counterfact-edit.json)")
+    _add_runs_dir(p)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="checkpoint every K edits (default: N // 10); the last edit always is one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    p.add_argument("--general", default="none", help="general-ability probes: none (default) | builtin | glue:DIR")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method config field for one method of the study (repeatable), e.g. mose.lam=50")
+    p.add_argument("--json", action="store_true", help="print the table as JSON records (last stdout line)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------------------
+def _json_safe(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+class _Progress:
+    """tqdm bar over edits on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="edit", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        if self.bar is None:
+            return
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        phase = info.get("phase", "")
+        post = {"phase": phase}
+        metrics = info.get("retention") or info.get("metrics") or {}
+        rel = metrics.get("reliability/tf_token_acc")
+        if rel is not None:
+            post["rel"] = f"{rel:.2f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_run(args) -> int:
+    from editors.base import ConfigError
+    from editors.models import ModelLoadError, UnsupportedModelError
+    from editors.registry import UnknownMethodError
+    from editors.requests import RequestError
+
+    from .engine import RunConfig, optional_attr, parse_sets, queue_run, run_sequential, run_summary
+
+    usage_errors: tuple[type[BaseException], ...] = (RequestError, ConfigError, ModelLoadError, UnsupportedModelError)
+    data_error = optional_attr("editors.data", "DataSourceError")
+    if data_error is not None:
+        usage_errors += (data_error,)
+
+    try:
+        run_fields, overrides = parse_sets(args.sets)
+        config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
+                           n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
+                           seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label)
+        if run_fields:
+            config = config.replace(**run_fields)
+        run_id, store = queue_run(config)
+    except (ConfigError, UnknownMethodError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"run {run_id} -> {store.path}", file=sys.stderr)
+    bar = _Progress(config.n_edits, enabled=not args.no_progress)
+    code = EXIT_OK
+    try:
+        run_sequential(config, store, progress=bar, run_id=run_id)
+    except usage_errors as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: run {run_id} is marked interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        bar.close()
+        if args.verbose >= 2:
+            import traceback
+            traceback.print_exc()
+        print(f"error: run {run_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    finally:
+        bar.close()
+    summary = run_summary(store, run_id)
+    if code == EXIT_OK:
+        f = summary["final"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        spe = summary["seconds_per_edit"]
+        print(f"run {run_id}: {summary['status']} after {summary['n_edits']} edits"
+              f"{'' if spe is None else f' ({spe:.2f} s/edit)'}; retention reliability {fmt(f['reliability'])}, "
+              f"generality {fmt(f['generality'])}, locality {fmt(f['locality'])}", file=sys.stderr)
+        if summary["status"] == "diverged":
+            print(f"diverged: {summary['error']}", file=sys.stderr)
+    if args.json:
+        out = {k: summary[k] for k in ("run_id", "status", "n_edits", "seconds_per_edit", "final")}
+        if summary.get("error"):
+            out["error"] = summary["error"]
+        print(json.dumps(_json_safe(out)))
+    return code
+
+
+def _store(args, must_exist: bool = True):
+    from .store import DB_NAME, RunStore
+    path = args.runs_dir
+    if must_exist and not (os.path.isfile(path) or os.path.isfile(os.path.join(path, DB_NAME))):
+        raise CLIError(f"no run store in {path!r} (expected {os.path.join(path, DB_NAME)})")
+    return RunStore(path)
+
+
+def _resolve(store, run_id: str) -> str:
+    from .store import RunNotFoundError
+    try:
+        return store.resolve(run_id)
+    except RunNotFoundError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_list(args) -> int:
+    import pandas as pd
+    store = _store(args)
+    df = store.list_runs(method=args.method, status=args.status)
+    if args.json:
+        recs = json.loads(df.to_json(orient="records", date_format="iso"))
+        print(json.dumps(recs))
+        return EXIT_OK
+    if df.empty:
+        print("no runs")
+        return EXIT_OK
+    view = pd.DataFrame({
+        "run_id": df["run_id"], "status": df["status"], "method": df["method"], "model": df["model"],
+        "edits": [f"{d}/{p}" for d, p in zip(df["n_edits_done"].fillna(0), df["n_edits_planned"].fillna(0))],
+        "created": df["created"].dt.strftime("%Y-%m-%d %H:%M"),
+        "seconds": df["seconds_total"].round(1), "label": df["label"].fillna("")})
+    print(view.to_string(index=False))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .engine import collapse_summary_text, detect_collapse, run_summary
+    store = _store(args)
+    run_id = _resolve(store, args.run_id)
+    run = store.get_run(run_id)
+    summary = run_summary(store, run_id)
+    frame = store.metrics_frame([run_id])
+    general = frame[(frame["kind"] == "general") & frame["case_id"].isna()]
+    general_final = {}
+    if len(general):
+        last = general[general["n_edits"] == general["n_edits"].max()]
+        first = general[general["n_edits"] == general["n_edits"].min()]
+        for m, v in zip(last["metric"], last["value"]):
+            v0 = first.loc[first["metric"] == m, "value"]
+            general_final[m] = {"before": None if v0.empty else float(v0.iloc[0]), "after": float(v)}
+    collapse_text = None
+    try:
+        flagged = detect_collapse(frame)
+        if flagged is not None:
+            collapse_text = collapse_summary_text(flagged)
+    except Exception as exc:  # a diagnostics failure must not hide the run
+        collapse_text = f"(collapse detection failed: {type(exc).__name__}: {exc})"
+    if args.json:
+        print(json.dumps(_json_safe({"run": {k: v for k, v in run.items() if not k.endswith("_json")},
+                                     "summary": summary, "general": general_final, "collapse": collapse_text}),
+                         default=str))
+        return EXIT_OK
+    import datetime as dt
+    created = dt.datetime.fromtimestamp(run["created"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    print(f"run       {run_id}{'  (' + run['label'] + ')' if run.get('label') else ''}")
+    print(f"status    {run['status']}  ({run['n_edits_done']}/{run['n_edits_planned']} edits, "
+          f"{(run['seconds_total'] or 0):.1f} s)")
+    print(f"created   {created}   device {run['device']}   pid {run['pid']}")
+    print(f"method    {run['method']}   model {run['model']} ({run['model_hash']})   data {run['data_source']}")
+    if run.get("preset_version"):
+        print(f"preset    version {run['preset_version']}")
+    if run.get("error"):
+        print("error     " + textwrap.indent(run["error"].rstrip(), "          ").lstrip())
+    for title, cfg in (("run config", run["config"]), ("method config", run["method_config"])):
+        print(f"\n{title}:")
+        for key, value in (cfg or {}).items():
+            print(f"  {key} = {json.dumps(value, default=str)}")
+    f = summary["final"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\nfinal (retention, tf_token_acc, last checkpoint):")
+    print(f"  reliability {fmt(f['reliability'])}   generality {fmt(f['generality'])}   "
+          f"locality {fmt(f['locality'])}")
+    spe = summary["seconds_per_edit"]
+    if spe is not None:
+        print(f"  seconds per edit {spe:.3f}")
+    if general_final:
+        print("general abilities (before -> after):")
+        for m, v in general_final.items():
+            print(f"  {m:<32} {fmt(v['before'])} -> {fmt(v['after'])}")
+    print("\ncollapse:")
+    print(textwrap.indent(collapse_text or "(analysis.collapse is not available)", "  "))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from .store import StoreError
+    store = _store(args)
+    run_id = _resolve(store, args.run_id)
+    fmt = args.format
+    if fmt is None:
+        fmt = "parquet" if args.out and args.out.lower().endswith((".parquet", ".pq")) else "csv"
+    try:
+        path = store.export(run_id, fmt, args.out)
+    except StoreError as exc:
+        raise CLIError(str(exc)) from exc
+    print(path)
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from editors.registry import UnknownMethodError, available_methods, get_editor_class
+    if args.name:
+        try:
+            names = [get_editor_class(args.name).name]
+        except UnknownMethodError as exc:
+            raise CLIError(str(exc)) from exc
+    else:
+        names = available_methods()
+    info = []
+    for name in names:
+        cls = get_editor_class(name)
+        info.append({"name": name, "summary": cls.summary, "config": cls.config_cls.__name__,
+                     "config_version": cls.config_cls.version, "fields": cls.config_cls.field_help()})
+    if args.json:
+        print(json.dumps(info, default=str))
+        return EXIT_OK
+    if not info:
+        print("no methods are installed")
+    for i, m in enumerate(info):
+        if i:
+            print()
+        print(f"{m['name']}: {m['summary']}" if m["summary"] else m["name"])
+        if args.name or len(info) == 1:
+            print(f"  config {m['config']} (version {m['config_version']}); set fields with --set FIELD=VALUE")
+        for f in m["fields"]:
+            print(f"  {f['name']} ({f['type']}, default {f['default']!r})")
+            if f["help"] and (args.name or len(info) == 1):
+                print(textwrap.fill(f["help"], width=100, initial_indent="      ", subsequent_indent="      "))
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    store = _store(args)
+    run_id = _resolve(store, args.run_id)
+    store.request_cancel(run_id)
+    print(f"cancel requested for {run_id} (status {store.get_run(run_id)['status']})")
+    return EXIT_OK
+
+
+def cmd_delete(args) -> int:
+    store = _store(args)
+    run_id = _resolve(store, args.run_id)
+    store.delete_run(run_id)
+    print(f"deleted {run_id}")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    import importlib
+    try:
+        mod = importlib.import_module("benchmarks.bench_editors")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("benchmarks", "benchmarks.bench_editors"):
+            raise CLIError("benchmarks/bench_editors.py is not present in this checkout") from exc
+        raise
+    import inspect
+    if inspect.signature(mod.main).parameters:
+        rc = mod.main(list(args.args))
+    else:  # a main() that parses sys.argv itself
+        saved = sys.argv
+        sys.argv = ["benchmarks/bench_editors.py", *args.args]
+        try:
+            rc = mod.main()
+        finally:
+            sys.argv = saved
+    return int(rc or 0)
+
+
+# ---- study (app/study.py) --------------------------------------------------------------------------------
+def cmd_study(args) -> int:
+    from editors.base import ConfigError
+    from editors.registry import UnknownMethodError
+
+    from .study import collapse_study, format_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides: dict[str, dict[str, str]] = {}
+    for pair in args.sets:
+        key, sep, value = pair.partition("=")
+        method, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise CLIError(f"--set expects METHOD.KEY=VALUE, got {pair!r}")
+        overrides.setdefault(method, {})[field] = value
+
+    def progress(method: str, done: int, total: int, info: dict) -> None:
+        if info.get("phase") in ("edit", "checkpoint_done", "done"):
+            print(f"[{method}] {info.get('phase')} {done}/{total}", file=sys.stderr, flush=True)
+
+    try:
+        table = collapse_study(methods, args.n, args.data, args.runs_dir, eval_every=args.eval_every,
+                               seed=args.seed, device=args.device, general=args.general, method_overrides=overrides,
+                               progress=progress)
+    except (ConfigError, UnknownMethodError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"collapse study: {args.n} sequential edits per method, data {args.data}, store {args.runs_dir}")
+    print(format_table(table))
+    if args.json:
+        print(table.to_json(orient="records"))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
+            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench` passes everything after it on untouched (including --help)
+    if argv and argv[0] == "bench":
+        args = argparse.Namespace(command="bench", verbose=0, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,1033 @@
+"""The sequential run engine: edit a model step by step, never rolling back, and record everything in the run store.
+
+Protocol (../shared/guides/EVALUATION.md, "Sequential editing"):
+
+* edits arrive in steps of ``batch_size``; after each step the model is NOT restored;
+* after each step: the immediate metrics of the edits just made (``kind="edit"``);
+* every ``eval_every`` steps and at the end: RETENTION of every edit made so far (``kind="retention"``), locality
+  on a fixed probe set against the UNEDITED model (``kind="locality"``), general abilities (``kind="general"``),
+  weight diagnostics of every edited matrix against its original (``kind="weights"``) and timings
+  (``kind="timing"``); optionally update angles (``kind="update_angle"``) and captured hidden states (artifacts);
+* a NaN/Inf in an update, in the weights or in the logits stops the run as ``diverged``; every row recorded until
+  then stays.
+
+Library code: usable from a notebook (``run_sequential(RunConfig(...), lm=lm)`` leaves ``lm`` exactly as it was),
+from the CLI, from the app's worker and, through the picklable :func:`run_trial`, from any process pool / cluster
+executor (WORKBENCH.md, "When one machine is not enough").
+"""
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from analysis import evaluation as ev
+from editors.base import ConfigError, EditError, EditorConfig, apply_result, make_config
+from editors.registry import UnknownMethodError, get_editor_class
+from editors.requests import EditRequest
+
+from .store import RunStore, TERMINAL
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict], None]
+
+PROBE_CHOICES = ("builtin", "none")
+#: protocol label of general-ability rows: the candidate answer with the highest log-probability (analysis.general)
+GENERAL_PROTOCOL = "logprob_choice"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Everything that defines one sequential run (stored verbatim as the run's ``config_json``)."""
+
+    model: str = field(default="default", metadata={"help": (
+        "'default' (the embedded SmolLM2-135M-Instruct), a local model directory, or a Hugging Face hub id.")})
+    method: str = field(default="rome", metadata={"help": "Editing method (registry name, see `python -m app methods`)."})
+    method_overrides: dict = field(default_factory=dict, metadata={"help": (
+        "Method config fields to change, {field: value}; values may be strings (coerced to the field's type).")})
+    data: str = field(default="builtin", metadata={"help": (
+        "Edit requests: 'builtin', 'counterfact:PATH', 'zsre:PATH' or a PATH (JSON / JSONL of requests).")})
+    n_edits: int = field(default=10, metadata={"help": "How many edits to make (the first n requests of the data)."})
+    batch_size: int = field(default=1, metadata={"help": "Edits per step (one editor call per step)."})
+    eval_every: int = field(default=10, metadata={"help": (
+        "Checkpoint every this many steps (retention, locality probes, general abilities, weights); the last step "
+        "is always a checkpoint. 0 = only at the end.")})
+    seed: int = field(default=0, metadata={"help": "Seed of torch / numpy / random and of the editor."})
+    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', 'cuda:1', 'mps'; None = best available."})
+    runs_dir: str = field(default="runs", metadata={"help": "Directory of the run store (runs.sqlite)."})
+    protocols: tuple[str, ...] = field(default=(ev.TF, ev.MARGIN), metadata={"help": (
+        "Evaluation protocols of edit and retention metrics: tf_token_acc, prob_margin, gen_exact "
+        "(EVALUATION.md). Locality is always tf_token_acc agreement with the unedited model.")})
+    eval_batch_size: int = field(default=64, metadata={"help": "Prompts per forward pass during evaluation."})
+    locality_probes: str = field(default="builtin", metadata={"help": (
+        "Fixed locality probe set scored at every checkpoint against the unedited model: 'builtin' or 'none'.")})
+    general: str = field(default="builtin", metadata={"help": (
+        "General-ability probes at the start and at every checkpoint: 'none' or a comma list of 'builtin', "
+        "'builtin/<task>', 'glue' (../shared/data/glue), 'glue:DIR', 'sst2', 'mrpc', 'rte', 'cola'.")})
+    general_n: int | None = field(default=None, metadata={"help": "Examples per general task (None = all)."})
+    weights: bool = field(default=True, metadata={"help": (
+        "Weight diagnostics of every edited matrix at checkpoints (norms, condition numbers, effective rank of W "
+        "and of W - W0) plus their singular values as an artifact.")})
+    update_angles: bool = field(default=True, metadata={"help": (
+        "After every step: angles between the step's update of each matrix and its previous update (flat and "
+        "between dominant singular directions) and the change accumulated before it (interference).")})
+    hidden_states: bool = field(default=False, metadata={"help": (
+        "Store the probe prompts' last-token hidden states at the edited layers (before their first edit and at "
+        "every checkpoint) as artifacts, with projection-free shift numbers (kind='hidden_shift'); projections are "
+        "computed later by the analysis layer.")})
+    pre_eval: bool = field(default=True, metadata={"help": (
+        "Score every planned request on the unedited model first (kind='pre', n_edits=0).")})
+    use_preset: bool = field(default=True, metadata={"help": (
+        "Start from the (method, model) preset when one exists; method_overrides apply on top.")})
+    cache_dir: str | None = field(default=None, metadata={"help": (
+        "Cache root for statistics (covariances, ...); None = $EDITBENCH_CACHE or ~/.cache/editbench.")})
+    label: str = field(default="", metadata={"help": "Free-text name shown in run lists."})
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`~editors.registry.UnknownMethodError` for an unknown method and :class:`ConfigError`
+        for an unknown method field or a bad value (messages list the valid choices)."""
+        cls = get_editor_class(self.method)
+        make_config(cls.config_cls, dict(self.method_overrides or {}), method=cls.name)
+        for name in ("n_edits", "batch_size", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        bad = [p for p in self.protocols if p not in ev.PROTOCOLS]
+        if bad or not self.protocols:
+            raise ConfigError(f"unknown protocol {bad[0] if bad else '(none given)'!r}; valid: "
+                              f"{', '.join(ev.PROTOCOLS)}")
+        if self.locality_probes not in PROBE_CHOICES:
+            raise ConfigError(f"locality_probes must be one of {', '.join(PROBE_CHOICES)}, got {self.locality_probes!r}")
+        if self.general != "none":
+            tasks, glue_dir = general_tasks(self.general)
+            glue = ("sst2", "mrpc", "rte", "cola")
+            bad = [t for t in tasks if not (t in ("builtin", "glue", *glue) or t.startswith("builtin/"))]
+            if bad or not tasks:
+                raise ConfigError(f"general: unknown task {bad[0] if bad else self.general!r}; valid: none, or a "
+                                  f"comma list of builtin, builtin/<task>, glue, glue:DIR, {', '.join(glue)}")
+            if glue_dir is not None and not os.path.isdir(glue_dir):
+                raise ConfigError(f"general: GLUE folder {glue_dir!r} does not exist")
+        if not str(self.data).strip():
+            raise ConfigError("data must name a source: builtin, counterfact:PATH, zsre:PATH or PATH")
+        if self.general_n is not None and self.general_n < 1:
+            raise ConfigError(f"general_n must be >= 1 or None, got {self.general_n!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["protocols"] = list(self.protocols)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` listing the fields."""
+        valid = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in valid]
+        if unknown:
+            raise ConfigError(f"unknown run field {unknown[0]!r}; valid fields: {', '.join(sorted(valid))}")
+        kw = dict(d)
+        if "protocols" in kw:
+            kw["protocols"] = tuple(kw["protocols"] if not isinstance(kw["protocols"], str)
+                                    else [p for p in kw["protocols"].split(",") if p])
+        if kw.get("method_overrides") is None:
+            kw["method_overrides"] = {}
+        return cls(**kw)
+
+    @classmethod
+    def field_help(cls) -> list[dict]:
+        """[{name, type, default, help}] of every field (for forms and ``--help``)."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append({"name": f.name, "type": f.type if isinstance(f.type, str) else f.type.__name__,
+                        "default": default, "help": f.metadata.get("help", "")})
+        return out
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with run fields changed; string values are coerced to the field's type."""
+        valid = {f.name: f for f in fields(self)}
+        out = {}
+        for key, value in changes.items():
+            if key not in valid:
+                import difflib
+                near = difflib.get_close_matches(key, list(valid), n=3)
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                raise ConfigError(f"unknown run field {key!r}{hint}; valid fields: {', '.join(sorted(valid))}")
+            out[key] = _coerce_run_value(key, value, getattr(self, key), valid[key].type) \
+                if isinstance(value, str) else value
+        return dataclasses.replace(self, **out)
+
+
+def _coerce_run_value(name: str, value: str, current: Any, type_name: Any) -> Any:
+    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    s = value.strip()
+    try:
+        if t == "bool":
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {value!r}")
+        if "None" in t and s.lower() in ("none", "null", ""):
+            return None
+        if t.startswith("int"):
+            return int(s)
+        if t.startswith("tuple"):
+            return tuple(x.strip() for x in s.split(",") if x.strip())
+        if t == "dict":
+            import json
+            return json.loads(s)
+        return s
+    except ValueError as exc:
+        raise ConfigError(f"run field {name!r}: {exc}") from exc
+
+
+def parse_sets(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split ``KEY=VALUE`` strings into (run fields, method overrides): ``run.<field>=v`` sets a
+    :class:`RunConfig` field, any other key a method config field."""
+    run_fields: dict[str, str] = {}
+    method: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        if key.startswith("run."):
+            run_fields[key[4:]] = value
+        else:
+            method[key] = value
+    return run_fields, method
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optional collaborators (imported when used, so that a missing module degrades to "not recorded")
+# ---------------------------------------------------------------------------------------------------------------
+def optional_attr(module: str, attr: str):
+    """``module.attr``, or None when ``module`` itself is not installed (yet); other import errors propagate."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+    return getattr(mod, attr, None)
+
+
+def load_requests(source: str, n: int | None) -> list[EditRequest]:
+    fn = optional_attr("editors.data", "load_requests")
+    if fn is None:
+        raise ConfigError("editors.data is not available: cannot load edit requests")
+    return list(fn(source, n))
+
+
+def builtin_probes() -> list[tuple[str, str]]:
+    fn = optional_attr("editors.data", "builtin_probes")
+    if fn is None:
+        log.warning("editors.data.builtin_probes is not available: no locality probe set")
+        return []
+    return [(str(p), str(a)) for p, a in fn()]
+
+
+def general_tasks(spec: str) -> tuple[tuple[str, ...], str | None]:
+    """(tasks, glue_dir) for :func:`analysis.general.general_abilities` from a run's ``general`` field: a comma list
+    of "builtin", "builtin/<task>", "glue", GLUE task names, or "glue:DIR" (all GLUE tasks, files in DIR)."""
+    tasks: list[str] = []
+    glue_dir = None
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        if item.startswith("glue:"):
+            glue_dir = item[5:]
+            tasks.append("glue")
+        else:
+            tasks.append(item)
+    return tuple(dict.fromkeys(tasks)), glue_dir
+
+
+def general_abilities(lm, spec: str, n: int | None):
+    fn = optional_attr("analysis.general", "general_abilities")
+    if fn is None:
+        log.warning("analysis.general is not available: general abilities are not recorded")
+        return None
+    tasks, glue_dir = general_tasks(spec)
+    return fn(lm, tasks=tasks, n=n, glue_dir=glue_dir) if glue_dir else fn(lm, tasks=tasks, n=n)
+
+
+def matrix_stats(W: torch.Tensor, W0: torch.Tensor) -> dict[str, float] | None:
+    fn = optional_attr("analysis.weights", "matrix_stats")
+    if fn is None:
+        return None
+    return fn(W, W0)
+
+
+def detect_collapse(rows):
+    fn = optional_attr("analysis.collapse", "detect_collapse")
+    return None if fn is None else fn(rows)
+
+
+def collapse_summary_text(df) -> str | None:
+    fn = optional_attr("analysis.collapse", "collapse_summary_text")
+    return None if fn is None else fn(df)
+
+
+def resolve_method_config(config: RunConfig, model_name: str | None = None) -> tuple[EditorConfig, str | None]:
+    """The method config a run uses (preset when enabled and present, then ``method_overrides``) and the preset's
+    version (None without a preset)."""
+    cls = get_editor_class(config.method)
+    preset: dict = {}
+    version = None
+    loader = optional_attr("editors.presets", "load_preset") if config.use_preset else None
+    if loader is not None:
+        found = loader(cls.name, model_name or config.model)
+        preset, version = _preset_parts(found)
+    overrides = {**preset, **dict(config.method_overrides or {})}
+    return make_config(cls.config_cls, overrides, method=cls.name), version
+
+
+def _preset_parts(found: Any) -> tuple[dict, str | None]:
+    """Accept what a preset loader returns: None, a mapping (with optional ``version`` and ``config`` /
+    ``overrides``), an object with such attributes, or a ``(overrides, version)`` pair."""
+    if found is None:
+        return {}, None
+    if isinstance(found, tuple) and len(found) == 2:
+        return dict(found[0] or {}), None if found[1] is None else str(found[1])
+    if isinstance(found, Mapping):
+        body = found.get("config", found.get("overrides"))
+        version = found.get("version")
+        if body is None:
+            body = {k: v for k, v in found.items() if k not in ("version", "metadata", "method", "model")}
+        return dict(body), None if version is None else str(version)
+    body = getattr(found, "config", None) or getattr(found, "overrides", None) or {}
+    version = getattr(found, "version", None)
+    return dict(body), None if version is None else str(version)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy", "pandas"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # pragma: no cover - all are requirements
+            pass
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode == 0:
+            out["editbench_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------------
+class Diverged(RuntimeError):
+    """NaN/Inf in an update, the weights or the logits: the run stops as ``diverged``."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+_NONFINITE = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        try:
+            return torch.mps.driver_allocated_memory() / 2 ** 20
+        except Exception:  # pragma: no cover
+            return float("nan")
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** 20 if platform.system() == "Darwin" else rss / 2 ** 10
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def _flat_numbers(obj: Any, prefix: str = "", out: dict | None = None, limit: int = 200) -> dict[str, float]:
+    """Numeric scalar leaves of nested dicts / lists, keyed by dotted path (at most ``limit``)."""
+    out = {} if out is None else out
+    if len(out) >= limit:
+        return out
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flat_numbers(v, f"{prefix}.{k}" if prefix else str(k), out, limit)
+    elif isinstance(obj, (list, tuple)) and len(obj) <= 64:
+        for i, v in enumerate(obj):
+            _flat_numbers(v, f"{prefix}.{i}", out, limit)
+    elif isinstance(obj, bool):
+        out[prefix] = float(obj)
+    elif isinstance(obj, (int, float, np.number)):
+        out[prefix] = float(obj)
+    elif isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        out[prefix] = float(obj.item())
+    return out
+
+
+def _array_leaves(obj: Any, prefix: str = "", out: dict | None = None) -> dict[str, np.ndarray]:
+    """Array-like leaves (tensors, arrays, numeric lists) of a nested mapping, keyed ``a|b|c``."""
+    out = {} if out is None else out
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _array_leaves(v, f"{prefix}|{k}" if prefix else str(k), out)
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().to("cpu", torch.float32 if obj.is_floating_point() else obj.dtype).numpy()
+    elif isinstance(obj, np.ndarray):
+        out[prefix] = obj
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(x, (int, float)) for x in obj):
+        out[prefix] = np.asarray(obj)
+    return out
+
+
+def _mean_rows(rows: Sequence[dict], **common: Any) -> list[dict]:
+    """Aggregate rows (case_id NULL) from per-case evaluation rows, one per (metric, protocol)."""
+    return [{**common, "metric": m, "protocol": p, "value": v, "case_id": None}
+            for (m, p), v in ev.summarize(rows).items()]
+
+
+class _LogitGuard:
+    """Forward hook on the unembedding that notes non-finite logits during evaluation."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.bad = False
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        o = output[0] if isinstance(output, tuple) else output
+        # NaN / Inf propagate into the sum; one reduction is far cheaper than isfinite().all() on [n, vocab]
+        if isinstance(o, torch.Tensor) and o.numel() and not bool(torch.isfinite(o.detach().sum())):
+            self.bad = True
+
+    def __enter__(self):
+        self.bad = False
+        self._handle = self.lm.model.get_output_embeddings().register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+@torch.no_grad()
+def _logits_finite(lm, prompts: Sequence[str]) -> bool:
+    """Unpadded forward passes: are the logits finite? (confirms what the guard saw at padded positions)"""
+    for p in prompts:
+        ids = lm.tokenizer(p, return_tensors="pt")["input_ids"].to(lm.device)
+        if not bool(torch.isfinite(lm.model(input_ids=ids).logits).all()):
+            return False
+    return True
+
+
+def capture_hidden_states(lm, prompts: Sequence[str], layers: Sequence[int], *, batch_size: int = 32
+                          ) -> dict[str, np.ndarray] | None:
+    """Last-token residual-stream states after each decoder layer in ``layers``: ``{"layer{i}": [n, d]}``
+    (:func:`analysis.hidden.capture_states`); None when analysis.hidden is not installed."""
+    capture = optional_attr("analysis.hidden", "capture_states")
+    if capture is None:
+        log.warning("analysis.hidden is not available: hidden states are not recorded")
+        return None
+    return {f"layer{i}": capture(lm, list(prompts), i, "last", batch_size=batch_size) for i in layers}
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: RunStore, run_id: str, every: float):
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.every = store, run_id, every
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.store.heartbeat(self.run_id)
+            except Exception as exc:  # never kill the run for a missed beat
+                log.debug("heartbeat failed: %s", exc)
+
+
+class SequentialRun:
+    """One run's state. Use :func:`run_sequential`; this class exists to keep the steps readable."""
+
+    heartbeat_every = 10.0
+
+    def __init__(self, config: RunConfig, store: RunStore, run_id: str, method_config: EditorConfig, *, lm=None,
+                 progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None):
+        self.config = config
+        self.store = store
+        self.run_id = run_id
+        self.method_config = method_config
+        self.given_lm = lm
+        self.lm = lm
+        self.progress = progress
+        self.should_cancel = should_cancel
+        self.requests: list[EditRequest] = []
+        self.probes: list[tuple[str, str]] = []
+        self.reference: ev.LocalityReference = {}
+        self.W0: dict[str, torch.Tensor] = {}  # exact copies of every edited parameter before the first edit
+        self.prev_update: dict[str, tuple[int, torch.Tensor]] = {}  # param -> (n_edits, last update)
+        self.hidden_baseline: dict[int, np.ndarray] = {}  # layer -> states before it was first edited
+        self.edit_seconds = 0.0
+        self.peak_mem = 0.0
+        self.n_done = 0
+        self.step = 0
+        self.started = time.time()
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _notify(self, phase: str, **info: Any) -> None:
+        if self.progress is not None:
+            total = len(self.requests) or self.config.n_edits
+            self.progress(self.n_done, total, {"run_id": self.run_id, "phase": phase, "step": self.step,
+                                               "n_edits": self.n_done, **info})
+
+    def _cancel_wanted(self) -> bool:
+        if self.should_cancel is not None and self.should_cancel():
+            return True
+        return self.store.cancel_requested(self.run_id)
+
+    def _edited_layers(self) -> list[int]:
+        layers = {self.lm.spec.layer_of(n) for n in self.W0}
+        return sorted(i for i in layers if i is not None)
+
+    def _guarded(self, what: str, fn: Callable, *args, **kw):
+        """Run an evaluation; non-finite logits (confirmed without padding) raise :class:`Diverged`."""
+        with _LogitGuard(self.lm) as guard:
+            out = fn(*args, **kw)
+        if guard.bad:
+            probe = [r.prompt for r in self.requests[:2]] or [p for p, _ in self.probes[:2]]
+            if not _logits_finite(self.lm, probe):
+                raise Diverged(f"non-finite logits during {what} after {self.n_done} edits (step {self.step})")
+            log.warning("non-finite logits at padded positions during %s ignored (unpadded logits are finite)", what)
+        return out
+
+    def _evaluate(self, requests: Sequence[EditRequest], what: str) -> list[dict]:
+        return self._guarded(what, ev.evaluate_requests, self.lm, requests, self.reference,
+                             protocols=self.config.protocols, batch_size=self.config.eval_batch_size)
+
+    def _general_rows(self, step: int) -> list[dict]:
+        if self.config.general == "none":
+            return []
+        df = self._guarded("general abilities", general_abilities, self.lm, self.config.general,
+                           self.config.general_n)
+        if df is None:
+            return []
+        rows = []
+        common = {"n_edits": self.n_done, "step": step, "kind": "general", "protocol": GENERAL_PROTOCOL}
+        for r in df.to_dict("records"):
+            task = str(r.get("task", ""))
+            prefix = f"{task}/" if task else ""
+            rows.append({**common, "metric": f"{prefix}{r['metric']}", "value": r["value"]})
+            chance = r.get("chance")
+            if r["metric"] == "accuracy" and chance is not None and not math.isnan(float(chance)):
+                rows.append({**common, "metric": f"{prefix}chance", "value": float(chance)})
+        return rows
+
+    # ---- phases -------------------------------------------------------------------------------------------
+    def setup(self) -> list[dict]:
+        cfg = self.config
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2 ** 32)
+        torch.manual_seed(cfg.seed)
+        self.requests = load_requests(cfg.data, cfg.n_edits)
+        if not self.requests:
+            raise ConfigError(f"data source {cfg.data!r} gave no edit requests")
+        if len(self.requests) < cfg.n_edits:
+            log.warning("data source %s has %d requests; %d were asked for", cfg.data, len(self.requests),
+                        cfg.n_edits)
+        self.store.update_run(self.run_id, n_edits_planned=len(self.requests))
+        if self.lm is None:
+            from editors.models import load_model
+            self._notify("load_model")
+            self.lm = load_model(cfg.model, device=cfg.device)
+        self.store.update_run(self.run_id, model=self.lm.name, model_hash=self.lm.model_hash,
+                              device=str(self.lm.device))
+        editor_cls = get_editor_class(cfg.method)
+        self.editor = editor_cls(self.lm, self.method_config, cache_dir=cfg.cache_dir, seed=cfg.seed)
+        self._notify("prepare")
+        self.editor.prepare()
+        # the locality reference of the UNEDITED model: requests' locality prompts and the fixed probe set
+        self.probes = builtin_probes() if cfg.locality_probes == "builtin" else []
+        pairs = ev.locality_pairs(self.requests) + list(self.probes)
+        self._notify("reference")
+        self.reference = ev.locality_reference(self.lm, pairs, batch_size=cfg.eval_batch_size) if pairs else {}
+        rows: list[dict] = []
+        if cfg.pre_eval:
+            pre = self._evaluate(self.requests, "pre-edit evaluation")
+            common = {"n_edits": 0, "step": 0, "kind": "pre"}
+            rows += [{**common, **r} for r in pre] + _mean_rows(pre, **common)
+        rows += self._general_rows(0)
+        return rows
+
+    def _state_prompts(self) -> list[str]:
+        return [p for p, _ in self.probes] or [r.prompt for r in self.requests[:64]]
+
+    def edit_step(self, batch: Sequence[EditRequest]) -> None:
+        cfg, lm = self.config, self.lm
+        self.step += 1
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(lm.device)
+        t0 = time.perf_counter()
+        try:
+            result = self.editor.edit(batch)
+        except EditError as exc:
+            if _NONFINITE.search(str(exc)):
+                raise Diverged(str(exc)) from exc
+            raise
+        params = dict(lm.model.named_parameters())
+        touched = result.param_names
+        for name in touched:
+            if name not in self.W0 and name in params:
+                self.W0[name] = params[name].detach().clone()
+        before = ({n: params[n].detach().clone() for n in touched if n in params} if cfg.update_angles else {})
+        artifacts = []
+        t_capture = time.perf_counter()
+        if cfg.hidden_states:  # states of layers about to be edited for the first time, before this step
+            new_layers = sorted({lm.spec.layer_of(n) for n in touched} - {None} - set(self.hidden_baseline))
+            states = capture_hidden_states(lm, self._state_prompts(), new_layers,
+                                           batch_size=cfg.eval_batch_size) if new_layers else None
+            if states:
+                self.hidden_baseline.update({int(k[5:]): v for k, v in states.items()})
+                artifacts.append(("hidden_states", {**states, "prompts": np.asarray(self._state_prompts())},
+                                  self.n_done, self.step - 1))
+        t_capture = time.perf_counter() - t_capture  # diagnostics, not editing time
+        try:
+            apply_result(lm, result, keep_undo=False)
+        except EditError as exc:
+            if not result.is_finite():  # NaN/Inf in the update: nothing was applied, the run has diverged
+                raise Diverged(str(exc)) from exc
+            raise
+        self.editor.after_apply(batch, result)
+        seconds = time.perf_counter() - t0 - t_capture
+        self.edit_seconds += seconds
+        peak = _peak_mem_mb(lm.device)
+        self.peak_mem = max(self.peak_mem, peak) if not math.isnan(peak) else self.peak_mem
+        first_idx = self.n_done
+        self.n_done += len(batch)
+        bad = [n for n in touched if n in params and not bool(torch.isfinite(params[n]).all())]
+
+        edit_rows = [{"idx": first_idx + j, "step": self.step, "n_edits": self.n_done, "case_id": r.case_id,
+                      "request": r.to_dict(), "seconds": seconds / len(batch), "peak_mem_mb": peak,
+                      "info": result.info} for j, r in enumerate(batch)]
+        metric_rows: list[dict] = []
+        common = {"n_edits": self.n_done, "step": self.step}
+        for key, value in _flat_numbers(result.info).items():
+            metric_rows.append({**common, "kind": "info", "metric": key, "value": value})
+        if cfg.update_angles and not bad:
+            metric_rows += self._angle_rows(touched, before, params)
+        arrays = _array_leaves(result.artifacts)
+        if arrays:
+            artifacts.append(("editor", arrays, self.n_done, self.step))
+        if bad:
+            self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
+                                  n_edits_done=self.n_done)
+            raise Diverged(f"weights became non-finite after step {self.step} ({self.n_done} edits): {bad[0]}")
+        try:
+            immediate = self._evaluate(batch, "immediate evaluation")
+        except Diverged:
+            self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
+                                  n_edits_done=self.n_done)
+            raise
+        ecommon = {**common, "kind": "edit"}
+        metric_rows += [{**ecommon, **r} for r in immediate] + _mean_rows(immediate, **ecommon)
+        self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
+                              n_edits_done=self.n_done, seconds_total=time.time() - self.started)
+        means = {f"{m}/{p}": v for (m, p), v in ev.summarize(immediate).items()}
+        self._notify("edit", seconds=seconds, seconds_per_edit=self.edit_seconds / self.n_done, metrics=means)
+
+    def _angle_rows(self, touched: Sequence[str], before: Mapping[str, torch.Tensor], params) -> list[dict]:
+        """``update_norm`` of this step's change of each matrix, its angle to the change accumulated before it
+        (``angle_accumulated``, degrees) and, from :func:`analysis.angles.update_angles`, its angles to the previous
+        update of the same matrix (``angle_flat``, ``angle_top_out``, ``angle_top_in``)."""
+        update_angles = optional_attr("analysis.angles", "update_angles")
+        flat_angle = optional_attr("analysis.angles", "flat_angle")
+        spec = self.lm.spec
+        rows = []
+        for name in touched:
+            if name not in before:
+                continue
+            D = params[name].detach() - before[name]  # this step's change, parameter layout
+            acc = before[name] - self.W0[name]
+            common = {"n_edits": self.n_done, "step": self.step, "kind": "update_angle",
+                      "layer": spec.layer_of(name), "param": name}
+            rows.append({**common, "metric": "update_norm", "value": float(D.float().norm())})
+            if flat_angle is not None and float(acc.float().norm()) > 0:
+                rows.append({**common, "metric": "angle_accumulated", "value": flat_angle(D, acc)})
+            prev = self.prev_update.get(name)
+            if prev is not None and update_angles is not None:
+                df = update_angles({prev[0]: {name: prev[1]}, self.n_done: {name: D}}, layer_of=spec.layer_of,
+                                   to_canonical=spec.to_canonical)
+                rows += [{**common, "metric": str(m), "value": float(v)} for m, v in zip(df["metric"], df["value"])]
+            self.prev_update[name] = (self.n_done, D)
+        return rows
+
+    def checkpoint(self) -> None:
+        cfg, lm = self.config, self.lm
+        t0 = time.perf_counter()
+        self._notify("checkpoint")
+        common = {"n_edits": self.n_done, "step": self.step}
+        rows: list[dict] = []
+        artifacts = []
+        done = self.requests[:self.n_done]
+        retention = self._evaluate(done, "retention evaluation")
+        rcommon = {**common, "kind": "retention"}
+        rows += [{**rcommon, **r} for r in retention] + _mean_rows(retention, **rcommon)
+        if self.probes:
+            scores = self._guarded("locality probes", ev.locality_scores, lm, self.probes, self.reference,
+                                   batch_size=cfg.eval_batch_size)
+            lcommon = {**common, "kind": "locality", "metric": "locality", "protocol": ev.TF}
+            rows += [{**lcommon, "value": s, "case_id": f"probe:{i}"} for i, s in enumerate(scores)]
+            rows.append({**lcommon, "value": float(np.mean(scores)), "case_id": None})
+        rows += self._general_rows(self.step)
+        if cfg.weights and self.W0:
+            w_rows, svals = self._weight_rows()
+            rows += w_rows
+            if svals:
+                artifacts.append(("singular_values", svals, self.n_done, self.step))
+        if cfg.hidden_states and self.W0:
+            rows += self._hidden_rows(artifacts)
+        eval_seconds = time.perf_counter() - t0
+        tcommon = {**common, "kind": "timing"}
+        rows += [{**tcommon, "metric": "seconds_per_edit", "value": self.edit_seconds / max(1, self.n_done)},
+                 {**tcommon, "metric": "peak_mem_mb", "value": self.peak_mem},
+                 {**tcommon, "metric": "eval_seconds", "value": eval_seconds}]
+        self.store.write_step(self.run_id, metric_rows=rows, artifacts=artifacts,
+                              seconds_total=time.time() - self.started)
+        means = {f"{m}/{p}": v for (m, p), v in ev.summarize(retention).items()}
+        self._notify("checkpoint_done", retention=means, eval_seconds=eval_seconds)
+
+    def _hidden_rows(self, artifacts: list) -> list[dict]:
+        """Capture the probe states at every edited layer (an artifact) and, against each layer's states before
+        its first edit, the projection-free shift numbers of :func:`analysis.hidden.shift_metrics`."""
+        layers = [i for i in self._edited_layers() if i in self.hidden_baseline]
+        states = capture_hidden_states(self.lm, self._state_prompts(), layers, batch_size=self.config.eval_batch_size)
+        if not states:
+            return []
+        artifacts.append(("hidden_states", {**states, "prompts": np.asarray(self._state_prompts())}, self.n_done,
+                          self.step))
+        shift = optional_attr("analysis.hidden", "shift_metrics")
+        rows = []
+        if shift is not None and len(self._state_prompts()) >= 2:
+            for i in layers:
+                for metric, value in shift(self.hidden_baseline[i], states[f"layer{i}"]).items():
+                    rows.append({"n_edits": self.n_done, "step": self.step, "kind": "hidden_shift", "layer": i,
+                                 "protocol": "last", "metric": metric, "value": value})
+        return rows
+
+    def _weight_rows(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        params = dict(self.lm.model.named_parameters())
+        rows, svals = [], {}
+        for name, W0 in self.W0.items():
+            W = self.lm.spec.to_canonical(params[name].detach()).float()
+            W0c = self.lm.spec.to_canonical(W0).float()
+            if not bool(torch.isfinite(W).all()):
+                raise Diverged(f"weights of {name} are non-finite after {self.n_done} edits")
+            stats = matrix_stats(W, W0c)
+            layer = self.lm.spec.layer_of(name)
+            for metric, value in (stats or {}).items():
+                rows.append({"n_edits": self.n_done, "step": self.step, "kind": "weights", "layer": layer,
+                             "param": name, "metric": metric, "value": value})
+            svd = optional_attr("analysis.weights", "singular_values") or (
+                lambda M: torch.linalg.svdvals(M.double()).cpu().numpy())
+            svals[f"{name}|W"] = np.asarray(svd(W), dtype=np.float64)
+            svals[f"{name}|delta"] = np.asarray(svd(W - W0c), dtype=np.float64)
+        return rows, svals
+
+    def collapse_rows(self) -> list[dict]:
+        df = self.store.metrics_frame([self.run_id])
+        out = detect_collapse(df)
+        if out is None or len(out) == 0:
+            return []
+        return _collapse_to_rows(out, self.n_done, self.step)
+
+    def restore(self) -> None:
+        """Put every edited parameter back to its original value (bit for bit)."""
+        if not self.W0 or self.lm is None:
+            return
+        params = dict(self.lm.model.named_parameters())
+        with torch.no_grad():
+            for name, W0 in self.W0.items():
+                params[name].copy_(W0)
+
+    # ---- main loop ----------------------------------------------------------------------------------------
+    def execute(self) -> str:
+        store, run_id = self.store, self.run_id
+        beat = _Heartbeat(store, run_id, self.heartbeat_every)
+        store.update_run(run_id, status="running", pid=os.getpid(), host=socket.gethostname(),
+                         heartbeat=time.time(), error=None)
+        beat.start()
+        status, error = "failed", None
+        try:
+            rows = self.setup()
+            store.write_step(run_id, metric_rows=rows)
+            bs = self.config.batch_size
+            n_steps = math.ceil(len(self.requests) / bs)
+            every = self.config.eval_every
+            self._notify("start", n_steps=n_steps)
+            for s in range(n_steps):
+                if self._cancel_wanted():
+                    raise Cancelled()
+                self.edit_step(self.requests[s * bs:(s + 1) * bs])
+                if (every and self.step % every == 0) or self.step == n_steps:
+                    self.checkpoint()
+            status = "finished"
+        except Diverged as exc:
+            status, error = "diverged", f"step {self.step}: {exc}"
+            log.warning("run %s diverged: %s", run_id, error)
+        except Cancelled:
+            status, error = "cancelled", None
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by the user (KeyboardInterrupt)"
+            raise
+        except BaseException as exc:
+            status = "failed"
+            error = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
+            raise
+        finally:
+            beat.stop.set()
+            try:
+                if status in ("finished", "diverged"):
+                    try:
+                        rows = self.collapse_rows()
+                        if rows:
+                            store.add_metric_rows(run_id, rows)
+                    except Exception as exc:  # diagnostics must not lose a finished run
+                        log.warning("collapse detection failed for run %s: %s", run_id, exc)
+                store.update_status(run_id, status, error=error, n_edits_done=self.n_done,
+                                    seconds_total=time.time() - self.started, heartbeat=time.time())
+            finally:
+                if self.given_lm is not None:
+                    self.restore()
+                self._notify("done", status=status)
+        return run_id
+
+
+def _collapse_to_rows(df, n_edits: int, step: int) -> list[dict]:
+    """Rows of kind ``collapse`` from :func:`analysis.collapse.detect_collapse`'s frame: its ``metric`` / ``value``
+    columns when present (with ``n_edits``, ``layer``, ``protocol``, ``case_id`` when present), else one row per
+    numeric column of each of its rows."""
+    rows = []
+    cols = set(df.columns)
+    for r in df.to_dict("records"):
+        n = r.get("n_edits", n_edits)
+        n = n_edits if n is None or (isinstance(n, float) and math.isnan(n)) else int(n)
+        base = {"n_edits": n, "step": step, "kind": "collapse", "layer": r.get("layer"),
+                "protocol": r.get("protocol"), "param": r.get("param")}
+        if {"metric", "value"} <= cols:
+            value = r["value"]
+            if isinstance(value, (bool, np.bool_)):
+                value = float(value)
+            if isinstance(value, (int, float, np.number)):
+                rows.append({**base, "metric": str(r["metric"]), "value": float(value)})
+            continue
+        prefix = str(r.get("signal", r.get("name", "")))
+        for k, v in r.items():
+            if k in ("n_edits", "layer", "protocol", "param", "signal", "name"):
+                continue
+            if isinstance(v, (bool, np.bool_, int, float, np.number)) and not isinstance(v, str):
+                rows.append({**base, "metric": f"{prefix}.{k}" if prefix else str(k), "value": float(v)})
+    for row in rows:
+        layer = row["layer"]
+        row["layer"] = None if layer is None or (isinstance(layer, float) and math.isnan(layer)) else int(layer)
+        if isinstance(row["protocol"], float):
+            row["protocol"] = None
+        if isinstance(row["param"], float):
+            row["param"] = None
+    return rows
+
+
+def _new_run_fields(config: RunConfig, method_config: EditorConfig, preset_version: str | None) -> dict:
+    return {"method": get_editor_class(config.method).name, "model": config.model, "data_source": config.data,
+            "config": config.to_dict(), "method_config": method_config.to_dict(), "preset_version": preset_version,
+            "package_versions": package_versions(), "n_edits_planned": config.n_edits, "label": config.label or None,
+            "device": config.device}
+
+
+def run_sequential(config: RunConfig | Mapping[str, Any], store: RunStore | None = None, *, lm=None,
+                   progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
+                   run_id: str | None = None) -> str:
+    """Run ``config`` sequentially and record it; returns the run id.
+
+    Args:
+        config: a :class:`RunConfig` (or its dict).
+        store: the run store (default: ``RunStore(config.runs_dir)``).
+        lm: an already loaded model to edit; it is restored exactly at the end (also after an error).
+        progress: ``callback(done, total, info)``; ``info`` has ``run_id, phase, step, n_edits`` and per phase
+            ``seconds_per_edit`` / ``metrics`` / ``retention`` means.
+        should_cancel: polled before every step; True stops the run as ``cancelled`` (rows kept). A store-side
+            :meth:`RunStore.request_cancel` works the same way (for other processes).
+        run_id: an existing ``queued`` run to execute (as created by an executor's ``submit``).
+
+    Raises:
+        UnknownMethodError, ConfigError: invalid config (nothing is written).
+        RequestError and any other error: after the run was recorded as ``failed`` with the error text.
+    """
+    if isinstance(config, Mapping):
+        config = RunConfig.from_dict(config)
+    config.validate()
+    method_config, preset_version = resolve_method_config(config, lm.name if lm is not None else None)
+    store = store if store is not None else RunStore(config.runs_dir)
+    if run_id is None:
+        run_id = store.create_run(status="running", pid=os.getpid(), heartbeat=time.time(),
+                                  **_new_run_fields(config, method_config, preset_version))
+    else:
+        run = store.get_run(run_id)
+        if run["status"] in TERMINAL:
+            log.info("run %s is already %s; not started", run_id, run["status"])
+            return run_id
+        store.update_run(run_id, method_config=method_config.to_dict(), preset_version=preset_version)
+    return SequentialRun(config, store, run_id, method_config, lm=lm, progress=progress,
+                         should_cancel=should_cancel).execute()
+
+
+def run_trial(config_dict: Mapping[str, Any], run_id: str | None = None) -> str:
+    """The picklable entry point for worker processes and cluster executors: one run, recorded in the store at
+    ``config_dict["runs_dir"]``; returns the run id."""
+    return run_sequential(RunConfig.from_dict(config_dict), run_id=run_id)
+
+
+def run_summary(store: RunStore, run_id: str) -> dict[str, Any]:
+    """``{run_id, status, n_edits, seconds_per_edit, final: {reliability, generality, locality}, error}``:
+    retention means (tf_token_acc) at the last checkpoint; locality falls back to the probe set's when the
+    requests carry no locality prompts."""
+    run = store.get_run(run_id)
+    df = store.metrics_frame([run["run_id"]], kinds=["retention", "locality", "timing"])
+    agg = df[df["case_id"].isna()]
+    final: dict[str, float | None] = {"reliability": None, "generality": None, "locality": None}
+    ret = agg[(agg["kind"] == "retention") & (agg["protocol"] == ev.TF)]
+    if len(ret):
+        last = ret[ret["n_edits"] == ret["n_edits"].max()]
+        for metric in final:
+            v = last.loc[last["metric"] == metric, "value"]
+            if len(v) and not math.isnan(v.iloc[0]):
+                final[metric] = float(v.iloc[0])
+    if final["locality"] is None:
+        loc = agg[agg["kind"] == "locality"]
+        if len(loc):
+            final["locality"] = float(loc.loc[loc["n_edits"].idxmax(), "value"])
+    timing = agg[(agg["kind"] == "timing") & (agg["metric"] == "seconds_per_edit")]
+    spe = float(timing.loc[timing["n_edits"].idxmax(), "value"]) if len(timing) else None
+    error = run.get("error")
+    return {"run_id": run["run_id"], "status": run["status"], "n_edits": int(run["n_edits_done"] or 0),
+            "seconds_per_edit": spe, "final": final, "error": error.split("\n", 1)[0] if error else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------------------------------------------
+class Executor(abc.ABC):
+    """Where runs execute. ``submit`` returns the run id at once (the run is ``queued`` in the store, so a UI can
+    show it); ``status`` reads the store; ``result`` waits; ``cancel`` asks the run to stop after its step.
+
+    Implementations for other back ends (a worker process, Ray, Dask, Slurm) call :func:`run_trial` with
+    ``(config.to_dict(), run_id)`` and share the one run store.
+    """
+
+    @abc.abstractmethod
+    def submit(self, config: RunConfig | Mapping[str, Any]) -> str: ...
+
+    @abc.abstractmethod
+    def status(self, run_id: str) -> str: ...
+
+    @abc.abstractmethod
+    def result(self, run_id: str, timeout: float | None = None) -> str: ...
+
+    @abc.abstractmethod
+    def cancel(self, run_id: str) -> bool: ...
+
+    def shutdown(self, wait: bool = True) -> None:  # pragma: no cover - default: nothing to release
+        pass
+
+
+def queue_run(config: RunConfig, store: RunStore | None = None) -> tuple[str, RunStore]:
+    """Validate ``config`` and create its ``queued`` run row; returns (run_id, store)."""
+    config.validate()
+    method_config, preset_version = resolve_method_config(config)
+    store = store if store is not None else RunStore(config.runs_dir)
+    run_id = store.create_run(status="queued", pid=os.getpid(), **_new_run_fields(config, method_config,
+                                                                                   preset_version))
+    return run_id, store
+
+
+class LocalExecutor(Executor):
+    """In-process executor: runs execute one at a time (``max_workers``) on background threads of this process.
+
+    Args:
+        max_workers: concurrent runs (keep 1 on a small machine: each run holds its own model).
+        lm: optionally a loaded model every run edits (restored after each run; implies ``max_workers=1``).
+    """
+
+    def __init__(self, max_workers: int = 1, *, lm=None):
+        self._lm = lm
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1 if lm is not None else max_workers,
+                                                           thread_name_prefix="editbench-run")
+        self._jobs: dict[str, tuple[concurrent.futures.Future, RunStore, threading.Event]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, config: RunConfig | Mapping[str, Any], store: RunStore | None = None) -> str:
+        if isinstance(config, Mapping):
+            config = RunConfig.from_dict(config)
+        run_id, store = queue_run(config, store)
+        stop = threading.Event()
+        fut = self._pool.submit(run_sequential, config, store, lm=self._lm, should_cancel=stop.is_set,
+                                run_id=run_id)
+        with self._lock:
+            self._jobs[run_id] = (fut, store, stop)
+        return run_id
+
+    def _job(self, run_id: str):
+        with self._lock:
+            if run_id not in self._jobs:
+                raise KeyError(f"run {run_id!r} was not submitted to this executor")
+            return self._jobs[run_id]
+
+    def status(self, run_id: str) -> str:
+        _, store, _ = self._job(run_id)
+        return store.get_run(run_id)["status"]
+
+    def result(self, run_id: str, timeout: float | None = None) -> str:
+        fut, _, _ = self._job(run_id)
+        return fut.result(timeout=timeout)
+
+    def cancel(self, run_id: str) -> bool:
+        fut, store, stop = self._job(run_id)
+        stop.set()
+        store.request_cancel(run_id)
+        if fut.cancel():  # never started
+            store.update_status(run_id, "cancelled")
+        return True
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait)
+
+
+__all__ = ["RunConfig", "run_sequential", "run_trial", "run_summary", "resolve_method_config", "parse_sets",
+           "Executor", "LocalExecutor", "queue_run", "SequentialRun", "Diverged", "capture_hidden_states",
+           "ConfigError", "UnknownMethodError"]

@@ -1,0 +1,635 @@
+"""The run store: one SQLite file (``runs.sqlite``) per runs directory, written by one run engine at a time and
+read by the web app, the CLI and notebooks at the same time.
+
+Tables (long form, so that every plot is a filter plus a pivot):
+
+``runs``       one row per sequential run: status, the full :class:`app.engine.RunConfig` (``config_json``), the
+               method config it ran with, versions, progress (``n_edits_done``), the writer's ``pid`` / ``host`` and
+               its ``heartbeat``.
+``edits``      one row per edit request: the step that made it, ``n_edits`` after that step, the request itself,
+               the amortised seconds and peak memory of its step, and the step's ``EditResult.info``.
+``metrics``    ``(run_id, n_edits, step, kind, layer, param, metric, protocol, value, case_id)``; ``n_edits`` is
+               the number of edits made when the row was measured (the x axis of every curve). ``kind``:
+               pre (unedited model, n_edits 0) | edit (immediate, the step's own edits) | retention (every edit so
+               far) | locality (fixed probe set vs the unedited model) | general (``<task>/<metric>``,
+               ``<task>/chance``) | weights (per edited matrix) | update_angle | hidden_shift | timing | info (the
+               editor's numeric ``EditResult.info``) | collapse (``analysis.collapse``). Rows with ``case_id`` NULL
+               are aggregates (means), rows with a ``case_id`` are per request / per probe; ``layer`` / ``param`` /
+               ``protocol`` are NULL where they do not apply.
+``artifacts``  small arrays (``npz`` bytes) for the analysis layer: singular values, captured hidden states, an
+               editor's per-step artifacts.
+
+SQLite runs in WAL mode (readers never block the writer, nor the writer them) with a busy timeout for the rare
+writer-writer overlap (the engine's heartbeat thread). Each call opens its own short-lived connection, so a store
+object may be shared across threads. Every step is committed as it finishes; a process killed mid-run keeps what it
+committed, and the next :class:`RunStore` opened on the file marks that run ``interrupted``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "runs.sqlite"
+SCHEMA_VERSION = 1
+
+STATUSES = ("queued", "running", "finished", "diverged", "interrupted", "failed", "cancelled")
+#: statuses after which a run never changes again (except by deletion)
+TERMINAL = frozenset({"finished", "diverged", "interrupted", "failed", "cancelled"})
+
+#: metric columns, in order (``metrics_frame`` and ``export`` return these)
+METRIC_COLUMNS = ("run_id", "n_edits", "step", "kind", "layer", "param", "metric", "protocol", "value", "case_id")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
+    error TEXT,
+    label TEXT,
+    method TEXT,
+    model TEXT,
+    model_hash TEXT,
+    data_source TEXT,
+    config_json TEXT,
+    method_config_json TEXT,
+    preset_version TEXT,
+    package_versions_json TEXT,
+    n_edits_planned INTEGER,
+    n_edits_done INTEGER NOT NULL DEFAULT 0,
+    seconds_total REAL,
+    device TEXT,
+    pid INTEGER,
+    host TEXT,
+    heartbeat REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+CREATE INDEX IF NOT EXISTS runs_method ON runs (method);
+
+CREATE TABLE IF NOT EXISTS edits (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    idx INTEGER,
+    step INTEGER NOT NULL,
+    n_edits INTEGER NOT NULL,
+    case_id TEXT,
+    request_json TEXT,
+    seconds REAL,
+    peak_mem_mb REAL,
+    info_json TEXT
+);
+CREATE INDEX IF NOT EXISTS edits_run ON edits (run_id, step);
+
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    n_edits INTEGER NOT NULL,
+    step INTEGER,
+    kind TEXT NOT NULL,
+    layer INTEGER,
+    param TEXT,
+    metric TEXT NOT NULL,
+    protocol TEXT,
+    value REAL,
+    case_id TEXT
+);
+CREATE INDEX IF NOT EXISTS metrics_run_kind_metric ON metrics (run_id, kind, metric);
+
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    n_edits INTEGER,
+    step INTEGER,
+    name TEXT NOT NULL,
+    format TEXT NOT NULL,
+    blob BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifacts_run_name ON artifacts (run_id, name);
+"""
+
+#: columns of ``runs`` that :meth:`RunStore.create_run` / :meth:`RunStore.update_run` accept
+RUN_FIELDS = ("status", "error", "label", "method", "model", "model_hash", "data_source", "config_json",
+              "method_config_json", "preset_version", "package_versions_json", "n_edits_planned", "n_edits_done",
+              "seconds_total", "device", "pid", "host", "heartbeat", "cancel_requested")
+_JSON_FIELDS = {"config": "config_json", "method_config": "method_config_json",
+                "package_versions": "package_versions_json"}
+
+
+class StoreError(RuntimeError):
+    """A store operation could not be done (bad status, bad format, ...)."""
+
+
+class RunNotFoundError(KeyError):
+    """No run with that id (or the prefix is ambiguous); the message says which."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def new_run_id() -> str:
+    """Sortable and short: UTC time to the second plus 6 random hex digits, e.g. ``20250101-120000-a1b2c3``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    item = getattr(obj, "item", None)  # torch scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    return str(obj)
+
+
+def to_json(obj: Any) -> str:
+    """JSON text of ``obj``; numpy / torch values become plain numbers, anything else its ``str``."""
+    return json.dumps(obj, default=_json_default, allow_nan=True)
+
+
+def _float(value: Any) -> float | None:
+    """A REAL for SQLite. NaN is stored as NULL (SQLite has no NaN); +-Inf is kept."""
+    if value is None:
+        return None
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    # a zombie (killed, not yet reaped by its parent) is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def encode_npz(arrays: Mapping[str, Any]) -> bytes:
+    """``npz`` bytes of named arrays (tensors are converted; no pickles)."""
+    buf = io.BytesIO()
+    clean = {}
+    for k, v in arrays.items():
+        if hasattr(v, "detach"):
+            v = v.detach().to("cpu").numpy()
+        clean[str(k)] = np.asarray(v)
+    np.savez_compressed(buf, **clean)
+    return buf.getvalue()
+
+
+def decode_npz(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class RunStore:
+    """The SQLite run store of one runs directory.
+
+    Args:
+        path_or_dir: a directory (the file is ``<dir>/runs.sqlite``; created if missing) or a ``.sqlite`` / ``.db``
+            file path.
+        timeout: seconds a connection waits on a lock before failing.
+        stale_after: a ``running`` run whose heartbeat is older than this many seconds is considered dead.
+        recover: mark dead ``running`` runs ``interrupted`` when the store is opened.
+    """
+
+    def __init__(self, path_or_dir: str | os.PathLike, *, timeout: float = 30.0, stale_after: float = 600.0,
+                 recover: bool = True):
+        p = os.fspath(path_or_dir)
+        if p.endswith((".sqlite", ".db", ".sqlite3")) or os.path.isfile(p):
+            parent = os.path.dirname(os.path.abspath(p))
+            os.makedirs(parent, exist_ok=True)
+            self.path = os.path.abspath(p)
+        else:
+            os.makedirs(p, exist_ok=True)
+            self.path = os.path.abspath(os.path.join(p, DB_NAME))
+        self.timeout = float(timeout)
+        self.stale_after = float(stale_after)
+        self.host = socket.gethostname()
+        self._init_schema()
+        if recover:
+            self.recover_interrupted()
+
+    @property
+    def runs_dir(self) -> str:
+        return os.path.dirname(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.path!r})"
+
+    # ---- connections ----------------------------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, so no upgrade deadlock)."""
+        conn = self._open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        conn = self._open()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _init_schema(self) -> None:
+        conn = self._open()
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                for attempt in range(50):
+                    try:
+                        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                        break
+                    except sqlite3.OperationalError:  # another process holds a lock right now
+                        time.sleep(0.1)
+                if str(mode).lower() != "wal":
+                    log.warning("could not switch %s to WAL mode (journal_mode=%s)", self.path, mode)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}; this code knows {SCHEMA_VERSION}")
+        finally:
+            conn.close()
+
+    def journal_mode(self) -> str:
+        with self._read() as conn:
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    # ---- runs ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _run_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key in _JSON_FIELDS:
+                out[_JSON_FIELDS[key]] = None if value is None else to_json(value)
+            elif key in RUN_FIELDS:
+                if key.endswith("_json") and value is not None and not isinstance(value, str):
+                    value = to_json(value)
+                out[key] = value
+            else:
+                raise TypeError(f"unknown run field {key!r}; valid: "
+                                f"{', '.join(sorted((*RUN_FIELDS, *_JSON_FIELDS)))}")
+        if "status" in out and out["status"] not in STATUSES:
+            raise StoreError(f"unknown status {out['status']!r}; valid: {', '.join(STATUSES)}")
+        return out
+
+    def create_run(self, *, run_id: str | None = None, status: str = "queued", **fields: Any) -> str:
+        """Insert a run and return its id. ``fields`` are columns of ``runs`` (``config``, ``method_config`` and
+        ``package_versions`` may be given as objects; they are stored as JSON)."""
+        run_id = run_id or new_run_id()
+        now = time.time()
+        values = self._run_values({"status": status, **fields})
+        values.setdefault("host", self.host)
+        cols = ["run_id", "created", "updated", *values]
+        with self._tx() as conn:
+            conn.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                         [run_id, now, now, *values.values()])
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Set columns of one run (and ``updated``)."""
+        values = self._run_values(fields)
+        if not values:
+            return
+        with self._tx() as conn:
+            self._update(conn, run_id, values)
+
+    def _update(self, conn: sqlite3.Connection, run_id: str, values: Mapping[str, Any]) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        cur = conn.execute(f"UPDATE runs SET {sets}, updated = ? WHERE run_id = ?",
+                           [*values.values(), time.time(), run_id])
+        if cur.rowcount == 0:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.path}")
+
+    def update_status(self, run_id: str, status: str, error: str | None = None, **fields: Any) -> None:
+        """Set a run's status (and error text, and any other columns)."""
+        if error is not None:
+            fields["error"] = error
+        self.update_run(run_id, status=status, **fields)
+
+    def heartbeat(self, run_id: str, **fields: Any) -> None:
+        """Record that the run's writer is alive (and optionally progress columns such as ``n_edits_done``).
+
+        A run that a reader wrongly marked ``interrupted`` (it was only slow) becomes ``running`` again."""
+        values = self._run_values(fields)
+        values["heartbeat"] = time.time()
+        with self._tx() as conn:
+            sets = ", ".join(f"{k} = ?" for k in values)
+            conn.execute(f"UPDATE runs SET {sets}, updated = ?, status = CASE WHEN status = 'interrupted' "
+                         f"THEN 'running' ELSE status END WHERE run_id = ?",
+                         [*values.values(), time.time(), run_id])
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask the run's writer to stop after its current step; a queued run is cancelled at once."""
+        run_id = self.resolve(run_id)
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET cancel_requested = 1, updated = ?, status = CASE WHEN status = 'queued' "
+                         "THEN 'cancelled' ELSE status END WHERE run_id = ?", (time.time(), run_id))
+
+    def cancel_requested(self, run_id: str) -> bool:
+        with self._read() as conn:
+            row = conn.execute("SELECT cancel_requested FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def recover_interrupted(self) -> list[str]:
+        """Mark ``running`` runs whose writer is gone as ``interrupted``: on this host, a dead pid; anywhere, a
+        heartbeat older than ``stale_after``. Returns the ids changed."""
+        now = time.time()
+        with self._read() as conn:
+            rows = conn.execute("SELECT run_id, pid, host, heartbeat, updated FROM runs WHERE status = 'running'"
+                                ).fetchall()
+        dead = []
+        for r in rows:
+            beat = r["heartbeat"] if r["heartbeat"] is not None else r["updated"]
+            if r["host"] == self.host and r["pid"] is not None and not _pid_alive(int(r["pid"])):
+                dead.append((r["run_id"], f"the process (pid {r['pid']}) ended without finishing the run"))
+            elif beat is not None and now - beat > self.stale_after:
+                dead.append((r["run_id"], f"no heartbeat for {now - beat:.0f} s"))
+        changed = []
+        for run_id, why in dead:
+            with self._tx() as conn:
+                cur = conn.execute("UPDATE runs SET status = 'interrupted', error = COALESCE(error, ?), updated = ? "
+                                   "WHERE run_id = ? AND status = 'running'", (why, now, run_id))
+                if cur.rowcount:
+                    changed.append(run_id)
+                    log.info("run %s marked interrupted: %s", run_id, why)
+        return changed
+
+    def resolve(self, run_id: str) -> str:
+        """The full id of ``run_id`` or of the one run whose id starts with it."""
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+                return run_id
+            like = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = conn.execute("SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' LIMIT 5",
+                                (like,)).fetchall()
+        if len(rows) == 1:
+            return rows[0][0]
+        if not rows:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.path}")
+        raise RunNotFoundError(f"run id prefix {run_id!r} is ambiguous: {', '.join(r[0] for r in rows)}, ...")
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """One run as a dict: every column (times as unix seconds) plus ``config``, ``method_config`` and
+        ``package_versions`` decoded from JSON. Accepts a unique id prefix."""
+        run_id = self.resolve(run_id)
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        out = dict(row)
+        for obj, col in _JSON_FIELDS.items():
+            out[obj] = json.loads(out[col]) if out.get(col) else None
+        return out
+
+    def list_runs(self, method: str | Sequence[str] | None = None, status: str | Sequence[str] | None = None
+                  ) -> pd.DataFrame:
+        """Runs, newest first, without the JSON columns; ``created`` / ``updated`` / ``heartbeat`` as UTC
+        timestamps. Filter by one or several methods / statuses."""
+        cols = ("run_id", "created", "updated", "status", "error", "label", "method", "model", "model_hash",
+                "data_source", "preset_version", "n_edits_planned", "n_edits_done", "seconds_total", "device", "pid",
+                "host", "heartbeat")
+        where, args = [], []
+        for col, val in (("method", method), ("status", status)):
+            if val is None:
+                continue
+            vals = [val] if isinstance(val, str) else list(val)
+            where.append(f"{col} IN ({', '.join('?' * len(vals))})")
+            args.extend(vals)
+        sql = f"SELECT {', '.join(cols)} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC, run_id DESC"
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        df = pd.DataFrame([tuple(r) for r in rows], columns=list(cols))
+        for c in ("created", "updated", "heartbeat"):
+            df[c] = pd.to_datetime(df[c].astype("float64"), unit="s", utc=True)
+        for c in ("n_edits_planned", "n_edits_done", "pid"):
+            df[c] = df[c].astype("Int64")
+        return df
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and all its rows (edits, metrics, artifacts)."""
+        run_id = self.resolve(run_id)
+        with self._tx() as conn:
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    # ---- rows ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _edit_tuples(run_id: str, rows: Iterable[Mapping[str, Any]]) -> list[tuple]:
+        out = []
+        for r in rows:
+            req = r.get("request_json", r.get("request"))
+            info = r.get("info_json", r.get("info"))
+            out.append((run_id, r.get("idx"), int(r["step"]), int(r["n_edits"]), r.get("case_id"),
+                        req if isinstance(req, str) or req is None else to_json(req),
+                        _float(r.get("seconds")), _float(r.get("peak_mem_mb")),
+                        info if isinstance(info, str) or info is None else to_json(info)))
+        return out
+
+    @staticmethod
+    def _metric_tuples(run_id: str, rows: Iterable[Mapping[str, Any]]) -> list[tuple]:
+        out = []
+        for r in rows:
+            layer = r.get("layer")
+            layer = None if layer is None or (isinstance(layer, float) and math.isnan(layer)) else int(layer)
+            step = r.get("step")
+            out.append((run_id, int(r["n_edits"]), None if step is None else int(step), str(r["kind"]), layer,
+                        r.get("param"), str(r["metric"]), r.get("protocol"), _float(r.get("value")),
+                        None if r.get("case_id") is None else str(r["case_id"])))
+        return out
+
+    _EDIT_SQL = ("INSERT INTO edits (run_id, idx, step, n_edits, case_id, request_json, seconds, peak_mem_mb, "
+                 "info_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    _METRIC_SQL = ("INSERT INTO metrics (run_id, n_edits, step, kind, layer, param, metric, protocol, value, "
+                   "case_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    _ARTIFACT_SQL = "INSERT INTO artifacts (run_id, n_edits, step, name, format, blob) VALUES (?, ?, ?, ?, ?, ?)"
+
+    def add_edit_rows(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Rows with keys ``step, n_edits`` and optionally ``idx, case_id, request (dict), seconds, peak_mem_mb,
+        info (dict)``. Returns the number written."""
+        tuples = self._edit_tuples(run_id, rows)
+        with self._tx() as conn:
+            conn.executemany(self._EDIT_SQL, tuples)
+        return len(tuples)
+
+    def add_metric_rows(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Rows with keys ``n_edits, kind, metric, value`` and optionally ``step, layer, param, protocol, case_id``.
+        NaN values are stored as NULL. Returns the number written."""
+        tuples = self._metric_tuples(run_id, rows)
+        with self._tx() as conn:
+            conn.executemany(self._METRIC_SQL, tuples)
+        return len(tuples)
+
+    def add_artifact(self, run_id: str, name: str, data: Mapping[str, Any] | bytes, *, n_edits: int | None = None,
+                     step: int | None = None, fmt: str = "npz") -> None:
+        """Store named arrays (encoded as ``npz``) or raw bytes of format ``fmt``."""
+        blob = data if isinstance(data, (bytes, bytearray)) else encode_npz(data)
+        with self._tx() as conn:
+            conn.execute(self._ARTIFACT_SQL, (run_id, n_edits, step, name, fmt, bytes(blob)))
+
+    def write_step(self, run_id: str, *, edit_rows: Iterable[Mapping[str, Any]] = (),
+                   metric_rows: Iterable[Mapping[str, Any]] = (),
+                   artifacts: Iterable[tuple[str, Mapping[str, Any] | bytes, int | None, int | None]] = (),
+                   **run_fields: Any) -> None:
+        """Everything one step produced, in ONE transaction: edit rows, metric rows, artifacts
+        ``(name, data, n_edits, step)``, and run columns (e.g. ``n_edits_done``); also beats the heartbeat."""
+        e = self._edit_tuples(run_id, edit_rows)
+        m = self._metric_tuples(run_id, metric_rows)
+        a = [(run_id, n, s, name, "npz" if not isinstance(d, (bytes, bytearray)) else "bin",
+              bytes(d) if isinstance(d, (bytes, bytearray)) else encode_npz(d)) for name, d, n, s in artifacts]
+        values = self._run_values(run_fields)
+        values["heartbeat"] = time.time()
+        with self._tx() as conn:
+            if e:
+                conn.executemany(self._EDIT_SQL, e)
+            if m:
+                conn.executemany(self._METRIC_SQL, m)
+            if a:
+                conn.executemany(self._ARTIFACT_SQL, a)
+            self._update(conn, run_id, values)
+
+    # ---- frames ----------------------------------------------------------------------------------------------
+    def metrics_frame(self, run_ids: str | Sequence[str] | None = None, kinds: str | Sequence[str] | None = None,
+                      metrics: str | Sequence[str] | None = None) -> pd.DataFrame:
+        """Long-form metric rows: columns ``run_id, n_edits, step, kind, layer, param, metric, protocol, value,
+        case_id`` (``layer`` nullable Int64; NULL value -> NaN). ``run_ids=None`` means every run."""
+        where, args = [], []
+        for col, val in (("run_id", run_ids), ("kind", kinds), ("metric", metrics)):
+            if val is None:
+                continue
+            vals = [val] if isinstance(val, str) else list(val)
+            where.append(f"{col} IN ({', '.join('?' * len(vals))})")
+            args.extend(vals)
+        sql = f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid"
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        # object columns keep None for "not applicable" (pandas would otherwise infer str columns with NaN)
+        df = pd.DataFrame([tuple(r) for r in rows], columns=list(METRIC_COLUMNS), dtype=object)
+        df["n_edits"] = df["n_edits"].astype("int64")
+        for c in ("step", "layer"):
+            df[c] = pd.array([None if v is None else int(v) for v in df[c]], dtype="Int64")
+        df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+        return df
+
+    def edits_frame(self, run_id: str) -> pd.DataFrame:
+        """The run's edit rows in order, with ``request`` and ``info`` decoded."""
+        run_id = self.resolve(run_id)
+        cols = ("run_id", "idx", "step", "n_edits", "case_id", "request_json", "seconds", "peak_mem_mb", "info_json")
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {', '.join(cols)} FROM edits WHERE run_id = ? ORDER BY rowid",
+                                (run_id,)).fetchall()
+        df = pd.DataFrame([tuple(r) for r in rows], columns=list(cols))
+        df["request"] = [json.loads(s) if s else None for s in df["request_json"]]
+        df["info"] = [json.loads(s) if s else None for s in df["info_json"]]
+        return df.drop(columns=["request_json", "info_json"])
+
+    def list_artifacts(self, run_id: str) -> pd.DataFrame:
+        """``run_id, n_edits, step, name, format, bytes`` of the run's artifacts (no blobs)."""
+        run_id = self.resolve(run_id)
+        with self._read() as conn:
+            rows = conn.execute("SELECT run_id, n_edits, step, name, format, length(blob) FROM artifacts "
+                                "WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
+        return pd.DataFrame([tuple(r) for r in rows], columns=["run_id", "n_edits", "step", "name", "format", "bytes"])
+
+    def get_artifact(self, run_id: str, name: str, n_edits: int | None = None) -> dict[str, np.ndarray] | bytes:
+        """The artifact ``name`` at ``n_edits`` (the latest one when None): decoded arrays, or bytes."""
+        run_id = self.resolve(run_id)
+        sql = "SELECT format, blob FROM artifacts WHERE run_id = ? AND name = ?"
+        args: list[Any] = [run_id, name]
+        if n_edits is not None:
+            sql += " AND n_edits = ?"
+            args.append(int(n_edits))
+        sql += " ORDER BY rowid DESC LIMIT 1"
+        with self._read() as conn:
+            row = conn.execute(sql, args).fetchone()
+        if row is None:
+            raise KeyError(f"run {run_id} has no artifact {name!r}" + (f" at n_edits={n_edits}" if n_edits is not None
+                                                                       else ""))
+        return decode_npz(row["blob"]) if row["format"] == "npz" else bytes(row["blob"])
+
+    def export(self, run_id: str, fmt: str = "csv", out: str | os.PathLike | None = None) -> str:
+        """Write the run's metric rows (long form, :data:`METRIC_COLUMNS`) plus its edit rows (``kind='edit_log'``,
+        metric ``seconds`` / ``peak_mem_mb`` per edit, with ``case_id``) to ``out`` as CSV or Parquet.
+        ``layer`` is empty where it does not apply. Returns the path written."""
+        fmt = fmt.lower()
+        if fmt not in ("csv", "parquet"):
+            raise StoreError(f"unknown export format {fmt!r}; valid: csv, parquet")
+        run_id = self.resolve(run_id)
+        df = self.metrics_frame([run_id])
+        edits = self.edits_frame(run_id)
+        if len(edits):
+            log_rows = []
+            for r in edits.itertuples(index=False):
+                for metric in ("seconds", "peak_mem_mb"):
+                    log_rows.append({"run_id": run_id, "n_edits": r.n_edits, "step": r.step, "kind": "edit_log",
+                                     "metric": metric, "value": getattr(r, metric), "case_id": r.case_id})
+            extra = pd.DataFrame(log_rows, columns=list(METRIC_COLUMNS))
+            extra = extra.astype({"n_edits": "int64", "step": "Int64", "layer": "Int64", "value": "float64"})
+            df = pd.concat([df, extra], ignore_index=True)
+        out = os.fspath(out) if out is not None else os.path.join(self.runs_dir, f"{run_id}.{fmt}")
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        if fmt == "csv":
+            df.to_csv(out, index=False)
+        else:
+            df.to_parquet(out, index=False)
+        return out
+
+
+__all__ = ["RunStore", "RunNotFoundError", "StoreError", "STATUSES", "TERMINAL", "METRIC_COLUMNS", "DB_NAME",
+           "new_run_id", "encode_npz", "decode_npz", "to_json"]

@@ -1,0 +1,184 @@
+"""Reproduction studies built on the run engine: ``collapse_study`` (why sequential editing collapses).
+
+``collapse_study(methods, n, data, runs_dir)`` makes ``n`` sequential single edits with every method (one run per
+method, all in ONE run store, the model loaded once and restored exactly after each run) and summarises each run at
+``n`` edits:
+
+* retention (tf_token_acc, every edit made so far, at the last checkpoint): reliability, generality, locality
+  (the requests' own locality prompts against the UNEDITED model), and the fixed locality probe set;
+* the numerical health of the edited matrices (the MOSE / PRUNE / AdaEdit argument): the Frobenius norm and the
+  condition number of each edited matrix at ``n`` edits relative to the unedited matrix (1.0 = unchanged), from
+  the store's ``weights`` rows; the unedited values are computed once from the loaded model.
+
+The papers' claims this reproduces (at a small scale): additive methods (ROME, MEMIT) blow up the norm and the
+condition number and lose their edits; RECT / AlphaEdit / PRUNE slow that down (MOSE Fig. 2, Table 1; PRUNE);
+AdaEdit keeps the norm near its original (AdaEdit Tables 1, 4, 5); MOSE keeps both exactly (MOSE Eq. 5-14).
+
+A method whose finished run with the same study label already exists in the store is not run again (``reuse``), so
+an interrupted study can be continued by running the same command.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from editors.registry import get_editor_class
+
+from .engine import RunConfig, run_sequential, run_summary
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose")
+DEFAULT_DATA = "counterfact:../shared/data/counterfact/counterfact-edit.json"
+
+TABLE_COLUMNS = ("method", "status", "n_edits", "reliability", "generality", "locality", "probe_locality",
+                 "fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max", "layers", "seconds_per_edit", "run_id")
+
+
+def study_label(method: str, n: int, data: str, seed: int, overrides: Mapping[str, Any] | None = None) -> str:
+    """The label that identifies one method's run of a collapse study in the store."""
+    label = f"collapse-study {method} n={n} seed={seed} data={data}"
+    if overrides:
+        label += " set=" + json.dumps(dict(overrides), sort_keys=True, default=str)
+    return label
+
+
+def unedited_matrix_stats(lm, params: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{param: {"fro", "cond"}}`` of the model's CURRENT (unedited) weights, canonical orientation."""
+    from analysis.weights import matrix_stats
+    named = dict(lm.model.named_parameters())
+    out = {}
+    for name in params:
+        W = lm.spec.to_canonical(named[name].detach()).float()
+        s = matrix_stats(W)
+        out[name] = {"fro": float(s["fro"]), "cond": float(s["cond"])}
+    return out
+
+
+def collapse_table(store: RunStore, run_ids: Sequence[str], reference: Mapping[str, Mapping[str, float]]
+                   ) -> pd.DataFrame:
+    """One row per run (columns :data:`TABLE_COLUMNS`) at its last checkpoint.
+
+    Args:
+        reference: ``{param: {"fro", "cond"}}`` of the unedited matrices (:func:`unedited_matrix_stats`).
+    """
+    rows = []
+    for run_id in run_ids:
+        run = store.get_run(run_id)
+        summary = run_summary(store, run_id)
+        df = store.metrics_frame([run_id], kinds=["weights", "locality"])
+        row: dict[str, Any] = {"method": run["method"], "status": run["status"], "n_edits": summary["n_edits"],
+                               **{k: summary["final"][k] for k in ("reliability", "generality", "locality")},
+                               "seconds_per_edit": summary["seconds_per_edit"], "run_id": run_id}
+        probes = df[(df["kind"] == "locality") & df["case_id"].isna()]
+        row["probe_locality"] = (float(probes.loc[probes["n_edits"].idxmax(), "value"]) if len(probes) else None)
+        w = df[df["kind"] == "weights"]
+        fro_rel, cond_rel, layers = [], [], []
+        if len(w):
+            last = w[w["n_edits"] == w["n_edits"].max()]
+            for param, g in last.groupby("param"):
+                ref = reference.get(param)
+                vals = dict(zip(g["metric"], g["value"]))
+                if ref is None or "fro" not in vals or "cond" not in vals:
+                    continue
+                fro_rel.append(vals["fro"] / ref["fro"] if ref["fro"] > 0 else math.nan)
+                cond_rel.append(vals["cond"] / ref["cond"] if math.isfinite(ref["cond"]) and ref["cond"] > 0
+                                else math.nan)
+                layers.append(int(g["layer"].iloc[0]) if g["layer"].notna().any() else -1)
+        row["fro_rel"] = float(sum(fro_rel) / len(fro_rel)) if fro_rel else None
+        row["cond_rel"] = float(sum(cond_rel) / len(cond_rel)) if cond_rel else None
+        row["fro_rel_max"] = max(fro_rel, key=lambda v: abs(v - 1)) if fro_rel else None
+        row["cond_rel_max"] = max(cond_rel, key=lambda v: abs(v - 1)) if cond_rel else None
+        row["layers"] = ",".join(str(x) for x in sorted(layers))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """The study table as text (retention metrics to 3 decimals, ratios to 4)."""
+    if df.empty:
+        return "(no runs)"
+    view = df.copy()
+    for col in ("reliability", "generality", "locality", "probe_locality"):
+        view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.3f}")
+    for col in ("fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max"):
+        view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.4f}")
+    view["seconds_per_edit"] = view["seconds_per_edit"].map(lambda v: "n/a" if v is None or pd.isna(v)
+                                                            else f"{v:.1f}")
+    view = view.rename(columns={"seconds_per_edit": "s/edit", "probe_locality": "probe_loc"})
+    return view.to_string(index=False)
+
+
+def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data: str = DEFAULT_DATA,
+                   runs_dir: str = "runs", *, eval_every: int | None = None, model: str = "default",
+                   seed: int = 0, device: str | None = None, general: str = "none",
+                   method_overrides: Mapping[str, Mapping[str, Any]] | None = None, reuse: bool = True,
+                   lm=None, progress: Callable[[str, int, int, dict], None] | None = None) -> pd.DataFrame:
+    """Run ``n`` sequential single edits per method into one run store and return the summary table.
+
+    Args:
+        methods: registry names, run in this order.
+        n: edits per method (the first ``n`` requests of ``data``), one edit per step.
+        data: request source of the engine ('counterfact:PATH', 'zsre:PATH', 'builtin', PATH).
+        runs_dir: the run store's directory.
+        eval_every: checkpoint (retention of all edits so far, locality probes, weights) every this many edits;
+            None = every ``max(1, n // 10)``; the last edit is always a checkpoint.
+        general: general-ability probes of the engine ('none' by default: the table does not use them).
+        method_overrides: ``{method: {field: value}}`` on top of each method's preset.
+        reuse: skip a method whose finished run with this study's label is already in the store.
+        lm: an already loaded model (restored after every run); loaded once here otherwise.
+        progress: ``callback(method, done, total, info)`` (the engine's progress, tagged with the method).
+
+    Returns:
+        the table of :func:`collapse_table` (one row per method).
+    """
+    methods = [get_editor_class(m).name for m in methods]  # unknown names fail before any work
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    every = max(1, n // 10) if eval_every is None else int(eval_every)
+    store = RunStore(runs_dir)
+    if lm is None:
+        from editors.models import load_model
+        lm = load_model(model, device=device)
+    run_ids: list[str] = []
+    for method in methods:
+        overrides = dict((method_overrides or {}).get(method, {}))
+        label = study_label(method, n, data, seed, overrides)
+        if reuse:
+            done = store.list_runs(method=method, status="finished")
+            done = done[done["label"] == label] if len(done) else done
+            if len(done):
+                run_id = str(done.sort_values("created")["run_id"].iloc[-1])
+                log.info("%s: reusing finished run %s", method, run_id)
+                run_ids.append(run_id)
+                continue
+        config = RunConfig(model=model, method=method, method_overrides=overrides, data=data, n_edits=n,
+                           batch_size=1, eval_every=every, seed=seed, device=device, runs_dir=runs_dir,
+                           general=general, label=label)
+        t0 = time.time()
+        cb = (lambda done, total, info, _m=method: progress(_m, done, total, info)) if progress else None
+        try:
+            run_id = run_sequential(config, store, lm=lm, progress=cb)
+        except Exception as exc:  # one failing method must not lose the others; the store has the error
+            log.error("%s failed: %s: %s", method, type(exc).__name__, exc)
+            failed = store.list_runs(method=method)
+            failed = failed[failed["label"] == label] if len(failed) else failed
+            if not len(failed):
+                raise
+            run_id = str(failed.sort_values("created")["run_id"].iloc[-1])
+        log.info("%s: run %s done in %.0fs", method, run_id, time.time() - t0)
+        run_ids.append(run_id)
+    params = sorted(set(store.metrics_frame(run_ids, kinds=["weights"])["param"].dropna())) if run_ids else []
+    reference = unedited_matrix_stats(lm, params)
+    return collapse_table(store, run_ids, reference)
+
+
+__all__ = ["collapse_study", "collapse_table", "format_table", "unedited_matrix_stats", "study_label",
+           "DEFAULT_METHODS", "DEFAULT_DATA", "TABLE_COLUMNS"]

@@ -1,0 +1,256 @@
+"""AdaEdit (Li & Chu; ../shared/papers/adaedit.txt): FFN-only targets, the MEMIT/PMET solve, and SRFusion.
+
+No public code exists (guides METHODS.md 9); the paper is the spec.
+
+1. Perturbation (section 4.1, Eq. 1 and its closed form): ``Δ = R* K1ᵀ (λC + K1 K1ᵀ)⁻¹`` with ``R* = V1 - W0 K1``,
+   where the targets ``V1`` are computed from FFN-only hidden states ("we alter the optimization goal ... W is
+   computed with FFN-only hidden states"; "the same [layers] as MEMIT or PMET"). This is PMET's FFN-only variant
+   (:mod:`editors.pmet`): the target is optimised at the MLP output of the last edit layer ``L`` and the residual is
+   spread over the layers ``L-4 .. L`` by ``1/sqrt(L - i)``; the batched multi-layer loop is
+   :func:`editors.multilayer.multilayer_update`.
+2. SRFusion (section 4.2, Eq. 2-4), applied to EVERY layer's ``Δ`` before it is merged:
+
+   * ``Δ ≈ Σ_{i≤r} σ_i u_i v_iᵀ`` (top ``r`` singular triples, Eq. 2);
+   * ``u'_i = T_k(u_i)``, ``v'_i = T_k(v_i)``: keep the ``k`` entries of largest absolute value, zero the rest;
+   * ``u'_i <- (||u_i|| / ||u'_i||) u'_i`` and the same for ``v'_i`` (Eq. 3: the original ℓ2 norms, 1 for SVD
+     vectors);
+   * ``Δ̂ = Σ_{i≤r} σ_i u'_i v'_iᵀ`` (Eq. 4).
+
+   The sparsification runs inside the layer loop (the solve returns ``Δ̂``), so the layers above see, and their
+   residuals account for, the sparsified update that is actually merged.
+
+For the paper's comparison of sparsification strategies (Fig. 4b and 5) ``sparsify`` also offers ``"random_drop"``
+(DR: each entry of ``Δ`` is kept with probability ``keep_fraction``; the paper sets the others to zero, with no
+rescaling; ``dr_rescale`` adds DARE's 1/keep_fraction), ``"topk_magnitude"`` (keep the ``keep_fraction`` of
+entries of largest ``|Δ|``) and ``"none"`` (the vanilla PMET-FFN update, the dashed line of Fig. 4b).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import torch
+
+from .base import EditResult
+from .memit import memit_solve
+from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
+from .registry import register
+from .requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+SPARSIFY = ("sr", "random_drop", "topk_magnitude", "none")
+
+
+# =================================================================================================================
+# sparsification strategies
+# =================================================================================================================
+def resolve_k(k: float, length: int) -> int:
+    """Entries ``T_k`` keeps of a vector of ``length``: ``k`` itself when ``k >= 1`` (a count), else
+    ``ceil(k · length)`` (a fraction in (0, 1)); always within ``[1, length]``."""
+    if not k > 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    n = int(round(k)) if k >= 1 else math.ceil(k * length)
+    return max(1, min(length, n))
+
+
+def _top_indices(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries along the last dimension; ties go to the lower position (a stable
+    sort, so the choice is deterministic on every device)."""
+    return torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def hard_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``T_k``: keep the ``k`` entries of largest ``|x|`` along the last dimension (exactly ``k``, ties broken by
+    position), zero the rest."""
+    if k >= x.shape[-1]:
+        return x.clone()
+    idx = _top_indices(x.abs(), k)
+    out = torch.zeros_like(x)
+    return out.scatter(-1, idx, x.gather(-1, idx))
+
+
+@dataclass
+class SRFactors:
+    """The sparsified triples of :func:`sr_fusion`: ``Δ̂ = U' diag(S) V'ᵀ``.
+
+    Attributes:
+        U: ``[m, r]`` sparsified, renormalised left singular vectors (columns).
+        S: ``[r]`` the kept singular values.
+        V: ``[n, r]`` sparsified, renormalised right singular vectors (columns).
+        k_u, k_v: non-zeros kept per column of U and of V.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    k_u: int
+    k_v: int
+
+
+def sr_factors(delta: torch.Tensor, r: int, k: float) -> SRFactors:
+    """Eq. 2-3 of adaedit.txt on ``delta [m, n]`` (float64 inside): top-``r`` SVD triples (numerically zero
+    singular values are dropped), hard threshold ``T_k`` of every singular vector, renormalised to its original
+    ℓ2 norm."""
+    D = delta.double()
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    tol = max(D.shape) * torch.finfo(torch.float64).eps * (float(S[0]) if S.numel() else 0.0)
+    keep = min(int(r), int((S > tol).sum()))
+    U, S, V = U[:, :keep], S[:keep], Vh[:keep].T
+    k_u, k_v = resolve_k(k, D.shape[0]), resolve_k(k, D.shape[1])
+    Us = hard_threshold(U.T, k_u).T  # threshold each column
+    Vs = hard_threshold(V.T, k_v).T
+    Us = Us * (U.norm(dim=0) / Us.norm(dim=0).clamp_min(1e-300))
+    Vs = Vs * (V.norm(dim=0) / Vs.norm(dim=0).clamp_min(1e-300))
+    return SRFactors(U=Us, S=S, V=Vs, k_u=k_u, k_v=k_v)
+
+
+def sr_fusion(delta: torch.Tensor, r: int, k: float) -> torch.Tensor:
+    """SRFusion (adaedit.txt Eq. 2-4): ``Δ̂ = Σ_{i≤r} σ_i u'_i v'_iᵀ`` in ``delta``'s dtype."""
+    f = sr_factors(delta, r, k)
+    return ((f.U * f.S) @ f.V.T).to(delta.dtype)
+
+
+def random_drop(delta: torch.Tensor, keep_fraction: float, generator: torch.Generator, *,
+                rescale: bool = False) -> torch.Tensor:
+    """DR (adaedit.txt section 3.1): keep each entry with probability ``keep_fraction``, zero the others
+    (``rescale``: divide the kept ones by ``keep_fraction``, as DARE does)."""
+    mask = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < keep_fraction
+    out = delta * mask.to(delta.device, delta.dtype)
+    return out / keep_fraction if rescale else out
+
+
+def topk_magnitude(delta: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Top-k% (adaedit.txt section 3.1): keep the ``round(keep_fraction · numel)`` entries of largest ``|Δ|`` (ties
+    to the lower flat index)."""
+    n = max(1, min(delta.numel(), int(round(keep_fraction * delta.numel()))))
+    flat = delta.reshape(-1)
+    idx = _top_indices(flat.abs(), n)
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(delta.shape)
+
+
+# =================================================================================================================
+# config
+# =================================================================================================================
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class AdaEditConfig(MultiLayerConfig):
+    """Config of ``adaedit``. The perturbation uses PMET's FFN-only settings (EasyEdit hparams/PMET/llama-7b.yaml:
+    layers [4..8] = L-4..L, 20 steps, v_lr 0.5, clamp 1, λ 15000; the paper: "hyperparameters ... in accord with
+    the EasyEdit framework") mapped to SmolLM2-135M (METHODS.md 13). r and k are not published; the defaults are
+    argued in their help texts."""
+
+    version: ClassVar[int] = 1
+
+    v_num_grad_steps: int = field(default=20, metadata=_help(
+        "Adam steps of the FFN-only target optimisation (section 4.1; EasyEdit PMET llama-7b: 20)."))
+    v_lr: float = field(default=0.5, metadata=_help(
+        "Adam learning rate of the FFN-only target optimisation (EasyEdit PMET llama-7b: 0.5)."))
+    clamp_norm_factor: float = field(default=1.0, metadata=_help(
+        "||δ|| <= clamp_norm_factor · ||mlp_out_init|| (EasyEdit PMET llama-7b: 1)."))
+    mom2_update_weight: float = field(default=15000.0, metadata=_help(
+        "λ in Δ = R* K1ᵀ (λC + K1 K1ᵀ)⁻¹ (section 4.1 / Appendix C.1 Eq. 6: C0 = λ·E[k kᵀ]; PMET/MEMIT: 15000)."))
+    spread: str = field(default="sqrt", metadata=_help(
+        "How the residual R* is spread over the edit layers ('we need to spread the residual delta weights to all "
+        "target layers ... the same as MEMIT or PMET'): 'sqrt' (PMET, FFN-only targets: R / sqrt(L - i)) or "
+        "'linear' (MEMIT: R / (L - i))."))
+    sparsify: str = field(default="sr", metadata=_help(
+        "Fusion of each layer's Δ: 'sr' = SRFusion (Eq. 2-4, AdaEdit); 'random_drop' = DR and 'topk_magnitude' = "
+        "Top-k% (the strategies of section 3.1 / Fig. 4b and 5, rate keep_fraction); 'none' = vanilla (PMET-FFN)."))
+    r: int = field(default=4, metadata=_help(
+        "SRFusion rank: singular triples kept (Eq. 2). Δ of a batch of n edits has rank <= n (Observation 3.4), so "
+        "any r >= batch size keeps every triple; 4 covers batches up to 4 and truncates larger ones."))
+    k: float = field(default=0.45, metadata=_help(
+        "SRFusion hard threshold T_k: entries kept per singular vector (Eq. 2 step 2). A value >= 1 is a count "
+        "(the same k for u_i and v_i, clipped to their lengths); a value in (0, 1) is a fraction of each vector's "
+        "length. Default 0.45: a rank-1 Δ̂ then has 0.45² ≈ 20% non-zero entries, the density at which the paper "
+        "finds the perturbation still fully effective (Observation 3.2, Fig. 4b)."))
+    keep_fraction: float = field(default=0.2, metadata=_help(
+        "Rate of 'random_drop' / 'topk_magnitude': fraction of Δ's entries kept (section 3.1: 'only retaining 20% "
+        "of parameters does not hurt')."))
+    dr_rescale: bool = field(default=False, metadata=_help(
+        "'random_drop' only: divide the kept entries by keep_fraction (DARE, Yu et al. 2024). The paper sets the "
+        "dropped entries to zero and mentions no rescaling: off by default."))
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.mom2_update_weight > 0:
+            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        if self.spread not in ("linear", "sqrt"):
+            raise ValueError(f"spread must be 'linear' or 'sqrt', got {self.spread!r}")
+        if self.sparsify not in SPARSIFY:
+            raise ValueError(f"sparsify must be one of {', '.join(SPARSIFY)}, got {self.sparsify!r}")
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not self.k > 0:
+            raise ValueError(f"k must be > 0 (a count >= 1 or a fraction in (0, 1)), got {self.k}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
+
+
+# =================================================================================================================
+# the editor
+# =================================================================================================================
+@register
+class AdaEditEditor(MultiLayerEditor):
+    """AdaEdit: PMET-FFN perturbation per layer, fused by SRFusion (SVD, top-r, hard-threshold, renormalise)."""
+
+    name: ClassVar[str] = "adaedit"
+    config_cls: ClassVar[type] = AdaEditConfig
+    summary: ClassVar[str] = ("AdaEdit: FFN-only targets + MEMIT/PMET solve, each layer's ΔW fused by SRFusion "
+                              "(top-r SVD, top-k entries per singular vector, norms restored); DR / top-k% options")
+    site: ClassVar[str] = "mlp_out"
+    solve_dtype: ClassVar[torch.dtype] = torch.float64
+
+    def __init__(self, lm, config=None, *, cache_dir=None, seed=0):
+        super().__init__(lm, config, cache_dir=cache_dir, seed=seed)
+        #: a config field here (a class attribute in the rest of the MEMIT family)
+        self.spread = self.config.spread
+        self._n_calls = 0
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditResult:
+        self._n_calls += 1  # seeds the random-drop masks of this call (deterministic per editor seed)
+        return super().edit(requests)
+
+    def solve(self, K: torch.Tensor, R: torch.Tensor, state: LayerState) -> torch.Tensor:
+        cfg = self.config
+        delta = memit_solve(K, R, state.C, mom2_update_weight=cfg.mom2_update_weight)
+        fused = self.fuse(delta, state.layer)
+        d64, f64 = delta.double(), fused.double()
+        norm = float(d64.norm())
+        state.info.update({
+            "raw_delta_norm": norm,
+            "density": float((fused != 0).double().mean()),
+            "norm_ratio": float(f64.norm()) / norm if norm > 0 else 0.0,
+            "cosine_to_raw": float((d64 * f64).sum()) / (norm * float(f64.norm())) if norm > 0 and
+            float(f64.norm()) > 0 else 0.0,
+            "raw_fit_error": float((d64 @ K.double() - R.double()).norm() / R.double().norm().clamp_min(1e-30)),
+        })
+        return fused
+
+    def fuse(self, delta: torch.Tensor, layer: int) -> torch.Tensor:
+        """Apply the configured sparsification to one layer's ``Δ`` (canonical ``[d, d_ff]``)."""
+        cfg = self.config
+        if cfg.sparsify == "sr":
+            return sr_fusion(delta, cfg.r, cfg.k)
+        if cfg.sparsify == "random_drop":
+            gen = torch.Generator(device="cpu").manual_seed(
+                (int(self.seed) * 1_000_003 + self._n_calls * 10_007 + int(layer)) % (2 ** 63))
+            return random_drop(delta, cfg.keep_fraction, gen, rescale=cfg.dr_rescale)
+        if cfg.sparsify == "topk_magnitude":
+            return topk_magnitude(delta, cfg.keep_fraction)
+        return delta
+
+    def finish(self, out: MultiLayerOutput, info: dict, artifacts: dict) -> None:
+        info["sparsify"] = self.config.sparsify
+
+
+__all__ = ["AdaEditConfig", "AdaEditEditor", "sr_fusion", "sr_factors", "SRFactors", "hard_threshold",
+           "resolve_k", "random_drop", "topk_magnitude", "SPARSIFY"]

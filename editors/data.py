@@ -1,0 +1,605 @@
+"""Loading edit requests from files and from the project's built-in fact set.
+
+Sources understood by :func:`load_requests`:
+
+* ``"builtin"`` -- the project's own fact set (``editors/resources/builtin_facts.json``), facts that the embedded
+  default model SmolLM2-135M-Instruct knows (checked by ``scripts/verify_builtin_facts.py``);
+* ``"counterfact:PATH"`` -- CounterFact (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"),
+  either in the EasyEdit / MEND layout (``case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
+  locality_prompt, locality_ground_truth``) or in ROME's original layout (``requested_rewrite{prompt with "{}",
+  subject, target_new{str}, target_true{str}}, paraphrase_prompts, neighborhood_prompts``);
+* ``"zsre:PATH"`` -- zsRE question answering edits in the MEND layout (``subject, src, rephrase, alt, answers[],
+  loc, loc_ans``);
+* a plain ``PATH`` (``.json``, ``.jsonl`` or ``.csv``) in any of the layouts above or in the project's own schema
+  (the fields of :meth:`EditRequest.to_dict`), detected from the first record's keys.
+
+Every request is built by :func:`editors.requests.make_request`. A malformed record raises
+:class:`~editors.requests.RequestError` naming the file, the record (index, and case_id when it has one) and the
+field; no record is ever dropped silently. Problems with the file as a whole (not found, not JSON, wrong extension,
+too large) raise :class:`DataSourceError`.
+
+Conventions kept from the reference implementations: ROME's neighbourhood prompts take ``target_true`` as their
+locality answer (the unedited model should still say it); zsRE keeps its ``"nq question: ..."`` locality prompts as
+EasyEdit does; zsRE's ``answers[0]`` is the original answer and ``alt`` the new target.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from importlib import resources
+from typing import Any, Callable, Iterable, Sequence
+
+from .requests import EditRequest, RequestError, make_request
+
+log = logging.getLogger(__name__)
+
+#: the source prefixes :func:`load_requests` understands (besides a plain path)
+SOURCE_PREFIXES = ("builtin", "counterfact:", "zsre:")
+#: file extensions a plain path or an upload may have
+FILE_EXTENSIONS = (".json", ".jsonl", ".csv")
+#: fields of the project's own schema (= EditRequest.to_dict())
+SCHEMA_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase_prompts",
+                 "locality_prompts", "locality_answers", "relation")
+LIST_FIELDS = ("rephrase_prompts", "locality_prompts", "locality_answers")
+#: separator of list items inside one CSV cell (written as " | "; spaces around the bar are optional on reading)
+CSV_LIST_SEPARATOR = " | "
+_CSV_SPLIT = re.compile(r"\s*\|\s*")
+DEFAULT_MAX_UPLOAD_BYTES = 5_000_000
+
+BUILTIN_FACTS = "builtin_facts.json"
+LOCALITY_PROBES = "locality_probes.json"
+
+# record layouts (the value of :func:`detect_format`)
+FMT_COUNTERFACT = "counterfact"  # EasyEdit / MEND layout
+FMT_ROME = "counterfact-rome"  # ROME's original layout
+FMT_ZSRE = "zsre"
+FMT_SCHEMA = "schema"  # the project's own
+FORMATS = (FMT_COUNTERFACT, FMT_ROME, FMT_ZSRE, FMT_SCHEMA)
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be read as a whole (bad prefix, file not found, not JSON / CSV, too large)."""
+
+
+class DataFileNotFoundError(DataSourceError, FileNotFoundError):
+    """The named data file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------------------------
+def load_requests(source: str, n: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
+    """Edit requests from ``source`` (see the module docstring); the first ``n`` records in file order when given.
+
+    ``skip_invalid=True`` (opt-in, off by default) skips malformed records with a logged warning each instead of
+    raising; ``n`` then counts valid records. (The shared zsRE-800 file, for one, has two records with an empty
+    ``alt``.)
+
+    Raises:
+        DataSourceError: unknown prefix (the message lists the valid ones), missing / unreadable file.
+        RequestError: a malformed record (names the file, the record and the field).
+    """
+    _check_n(n)
+    if not isinstance(source, str) or not source.strip():
+        raise DataSourceError(f"no data source given; valid: {_valid_sources()}")
+    source = source.strip()
+    if source == "builtin":
+        return builtin_requests()[:n] if n is not None else builtin_requests()
+    if source.startswith("counterfact:"):
+        return load_counterfact(source[len("counterfact:"):], n=n, skip_invalid=skip_invalid)
+    if source.startswith("zsre:"):
+        return load_zsre(source[len("zsre:"):], n=n, skip_invalid=skip_invalid)
+    prefix = re.match(r"^([A-Za-z][\w.-]*):(?![/\\])", source)
+    if prefix and len(prefix.group(1)) > 1 and not os.path.exists(source):
+        raise DataSourceError(f"unknown data source prefix {prefix.group(1) + ':'!r} in {source!r}; "
+                              f"valid: {_valid_sources()}")
+    return _load_path(source, n=n, formats=None, skip_invalid=skip_invalid)
+
+
+def load_counterfact(path: str, n: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
+    """CounterFact records (EasyEdit / MEND layout or ROME's original layout, detected per file)."""
+    _check_n(n)
+    return _load_path(path, n=n, formats=(FMT_COUNTERFACT, FMT_ROME), skip_invalid=skip_invalid)
+
+
+def load_zsre(path: str, n: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
+    """zsRE records in the MEND layout; the subject must occur in the question ``src``."""
+    _check_n(n)
+    return _load_path(path, n=n, formats=(FMT_ZSRE,), skip_invalid=skip_invalid)
+
+
+def load_user_edits(path: str, n: int | None = None) -> list[EditRequest]:
+    """A user's own edits in the project's schema: JSON (a list of objects), JSONL or CSV.
+
+    In CSV, a header row names the columns (``prompt, subject, target_new`` are required) and list fields hold
+    their items separated by ``" | "``.
+    """
+    _check_n(n)
+    return _load_path(path, n=n, formats=(FMT_SCHEMA,))
+
+
+def parse_user_edits_bytes(data: bytes, filename: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                           n: int | None = None) -> list[EditRequest]:
+    """Parse an uploaded file (JSON / JSONL / CSV only; nothing is ever unpickled or executed).
+
+    The layout (project schema, CounterFact, zsRE) is detected as for a plain path. ``filename`` only chooses the
+    parser by its extension and names the upload in error messages.
+
+    Raises:
+        DataSourceError: not bytes, over ``max_bytes``, an extension other than .json / .jsonl / .csv, not UTF-8,
+            not valid JSON.
+        RequestError: a malformed record.
+    """
+    _check_n(n)
+    name = os.path.basename(str(filename or "")) or "upload"
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataSourceError(f"{name}: expected the file's bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise DataSourceError(f"{name}: {len(data):,} bytes is over the limit of {max_bytes:,} bytes")
+    ext = _extension(name)
+    text = _decode(data, name)
+    return _parse_text(text, name, ext, n=n, formats=None)
+
+
+def write_user_edits(path: str, requests: Iterable[EditRequest]) -> None:
+    """Write requests in the project's schema as ``.json``, ``.jsonl`` or ``.csv`` (chosen by the extension).
+
+    Raises:
+        DataSourceError: unsupported extension, or (CSV) a list item that contains the ``|`` separator.
+    """
+    ext = _extension(path)
+    records = [r.to_dict() for r in requests]
+    if ext == ".json":
+        text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+    elif ext == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = requests_to_csv(records, name=path)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def requests_to_csv(records: Sequence[EditRequest | dict], name: str = "csv") -> str:
+    """CSV text (header + one row per request) in the project's schema; list fields joined by ``" | "``."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(SCHEMA_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for i, rec in enumerate(records):
+        d = rec.to_dict() if isinstance(rec, EditRequest) else dict(rec)
+        row = {}
+        for key in SCHEMA_FIELDS:
+            value = d.get(key, "")
+            if key in LIST_FIELDS:
+                items = [value] if isinstance(value, str) else list(value or ())
+                for item in items:
+                    if "|" in item:
+                        raise DataSourceError(f"{name}: record {i}: field '{key}': item {item!r} contains '|', "
+                                              "which separates list items in CSV; write JSON instead")
+                value = CSV_LIST_SEPARATOR.join(items)
+            row[key] = "" if value is None else value
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def builtin_requests() -> list[EditRequest]:
+    """The project's built-in fact set (facts the embedded default model knows), in file order."""
+    name = f"editors/resources/{BUILTIN_FACTS}"
+    text = _read_resource(BUILTIN_FACTS)
+    return _parse_text(text, name, ".json", n=None, formats=(FMT_SCHEMA,))
+
+
+def builtin_probes() -> list[tuple[str, str]]:
+    """The fixed locality probe set: ``(prompt, answer)`` pairs of general facts the default model knows, disjoint
+    from the built-in facts' subjects. Measured against the unedited model at checkpoints."""
+    name = f"editors/resources/{LOCALITY_PROBES}"
+    raw = _loads_json(_read_resource(LOCALITY_PROBES), name)
+    if not isinstance(raw, list):
+        raise DataSourceError(f"{name}: expected a JSON list of {{prompt, answer}} objects")
+    out = []
+    for i, rec in enumerate(raw):
+        if not isinstance(rec, dict):
+            raise RequestError(name, i, "(record)", f"expected a JSON object, got {type(rec).__name__}")
+        for key in ("prompt", "answer"):
+            value = rec.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise RequestError(name, i, key, "missing or empty")
+        out.append((rec["prompt"].strip(), rec["answer"].strip()))
+    return out
+
+
+def detect_format(record: dict) -> str | None:
+    """Which record layout ``record`` is in (one of :data:`FORMATS`), from its keys; ``None`` if none fits."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    if "requested_rewrite" in keys:
+        return FMT_ROME
+    if "src" in keys and keys & {"alt", "answers", "loc", "rephrase"}:
+        return FMT_ZSRE
+    if keys & {"ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth"}:
+        return FMT_COUNTERFACT
+    if keys & {"prompt", "subject", "target_new"}:
+        return FMT_SCHEMA
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and text
+# ---------------------------------------------------------------------------------------------------------------
+def _valid_sources() -> str:
+    return "builtin, counterfact:PATH, zsre:PATH, or a PATH to a " + " / ".join(FILE_EXTENSIONS) + " file"
+
+
+def _check_n(n) -> None:
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
+
+
+def _extension(name: str) -> str:
+    lower = str(name).lower()
+    for ext in (".jsonl", ".json", ".csv"):
+        if lower.endswith(ext):
+            return ext
+    raise DataSourceError(f"{name}: unsupported file type; expected one of {', '.join(FILE_EXTENSIONS)}")
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _read_resource(filename: str) -> str:
+    return resources.files(__package__).joinpath("resources", filename).read_text(encoding="utf-8")
+
+
+def _load_path(path: str, *, n: int | None, formats: Sequence[str] | None,
+               skip_invalid: bool = False) -> list[EditRequest]:
+    path = os.path.expanduser(str(path).strip())
+    if not path:
+        raise DataSourceError(f"no file path given; valid sources: {_valid_sources()}")
+    if not os.path.exists(path):
+        raise DataFileNotFoundError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise DataSourceError(f"{path}: is a directory, not a data file")
+    ext = _extension(path)
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
+    return _parse_text(text, path, ext, n=n, formats=formats, skip_invalid=skip_invalid)
+
+
+def _loads_json(text: str, name: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataSourceError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+                              ) from exc
+    except RecursionError as exc:
+        raise DataSourceError(f"{name}: JSON nested too deeply") from exc
+
+
+def _parse_text(text: str, name: str, ext: str, *, n: int | None, formats: Sequence[str] | None,
+                skip_invalid: bool = False) -> list[EditRequest]:
+    """Records of ``text`` (a whole file) -> requests. ``formats`` restricts the accepted layouts."""
+    if skip_invalid:  # n counts valid records: read everything, cut after building
+        return _build_all(_raw_records(text, name, ext, None), name, formats, skip_invalid=True, n=n)
+    return _build_all(_raw_records(text, name, ext, n), name, formats)
+
+
+def _raw_records(text: str, name: str, ext: str, n: int | None) -> list[_Raw]:
+    if ext == ".csv":
+        return _csv_records(text, name, n)
+    if ext == ".jsonl" or _looks_like_jsonl(text):
+        return _jsonl_records(text, name, n)
+    return _json_records(text, name, n)
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    """A ``.json`` file that is really JSON Lines (several objects, one a line), as some EasyEdit dumps are."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
+        return False
+    try:
+        json.loads(text)
+        return False
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        return isinstance(json.loads(lines[0]), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
+#: a raw record: (label for messages, the record, whether list fields are " | "-joined strings)
+_Raw = tuple[str, Any, bool]
+
+
+def _json_records(text: str, name: str, n: int | None) -> list[_Raw]:
+    obj = _loads_json(text, name)
+    if isinstance(obj, dict) and isinstance(obj.get("requests"), list):
+        obj = obj["requests"]
+    elif isinstance(obj, dict):
+        obj = [obj]  # a single record
+    if not isinstance(obj, list):
+        raise DataSourceError(f"{name}: expected a JSON list of records, got {type(obj).__name__}")
+    if n is not None:
+        obj = obj[:n]
+    return [(str(i), rec, False) for i, rec in enumerate(obj)]
+
+
+def _jsonl_records(text: str, name: str, n: int | None) -> list[_Raw]:
+    out: list[_Raw] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if n is not None and len(out) >= n:
+            break
+        if not line.strip():
+            continue
+        label = f"{len(out)} (line {lineno})"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RequestError(name, label, "(json)", f"line {lineno} is not valid JSON: {exc.msg} "
+                                                      f"at column {exc.colno}") from exc
+        except RecursionError as exc:
+            raise RequestError(name, label, "(json)", f"line {lineno} is nested too deeply") from exc
+        out.append((label, rec, False))
+    return out
+
+
+def _csv_records(text: str, name: str, n: int | None) -> list[_Raw]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as exc:
+        raise DataSourceError(f"{name}: not valid CSV: {exc}") from exc
+    header = [h.strip() for h in header]
+    for col in ("prompt", "subject", "target_new"):
+        if col not in header:
+            raise RequestError(name, "header", col, f"missing column; columns found: {', '.join(header) or 'none'}")
+    dup = sorted({h for h in header if header.count(h) > 1 and h})
+    if dup:
+        raise RequestError(name, "header", dup[0], "column appears more than once")
+    out: list[_Raw] = []
+    try:
+        for row in reader:
+            if n is not None and len(out) >= n:
+                break
+            if not any(cell.strip() for cell in row):
+                continue
+            label = f"{len(out)} (row {reader.line_num})"
+            if len(row) > len(header):
+                raise RequestError(name, label, "(row)", f"{len(row)} cells but the header has {len(header)} columns")
+            rec = {h: cell for h, cell in zip(header, row) if h}
+            out.append((label, rec, True))
+    except csv.Error as exc:
+        raise DataSourceError(f"{name}: not valid CSV at line {reader.line_num}: {exc}") from exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records -> requests
+# ---------------------------------------------------------------------------------------------------------------
+def _build_all(raw: list[_Raw], name: str, formats: Sequence[str] | None, *, skip_invalid: bool = False,
+               n: int | None = None) -> list[EditRequest]:
+    """Build every raw record with the builder of the layout detected from the first record (a file has one
+    layout; a later record in another layout fails on its missing fields)."""
+    first = next(((label, rec) for label, rec, _ in raw if isinstance(rec, dict)), None)
+    if first is None:
+        if raw and not skip_invalid:
+            label, rec, _ = raw[0]
+            raise RequestError(name, label, "(record)", f"expected a JSON object, got {type(rec).__name__}")
+        return []
+    fmt = _file_format(first[1], _record_label(first[0], first[1]), name, formats)
+    builder = _BUILDERS[fmt]
+    out: list[EditRequest] = []
+    seen: dict[str, str] = {}
+    for i, (label, rec, csv_lists) in enumerate(raw):
+        if n is not None and len(out) >= n:
+            break
+        try:
+            if not isinstance(rec, dict):
+                raise RequestError(name, label, "(record)", f"expected a JSON object, got {type(rec).__name__}")
+            req = builder(rec, i, _record_label(label, rec), name, csv_lists)
+            if req.case_id in seen:
+                raise RequestError(name, _record_label(label, rec), "case_id",
+                                   f"duplicate case_id {req.case_id!r} (first used by record {seen[req.case_id]})")
+        except RequestError as exc:
+            if not skip_invalid:
+                raise
+            log.warning("skipping invalid record: %s", exc)
+            continue
+        seen[req.case_id] = label
+        out.append(req)
+    return out
+
+
+def _file_format(rec: dict, label: str, name: str, formats: Sequence[str] | None) -> str:
+    fmt = detect_format(rec)
+    if fmt is None:
+        raise RequestError(name, label, "(record)",
+                           f"unrecognised record layout (keys: {', '.join(sorted(rec)) or 'none'}); expected the "
+                           "project's schema, CounterFact (EasyEdit or ROME layout) or zsRE (MEND layout)")
+    if formats is not None and fmt not in formats:
+        raise RequestError(name, label, "(record)",
+                           f"looks like {fmt!r} records, but {' or '.join(repr(f) for f in formats)} records were "
+                           f"expected here (keys: {', '.join(sorted(rec))})")
+    log.debug("%s: %s records", name, fmt)
+    return fmt
+
+
+def _record_label(label: str, rec: dict) -> str:
+    cid = rec.get("case_id")
+    if cid is None or str(cid).strip() == "":
+        return label
+    if label.endswith(")"):  # "3 (line 5)" -> "3 (line 5, case_id 17)"
+        return f"{label[:-1]}, case_id {cid})"
+    return f"{label} (case_id {cid})"
+
+
+def _required(rec: dict, key: str, name: str, label: str):
+    if key not in rec or rec[key] is None:
+        raise RequestError(name, label, key, "missing")
+    return rec[key]
+
+
+def _case_id(rec: dict, index: int, name: str, label: str) -> str:
+    cid = rec.get("case_id")
+    if cid is None or (isinstance(cid, str) and not cid.strip()):
+        return str(index)
+    if isinstance(cid, bool) or not isinstance(cid, (str, int)):
+        raise RequestError(name, label, "case_id", f"expected a string or an integer, got {type(cid).__name__}")
+    return str(cid).strip()
+
+
+def _text_or_str_field(value, name: str, label: str, field: str):
+    """A target given as ``{"str": ...}`` (ROME) or as a plain string."""
+    if isinstance(value, dict):
+        if "str" not in value:
+            raise RequestError(name, label, field, "expected a string or an object with a 'str' key")
+        value = value["str"]
+    if value is None:
+        raise RequestError(name, label, field, "missing")
+    if not isinstance(value, str):
+        raise RequestError(name, label, field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RequestError(name, label, field, "empty")
+    return value
+
+
+def _string_list(value, name: str, label: str, field: str, csv_lists: bool) -> tuple[str, ...]:
+    """A list field: a list of strings, a single string, or (CSV) items joined by ``" | "``."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        items = _CSV_SPLIT.split(value.strip()) if csv_lists else [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise RequestError(name, label, field, f"expected a string or a list of strings, got {type(value).__name__}")
+    for j, item in enumerate(items):
+        if not isinstance(item, str):
+            raise RequestError(name, label, f"{field}[{j}]", f"expected a string, got {type(item).__name__}")
+        if not item.strip():
+            raise RequestError(name, label, f"{field}[{j}]", "empty")
+    return tuple(items)
+
+
+def _plain_str(rec: dict, key: str, name: str, label: str, default: str = "") -> str:
+    value = rec.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestError(name, label, key, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _build_schema(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+    unknown = [k for k in rec if k not in SCHEMA_FIELDS]
+    if unknown:
+        log.warning("%s: record %s: ignoring unknown field(s) %s (valid: %s)", name, label, ", ".join(unknown),
+                    ", ".join(SCHEMA_FIELDS))
+    for key in ("prompt", "subject", "target_new"):
+        _required(rec, key, name, label)
+    return make_request(
+        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        prompt=rec["prompt"], subject=rec["subject"], target_new=rec["target_new"],
+        target_true=_plain_str(rec, "target_true", name, label),
+        rephrase_prompts=_string_list(rec.get("rephrase_prompts"), name, label, "rephrase_prompts", csv_lists),
+        locality_prompts=_string_list(rec.get("locality_prompts"), name, label, "locality_prompts", csv_lists),
+        locality_answers=_string_list(rec.get("locality_answers"), name, label, "locality_answers", csv_lists),
+        relation=_plain_str(rec, "relation", name, label),
+    )
+
+
+def _build_counterfact(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+    for key in ("prompt", "subject", "target_new", "ground_truth"):
+        _required(rec, key, name, label)
+    target_true = _text_or_str_field(rec["ground_truth"], name, label, "ground_truth")
+    return make_request(
+        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        prompt=rec["prompt"], subject=rec["subject"],
+        target_new=_text_or_str_field(rec["target_new"], name, label, "target_new"),
+        target_true=target_true,
+        rephrase_prompts=_string_list(rec.get("rephrase_prompt"), name, label, "rephrase_prompt", csv_lists),
+        locality_prompts=_string_list(rec.get("locality_prompt"), name, label, "locality_prompt", csv_lists),
+        locality_answers=_string_list(rec.get("locality_ground_truth"), name, label, "locality_ground_truth",
+                                      csv_lists),
+        relation=_plain_str(rec, "relation", name, label),
+    )
+
+
+def _build_rome(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+    rw = _required(rec, "requested_rewrite", name, label)
+    if not isinstance(rw, dict):
+        raise RequestError(name, label, "requested_rewrite", f"expected an object, got {type(rw).__name__}")
+    for key in ("prompt", "subject", "target_new", "target_true"):
+        if key not in rw or rw[key] is None:
+            raise RequestError(name, label, f"requested_rewrite.{key}", "missing")
+    template, subject = rw["prompt"], rw["subject"]
+    for key, value in (("prompt", template), ("subject", subject)):
+        if not isinstance(value, str):
+            raise RequestError(name, label, f"requested_rewrite.{key}",
+                               f"expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RequestError(name, label, f"requested_rewrite.{key}", "empty")
+    if "{}" not in template:
+        raise RequestError(name, label, "requested_rewrite.prompt",
+                           f"expected a template with '{{}}' where the subject goes, got {template!r}")
+    target_new = _text_or_str_field(rw["target_new"], name, label, "requested_rewrite.target_new")
+    target_true = _text_or_str_field(rw["target_true"], name, label, "requested_rewrite.target_true")
+    neighbours = _string_list(rec.get("neighborhood_prompts"), name, label, "neighborhood_prompts", csv_lists)
+    relation = rw.get("relation_id", "")
+    return make_request(
+        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        prompt=template.replace("{}", subject.strip(), 1), subject=subject,
+        target_new=target_new, target_true=target_true,
+        rephrase_prompts=_string_list(rec.get("paraphrase_prompts"), name, label, "paraphrase_prompts", csv_lists),
+        locality_prompts=neighbours,
+        # as in ROME: the unedited model should still answer the neighbourhood prompts with the true object
+        locality_answers=tuple(target_true for _ in neighbours),
+        relation=relation if isinstance(relation, str) else str(relation),
+    )
+
+
+def _build_zsre(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+    for key in ("subject", "src", "alt"):
+        _required(rec, key, name, label)
+    answers = _string_list(rec.get("answers"), name, label, "answers", csv_lists)
+    loc = rec.get("loc")
+    loc_ans = rec.get("loc_ans")
+    if (loc is None) != (loc_ans is None):
+        missing = "loc_ans" if loc_ans is None else "loc"
+        raise RequestError(name, label, missing, "missing (loc and loc_ans come together)")
+    return make_request(
+        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        prompt=_text_or_str_field(rec["src"], name, label, "src"), subject=rec["subject"],
+        target_new=_text_or_str_field(rec["alt"], name, label, "alt"),
+        target_true=answers[0] if answers else "",
+        rephrase_prompts=_string_list(rec.get("rephrase"), name, label, "rephrase", csv_lists),
+        locality_prompts=_string_list(loc, name, label, "loc", csv_lists),
+        locality_answers=_string_list(loc_ans, name, label, "loc_ans", csv_lists),
+        relation=_plain_str(rec, "relation", name, label),
+    )
+
+
+_BUILDERS: dict[str, Callable[[dict, int, str, str, bool], EditRequest]] = {
+    FMT_SCHEMA: _build_schema,
+    FMT_COUNTERFACT: _build_counterfact,
+    FMT_ROME: _build_rome,
+    FMT_ZSRE: _build_zsre,
+}
+
+
+__all__ = ["load_requests", "load_counterfact", "load_zsre", "load_user_edits", "parse_user_edits_bytes",
+           "write_user_edits", "requests_to_csv", "builtin_requests", "builtin_probes", "detect_format",
+           "DataSourceError", "DataFileNotFoundError", "SOURCE_PREFIXES", "FORMATS"]

@@ -1,0 +1,99 @@
+"""Methods that post-process another method's additive update (RECT, PRUNE).
+
+A wrapped editor owns a BASE editor (``rome`` or ``memit``, built from the registry with ``base_overrides``), lets it
+compute its update on the model as it is now, and returns a transformed update instead. ``prepare`` and
+``after_apply`` are forwarded to the base (so e.g. MEMIT_seq's key statistics stay correct); the base's ``info`` is
+kept under ``info["base"]`` and its artifacts are passed through.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from .base import EditError, Editor, EditorConfig, EditResult, make_config
+from .requests import EditRequest
+
+#: base methods a wrapped editor may post-process (additive MLP-output updates of the ROME / MEMIT family)
+BASES = ("rome", "memit")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class WrappedConfig(EditorConfig):
+    """Fields every wrapper shares (not registered itself)."""
+
+    base: str = field(default="rome", metadata=_help(
+        "The method whose update is post-processed: 'rome' (the papers' default base) or 'memit'. Its own "
+        "preset is not applied; set its fields with base_overrides."))
+    base_overrides: dict = field(default_factory=dict, metadata=_help(
+        "Config fields of the base method, {field: value} (a JSON object when given as a string, e.g. "
+        "'{\"layers\": [5]}'); unknown fields are rejected with the base's list of valid fields."))
+
+    def validate(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+        if isinstance(self.base_overrides, str):  # from the CLI: parse once, store the mapping
+            text = self.base_overrides.strip()
+            try:
+                parsed = json.loads(text) if text else {}
+            except ValueError as exc:
+                raise ValueError(f"base_overrides is not a JSON object: {exc}") from exc
+            self.base_overrides = parsed
+        if not isinstance(self.base_overrides, Mapping):
+            raise ValueError(f"base_overrides must be a mapping of the base's config fields, "
+                             f"got {type(self.base_overrides).__name__}")
+        self.base_overrides = dict(self.base_overrides)
+
+
+class WrappedEditor(Editor):
+    """Abstract: subclasses implement :meth:`transform` (base result -> deltas and info)."""
+
+    config_cls: ClassVar[type] = WrappedConfig
+
+    def __init__(self, lm, config: EditorConfig | None = None, *, cache_dir: str | None = None, seed: int = 0):
+        super().__init__(lm, config, cache_dir=cache_dir, seed=seed)
+        self._base: Editor | None = None
+
+    @property
+    def base(self) -> Editor:
+        """The base editor (built on first use)."""
+        if self._base is None:
+            from .registry import UnknownMethodError, get_editor_class
+            cfg = self.config
+            try:
+                cls = get_editor_class(cfg.base)
+            except UnknownMethodError as exc:
+                raise EditError(f"{self.name}: base method {cfg.base!r} is not installed ({exc})") from exc
+            base_cfg = make_config(cls.config_cls, cfg.base_overrides, method=f"{self.name}.base ({cls.name})")
+            self._base = cls(self.lm, base_cfg, cache_dir=self.cache_dir, seed=self.seed)
+        return self._base
+
+    def prepare(self) -> None:
+        self.base.prepare()
+
+    def transform(self, result: EditResult, requests: Sequence[EditRequest]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditResult:
+        started = time.perf_counter()
+        base_result = self.base.edit(requests)
+        if base_result.factors:
+            raise EditError(f"{self.name}: base {self.config.base!r} returned multiplicative factors; only "
+                            f"additive updates can be post-processed")
+        deltas, info = self.transform(base_result, requests)
+        info = {**info, "base": base_result.info, "base_seconds": base_result.seconds}
+        return self._result(deltas=deltas, info=info, artifacts=dict(base_result.artifacts), started=started)
+
+    def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
+        self.base.after_apply(requests, result)
+
+
+__all__ = ["BASES", "WrappedConfig", "WrappedEditor"]

@@ -1,0 +1,59 @@
+"""Geometry: angles between updates (interference) and where updates land (importance maps)."""
+import streamlit as st
+
+from analysis import plots
+from app import ui, views
+
+ui.header("Geometry", "Do successive edits fight each other, and where in the network do they land? Angles between "
+          "updates (90° = independent, > 90° = a new edit partly undoes earlier ones) and layer maps of the change.")
+
+run_ids = ui.run_picker()
+if not run_ids:
+    st.stop()
+
+st.subheader("Successive-update angles")
+which = st.radio("Angle", ["cos_prev", "cos_accumulated"], horizontal=True, key="g-which",
+                 format_func={"cos_prev": "to the previous update", "cos_accumulated": "to the change so far"}.get)
+angles = ui.view("update_angle_frame", run_ids, run_ids)
+sub = angles[angles["metric"] == which]
+if sub.empty:
+    st.info("No update angles recorded for these runs (enable 'Successive-update angles' on New run).")
+else:
+    ui.show_figure(plots.histogram_figure(sub, x="angle", color=views.series_column(sub), vlines=(90,),
+                                          x_title="angle (degrees)"), f"update-angles-{which}", key="g-angles")
+ui.meaning(which)
+
+st.subheader("GeoEdit: per-neuron angles, raw vs latent")
+names = dict(zip(angles["run_id"], angles["name"]))
+run_id = st.selectbox("Run", run_ids, format_func=lambda r: names.get(r, r), key="g-run")
+steps = ui.view("artifact_steps", [run_id], run_id, "editor")
+step = None
+if steps:
+    want = ui.qp_int("step")
+    step = st.select_slider("Edits made (step)", steps, value=want if want in steps else steps[-1], key="g-step")
+    ui.qp_set(step=step)
+geo = ui.view("geoedit_angles", [run_id], run_id, step) if step is not None else None
+if geo is None or geo.empty:
+    st.caption("This run stored no per-neuron angles (GeoEdit stores τ_old/τ_new angles in the raw parameter space "
+               "and in its auto-encoder's latent space).")
+else:
+    ui.show_figure(plots.histogram_figure(geo, x="angle", color="class", facet="space", vlines=(85, 95),
+                                          x_title="angle (degrees)"), f"geoedit-angles-{run_id}", key="g-geo")
+    st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors: aligned < 85°, "
+               "orthogonal 85–95°, conflicting > 95° (GeoEdit Fig. 3).")
+
+st.subheader("Importance map: where the change lands")
+metric = st.selectbox("Per-layer quantity", ["rel_change", "delta_fro", "delta_rank", "cond"], key="g-map-metric")
+cmap = ui.view("change_map", [run_id], run_id, metric)
+if cmap.empty:
+    st.info("No weight diagnostics recorded for this run (they come with checkpoints).")
+else:
+    ui.show_figure(plots.heatmap_figure(cmap, x="n_edits", y="layer", x_title="edits made", y_title="layer"),
+                   f"change-map-{run_id}", key="g-map")
+ui.meaning(metric)
+neurons = ui.view("neuron_map", [run_id], run_id, step) if step is not None else None
+if neurons is not None and not neurons.empty:
+    key = st.selectbox("Per-neuron array stored by the method", sorted(neurons["key"].unique()), key="g-neuron-key")
+    ui.show_figure(plots.heatmap_figure(neurons[neurons["key"] == key], x="neuron", y="layer", title=key),
+                   f"neuron-map-{run_id}", key="g-neurons")
+ui.share_link()

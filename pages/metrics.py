@@ -1,0 +1,41 @@
+"""Metrics: edit, retention and locality curves against the number of edits; several runs overlaid."""
+import streamlit as st
+
+from analysis import plots
+from app import ui, views
+
+ui.header("Metrics", "How well the edits hold as they accumulate. Each line is a run (colour = method, dash = run); "
+          "x = edits made so far. Dotted vertical lines mark where the engine detected a collapse.")
+
+run_ids = ui.run_picker()
+if not run_ids:
+    st.stop()
+c1, c2 = st.columns([1, 2])
+protocol = c1.selectbox("Protocol", ["tf_token_acc", "prob_margin", "gen_exact"], key="m-protocol",
+                        help="tf_token_acc: teacher-forced token accuracy (EasyEdit); prob_margin: P(new) > P(old) "
+                             "(CounterFact success); gen_exact: greedy generation starts with the target. Only "
+                             "protocols the run recorded have data.")
+kinds = c2.multiselect("Curves", list(views.CURVE_KINDS), default=["retention", "edit", "locality"], key="m-kinds",
+                       format_func={"retention": "retention (all edits so far, at checkpoints)",
+                                    "edit": "immediate (edits of each step)",
+                                    "locality": "locality probe set"}.get)
+curves, markers = ui.view("metrics_view", run_ids, run_ids, kinds=tuple(kinds), protocol=protocol)
+if curves.empty:
+    st.info("No metric rows yet for these runs — a running run shows its first point after its first step.")
+    st.stop()
+fig = plots.curve_figure(curves, y="mean", color="method", dash="run", facet="panel", band=False, collapse=markers,
+                         cols=3, y_title="score")
+fig.update_yaxes(range=[-0.03, 1.03])  # every curve here is a score in [0, 1]
+ui.show_figure(fig, "metrics", key="metrics-fig")
+ui.meaning("retention", "edit", "reliability", "generality", "locality", "editing_score")
+summary = views.final_summary(curves)
+if not summary.empty:
+    st.subheader("At the last checkpoint (retention)")
+    st.dataframe(summary.style.format(precision=3), key="m-summary")
+if not markers.empty:
+    st.subheader("Collapse")
+    st.dataframe(markers[["indicator", "step"]].rename(columns={"indicator": "run: signal", "step": "edits"}),
+                 hide_index=True, key="m-markers")
+    st.caption("The first checkpoint where a performance signal fell below half of its start (analysis.collapse).")
+ui.frame_download(curves, "metric-curves", key="m-dl")
+ui.share_link()

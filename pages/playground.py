@@ -1,0 +1,140 @@
+"""Playground: make one edit, see what changed, undo it. A teaching demo; the edit runs in the worker process."""
+import streamlit as st
+
+from app import backend, figures, settings, ui
+
+ui.header("Playground", "Rewrite one fact and watch the model's answers change: greedy continuations and next-token "
+          "probabilities before and after the edit, on the edit prompt, a paraphrase (does it generalise?) and an "
+          "unrelated prompt (does anything else move?). Edits stack; Undo removes the last one.")
+
+queue = ui.queue()
+if "pg_stack" not in st.session_state:
+    st.session_state.pg_stack = []  # [{"spec": {...}, "result": {...}, "job_id": str}]
+stack = st.session_state.pg_stack
+methods = backend.available_methods()
+facts = backend.builtin_requests()
+
+c1, c2 = st.columns([3, 2])
+with c1:
+    mode = st.radio("Fact", ["built-in", "type your own"], horizontal=True, key="pg-mode")
+    if mode == "built-in" and facts:
+        labels = [f"{f['prompt']} … {f['target_true'] or '?'} → {f['target_new']}" for f in facts]
+        i = st.selectbox("Built-in fact", range(len(facts)), format_func=labels.__getitem__, key="pg-fact")
+        request = dict(facts[i])
+    else:
+        if mode == "built-in":
+            st.caption("No built-in facts are installed yet; type one.")
+        prompt = st.text_input("Prompt (contains the subject)", "The Eiffel Tower is located in the city of",
+                               key="pg-prompt")
+        subject = st.text_input("Subject", "The Eiffel Tower", key="pg-subject")
+        a, b = st.columns(2)
+        target_new = a.text_input("New target", "Rome", key="pg-new")
+        target_true = b.text_input("Current answer (optional)", "Paris", key="pg-true")
+        paraphrase = st.text_input("Paraphrase (optional)", "Where is the Eiffel Tower? It is in", key="pg-para")
+        a, b = st.columns(2)
+        loc_prompt = a.text_input("Unrelated prompt (optional)", "The capital of Japan is", key="pg-loc")
+        loc_answer = b.text_input("Its answer", "Tokyo", key="pg-loca")
+        request = {"case_id": "playground", "prompt": prompt, "subject": subject, "target_new": target_new,
+                   "target_true": target_true, "rephrase_prompts": [paraphrase] if paraphrase else [],
+                   "locality_prompts": [loc_prompt] if loc_prompt and loc_answer else [],
+                   "locality_answers": [loc_answer] if loc_prompt and loc_answer else []}
+with c2:
+    model = st.selectbox("Model", settings.model_choices(), key="pg-model")
+    method = st.selectbox("Method", methods, index=methods.index("rome") if "rome" in methods else 0,
+                          key="pg-method")
+    st.caption(backend.method_summary(method))
+    with st.expander("Method settings"):
+        overrides = ui.method_config_widgets(method, "pg")
+    b1, b2 = st.columns(2)
+    pending = st.session_state.get("pg_pending")
+    if b1.button("Apply edit", type="primary", icon=":material/edit:", disabled=bool(pending), key="pg-apply"):
+        payload = {"model": model, "method": method, "overrides": overrides, "request": request,
+                   "stack": [s["spec"] for s in stack if s["spec"]["model"] == model], "top_k": 5,
+                   "max_new_tokens": 12}
+        try:
+            st.session_state.pg_pending = backend.submit_playground(queue, payload, device=settings.device_setting())
+        except backend.JobError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
+    if b2.button("Undo last edit", icon=":material/undo:", disabled=not stack or bool(pending), key="pg-undo"):
+        stack.pop()
+        ui.qp_set(job=stack[-1]["job_id"] if stack else None)
+        st.rerun()
+
+
+@st.fragment(run_every=1.0)
+def wait_for_edit() -> None:
+    job_id = st.session_state.get("pg_pending")
+    if not job_id:
+        return
+    ui.housekeeping()
+    job = backend.get_job(queue, job_id)
+    if job.status in ("queued", "running"):
+        st.info(f"Editing in the worker… ({job.status}; the first edit loads the model and may take a while)",
+                icon=":material/hourglass_top:")
+        if st.button("Cancel", key="pg-cancel"):
+            queue.cancel(job_id)
+        return
+    st.session_state.pg_pending = None
+    if job.status == "finished":
+        spec = {"model": job.payload["model"], "method": job.payload["method"],
+                "overrides": job.payload.get("overrides") or {}, "request": job.payload["request"]}
+        st.session_state.pg_stack.append({"spec": spec, "result": job.result, "job_id": job_id})
+        ui.qp_set(job=job_id)
+    elif job.status == "failed":
+        st.session_state.pg_error = job.error
+    st.rerun()
+
+
+wait_for_edit()
+if st.session_state.get("pg_error"):
+    st.error(f"The edit failed: {st.session_state.pg_error.splitlines()[0]}")
+    with st.expander("Error details"):
+        st.code(st.session_state.pg_error, language=None)
+    if st.button("Dismiss", key="pg-dismiss"):
+        st.session_state.pg_error = None
+        st.rerun()
+
+shown = stack[-1]["result"] if stack else None
+if shown is None and st.query_params.get("job"):  # a shared / reloaded view
+    try:
+        old = backend.get_job(queue, st.query_params["job"])
+        shown = old.result if old.status == "finished" else None
+    except KeyError:
+        shown = None
+
+if stack:
+    st.subheader(f"Edits applied in this playground ({len(stack)})")
+    for k, s in enumerate(stack, 1):
+        r = s["spec"]["request"]
+        st.markdown(f"{k}. **{s['spec']['method']}**: {r['prompt']} → *{r['target_new']}*")
+if shown is None:
+    st.info("The model is unedited. Choose a fact and a method, then **Apply edit**.")
+    st.stop()
+
+ex = shown["explanation"]
+st.subheader("What the method did")
+lines = []
+for p in ex["params"]:
+    rel = f" ({p['rel_norm']:.2%} of ‖W‖)" if p.get("rel_norm") is not None else ""
+    lines.append(f"- changed `{p['param']}` (layer {p['layer']}, {p['kind']}): a rank-{p['rank']} update with "
+                 f"‖ΔW‖_F = {p['delta_norm']:.4g}{rel}, largest entry change {p['max_abs']:.3g}")
+st.markdown(f"**{ex['method']}** — {ex['summary']}  \n" + "\n".join(lines))
+st.caption(f"Computed in {ex['seconds']:.1f} s by the worker. Rank = number of independent directions of the change "
+           "(ROME writes one key→value association: rank 1). ‖ΔW‖/‖W‖ = how large the change is next to the weight.")
+
+for k, probe in enumerate(shown["probes"]):
+    b, a = probe["before"], probe["after"]
+    with st.container(border=True):
+        st.markdown(f"**{probe['role'].capitalize()}**: {probe['prompt']}")
+        m1, m2, m3 = st.columns(3)
+        m1.markdown(f"before: *…{b['continuation']}*")
+        m2.markdown(f"after: *…{a['continuation']}*")
+        if b.get("p_new") is not None:
+            label = "P(answer)" if probe["role"] == "locality prompt" else "P(new target)"
+            m3.metric(label, f"{a['p_new']:.3f}", f"{a['p_new'] - b['p_new']:+.3f}",
+                      help="Probability of the whole target (product over its tokens, teacher-forced).")
+        if b.get("p_true") is not None:
+            m3.metric("P(old answer)", f"{a['p_true']:.3f}", f"{a['p_true'] - b['p_true']:+.3f}")
+        st.plotly_chart(figures.probs_figure(b["top"], a["top"], title="top-5 next tokens"), key=f"pg-probs-{k}")

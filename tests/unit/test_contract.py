@@ -1,0 +1,349 @@
+"""THE editor contract, as one table (peft ``TEST_CASES``, scikit-learn ``parametrize_with_checks``).
+
+Every row is ``(method, arch, overrides)``: a registry name, a tiny random architecture from
+:func:`editors.testing.tiny_model` (4 layers, hidden 64, mlp 128) and config overrides that keep one edit to a few
+seconds. Each row is checked for:
+
+* registry round trip (``get_editor_class(name).name == name``), a documented config (help on every field),
+  ``make_config`` rejecting an unknown key with a message listing every valid field;
+* delta shapes equal to their parameters' shapes, factors ``[d_out, d_out]`` in the canonical orientation;
+* ``edit()`` leaving every parameter bit-identical (and requires_grad flags / training mode as they were);
+* ``apply_result`` changing only the named parameters, and its ``Undo`` restoring them bit-identically;
+* the same seed giving identical deltas and factors; every number finite;
+* the method's own invariant from :data:`INVARIANTS` (ft-c stays in its box, ROME is rank one, ...).
+
+A method whose module does not exist yet is skipped with "not implemented yet". A new method adds rows here (both
+architectures), its small-size overrides, and its invariant.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+
+from editors.base import ConfigError, Editor, EditorConfig, EditResult, apply_result, make_config
+from editors.models import LoadedModel
+from editors.registry import _METHOD_MODULES, available_methods, get_editor_class
+from editors.requests import EditRequest, make_request
+from editors.testing import tiny_model
+
+ARCHS = ("llama", "gpt2")
+
+# Per-method overrides that make an edit on a 4-layer tiny model take seconds. Layers must exist in 4 layers.
+# Methods that need covariance statistics compute them on the tiny model from the default corpus: once their config
+# exists, add a small size here (e.g. {"mom2_n_tokens": 2000}) so the row stays fast. Methods not implemented yet
+# have an empty entry: fill it in together with the method (an unknown key fails the row loudly).
+OVERRIDES: dict[str, dict] = {
+    "ft": {"layers": (1,), "num_steps": 3},
+    "ft-c": {"layers": (1,), "num_steps": 3, "batch_size": 2},
+    "rome": {},  # + layers=(1,), small z-optimisation steps and covariance size once rome.py exists
+    # MEMIT family (editors/multilayer.py): two layers, a 2000-token covariance sample, 2 target-optimisation steps
+    "memit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
+    "pmet": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
+    "emmet": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
+    # the default relative null-space threshold leaves no null space on a random 4-layer model; 0.05 does
+    "alphaedit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "nullspace_threshold": 0.05},
+    # wrappers post-process a tiny MEMIT (their default base is rome; switch once rome has a fast tiny row)
+    "rect": {"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}},
+    "prune": {"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}},
+    "adaedit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
+    "mose": {"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
+    "lora": {},
+    "flearning": {},
+    "geoedit": {},
+    "malmen": {},  # hypernetwork training: a handful of meta steps only
+    "agrade": {},
+}
+
+# Extra rows beyond the (method x arch) grid: variants whose code paths differ.
+EXTRA_ROWS: list[tuple[str, str, dict]] = [
+    ("ft", "llama", {"layers": (1, 2), "module": "mlp_in", "objective": "prompt_last", "num_steps": 2,
+                     "batch_size": 2}),
+    ("ft", "gpt2", {"layers": (2,), "module": "attn_out", "num_steps": 2, "norm_constraint": 1e-3}),
+]
+
+# How many of REQUESTS each method edits in one call (a method that edits batches lists 2 to exercise batching).
+N_REQUESTS: dict[str, int] = {"ft": 2, "ft-c": 2, "memit": 2, "pmet": 2, "emmet": 2, "alphaedit": 2, "mose": 2, "adaedit": 2}
+
+REQUESTS: tuple[EditRequest, ...] = (
+    make_request(source="test_contract", record=0, case_id="eiffel",
+                 prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
+                 target_new="Rome", target_true="Paris",
+                 rephrase_prompts=["Where is the Eiffel Tower? It is in"],
+                 locality_prompts=["The capital of France is"], locality_answers=["Paris"]),
+    make_request(source="test_contract", record=1, case_id="darrieux",
+                 prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                 target_new="English", target_true="French"),
+)
+
+ROWS = [(m, a, OVERRIDES[m]) for m in _METHOD_MODULES for a in ARCHS] + EXTRA_ROWS
+
+
+def _row_id(row: tuple[str, str, dict]) -> str:
+    method, arch, ov = row
+    extra = ",".join(f"{k}={v}" for k, v in ov.items() if k not in OVERRIDES.get(method, {}))
+    return f"{method}-{arch}" + (f"[{extra}]" if extra else "")
+
+
+ROW_PARAMS = [pytest.param(r, id=_row_id(r)) for r in ROWS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# own invariants: method -> callable(lm, result); raise AssertionError on violation
+# ---------------------------------------------------------------------------------------------------------------
+def _ft_trains_only_configured_weights(lm: LoadedModel, result: EditResult) -> None:
+    cfg = result.config
+    spec = lm.spec
+    expected = set()
+    for layer in cfg["layers"]:
+        if cfg["module"] == "mlp_out":
+            expected.add(spec.mlp_out_weight(layer))
+        elif cfg["module"] == "mlp_in":
+            expected.update(f"{spec.layer(layer)}.{m}.weight" for m in spec.mlp_in)
+        else:
+            expected.add(f"{spec.attn_out_module(layer)}.weight")
+    assert set(result.deltas) == expected and not result.factors
+    if cfg["objective"] == "target_new":
+        # the FT-M loss before training is the evaluation's teacher-forced NLL per target token, request-averaged
+        from analysis.evaluation import teacher_forced
+        reqs = REQUESTS[:result.info["n_requests"]]
+        outs = teacher_forced(lm, [r.prompt for r in reqs], [r.target_new for r in reqs])
+        nll = sum(-o.logprob / len(o.target_ids) for o in outs) / len(outs)
+        assert abs(result.info["loss_initial"] - nll) < 1e-4 * max(1.0, nll)
+    box = cfg.get("norm_constraint")
+    if box:
+        assert all(_max_abs_within(d, box) for d in result.deltas.values())
+
+
+def _max_abs_within(d: torch.Tensor, bound: float) -> bool:
+    """max |d| <= bound, compared in d's own precision (float32(1e-3) > 1e-3 as a double)."""
+    return bool(d.abs().max() <= torch.tensor(bound, dtype=d.dtype))
+
+
+def _ftc_stays_in_box(lm: LoadedModel, result: EditResult) -> None:
+    eps = result.config["epsilon"]
+    for name, d in result.deltas.items():
+        assert _max_abs_within(d, eps), f"{name}: max |dW| {d.abs().max().item():.3g} > epsilon {eps:.3g}"
+    assert max(d.abs().max().item() for d in result.deltas.values()) > 0
+
+
+def _rank_one(lm: LoadedModel, result: EditResult) -> None:
+    """ROME: one rank-one update u v^T of one matrix."""
+    assert len(result.deltas) == 1 and not result.factors
+    (d,) = result.deltas.values()
+    assert torch.linalg.matrix_rank(lm.spec.to_canonical(d).double()).item() == 1
+
+
+def _orthogonal_factors(lm: LoadedModel, result: EditResult) -> None:
+    """MOSE (closed form): R is orthogonal, so W <- R W keeps every column norm."""
+    assert result.factors
+    for name, R in result.factors.items():
+        eye = torch.eye(R.shape[0], dtype=torch.float64)
+        assert torch.allclose(R.double().T @ R.double(), eye, atol=1e-4), name
+
+
+def _multilayer_low_rank(lm: LoadedModel, result: EditResult) -> None:
+    """MEMIT family (editors/multilayer.py): one additive update of each configured layer's MLP output projection,
+    each of rank <= the batch size (every closed form is R [d, n] times an [n, d_ff] matrix)."""
+    expected = {lm.spec.mlp_out_weight(layer) for layer in result.config["layers"]}
+    assert set(result.deltas) == expected and not result.factors
+    n = result.info["n_requests"]
+    for name, d in result.deltas.items():
+        rank = torch.linalg.matrix_rank(lm.spec.to_canonical(d).double(), rtol=1e-5).item()
+        assert 1 <= rank <= n, f"{name}: rank {rank} for a batch of {n}"
+
+
+def _alphaedit_preserves_old_keys(lm: LoadedModel, result: EditResult) -> None:
+    """AlphaEdit: the update lives in the null space of the preserved keys (share of K0 response ~ 0)."""
+    _multilayer_low_rank(lm, result)
+    assert max(result.artifacts["preserved_share"]) < 1e-3
+    for layer, U in result.artifacts["null_basis"].items():  # rows of ΔW lie in span(U_null)
+        D = lm.spec.to_canonical(result.deltas[lm.spec.mlp_out_weight(int(layer))]).double()
+        U = U.double()
+        assert (D - D @ U @ U.T).norm() <= 1e-3 * D.norm()
+
+
+INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
+    "ft": _ft_trains_only_configured_weights,
+    "ft-c": _ftc_stays_in_box,
+    "rome": _rank_one,
+    "mose": _orthogonal_factors,
+    "memit": _multilayer_low_rank,
+    "pmet": _multilayer_low_rank,
+    "emmet": _multilayer_low_rank,
+    "alphaedit": _alphaedit_preserves_old_keys,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _require(method: str) -> type[Editor]:
+    if method not in available_methods():
+        pytest.skip(f"{method}: not implemented yet")
+    return get_editor_class(method)
+
+
+def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def _changed(lm: LoadedModel, snap: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, p in lm.model.named_parameters() if not torch.equal(p, snap[n])]
+
+
+@dataclasses.dataclass
+class _Run:
+    lm: LoadedModel
+    snapshot: dict[str, torch.Tensor]
+    result: EditResult
+    repeat: EditResult
+    changed_by_edit: list[str]
+    flags_changed: list[str]
+    training_changed: bool
+    config: EditorConfig
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """Results per row, computed once per module (several checks read the same edit)."""
+    return {}
+
+
+def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
+    key = _row_id(row)
+    if key in runs:
+        return runs[key]
+    method, arch, overrides = row
+    cls = _require(method)
+    lm = tiny_model(arch)
+    snap = _snapshot(lm)
+    flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    training = lm.model.training
+    requests = list(REQUESTS[:N_REQUESTS.get(method, 1)])
+
+    cfg = make_config(cls.config_cls, overrides, method=method)
+    editor = cls(lm, cfg, seed=123)
+    editor.prepare()
+    result = editor.edit(requests)
+    changed = _changed(lm, snap)
+    flags_changed = [n for n, p in lm.model.named_parameters() if p.requires_grad != flags[n]]
+    training_changed = lm.model.training != training
+
+    again = cls(lm, make_config(cls.config_cls, overrides, method=method), seed=123)
+    again.prepare()
+    repeat = again.edit(requests)
+    runs[key] = _Run(lm, snap, result, repeat, changed, flags_changed, training_changed, cfg)
+    return runs[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the table covers the registry
+# ---------------------------------------------------------------------------------------------------------------
+def test_table_covers_every_registered_method():
+    in_table = {(m, a) for m, a, _ in ROWS}
+    for method in set(_METHOD_MODULES) | set(available_methods()):
+        for arch in ARCHS:
+            assert (method, arch) in in_table, f"no contract row for ({method}, {arch})"
+    assert set(OVERRIDES) >= set(_METHOD_MODULES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry and config
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_registry_round_trip_and_documented_config(row):
+    method, _, overrides = row
+    cls = _require(method)
+    assert cls.name == method
+    assert get_editor_class(method.upper()) is cls
+    assert issubclass(cls, Editor) and cls.summary
+    cfg_cls = cls.config_cls
+    assert issubclass(cfg_cls, EditorConfig) and dataclasses.is_dataclass(cfg_cls)
+    assert isinstance(cfg_cls.version, int)
+    undocumented = [f["name"] for f in cfg_cls.field_help() if not f["help"].strip()]
+    assert not undocumented, f"{method}: config fields without help: {undocumented}"
+    make_config(cfg_cls, method=method)  # the defaults validate
+    make_config(cfg_cls, overrides, method=method)  # so do the row's overrides
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_make_config_rejects_unknown_key_listing_valid_fields(row):
+    method, _, _ = row
+    cls = _require(method)
+    with pytest.raises(ConfigError) as err:
+        make_config(cls.config_cls, {"no_such_field_xyz": 1}, method=method)
+    msg = str(err.value)
+    assert "no_such_field_xyz" in msg
+    for f in dataclasses.fields(cls.config_cls):
+        assert f.name in msg, f"{method}: valid field {f.name!r} not listed in {msg!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the edit
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_edit_leaves_model_unchanged(row, runs):
+    run = _run(runs, row)
+    assert not run.changed_by_edit, f"edit() changed {run.changed_by_edit[:3]}"
+    assert not run.flags_changed, f"edit() changed requires_grad of {run.flags_changed[:3]}"
+    assert not run.training_changed, "edit() changed the model's training mode"
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_result_shapes_and_record(row, runs):
+    run = _run(runs, row)
+    res, lm = run.result, run.lm
+    params = dict(lm.model.named_parameters())
+    assert res.method == row[0]
+    assert res.param_names, "the result changes nothing"
+    for name, d in res.deltas.items():
+        assert name in params, f"unknown parameter {name}"
+        assert tuple(d.shape) == tuple(params[name].shape), f"{name}: delta {tuple(d.shape)}"
+    for name, R in res.factors.items():
+        assert name in params, f"unknown parameter {name}"
+        d_out = lm.spec.to_canonical(params[name]).shape[0]
+        assert tuple(R.shape) == (d_out, d_out), f"{name}: factor {tuple(R.shape)}, expected [{d_out}, {d_out}]"
+    assert res.is_finite()
+    assert any(d.abs().max().item() > 0 for d in res.deltas.values()) or any(
+        not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype)) for R in res.factors.values())
+    assert res.config == run.config.to_dict() and res.config_version == type(run.config).version
+    assert res.seconds >= 0
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_apply_then_undo_is_exact(row, runs):
+    run = _run(runs, row)
+    lm, res = run.lm, run.result
+    undo = apply_result(lm, res)
+    try:
+        changed = set(_changed(lm, run.snapshot))
+        assert changed, "applying the result changed no parameter"
+        assert changed <= set(res.param_names), f"apply touched unnamed parameters {sorted(changed - set(res.param_names))}"
+    finally:
+        undo(lm.model)
+    assert not _changed(lm, run.snapshot), "undo did not restore the model bit for bit"
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_same_seed_same_result(row, runs):
+    run = _run(runs, row)
+    a, b = run.result, run.repeat
+    assert a.param_names == b.param_names
+    for name in a.deltas:
+        assert torch.equal(a.deltas[name], b.deltas[name]), f"{name}: deltas differ between runs with one seed"
+    for name in a.factors:
+        assert torch.equal(a.factors[name], b.factors[name]), f"{name}: factors differ between runs with one seed"
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_own_invariant(row, runs):
+    method = row[0]
+    _require(method)
+    check = INVARIANTS.get(method)
+    if check is None:
+        pytest.skip(f"{method}: no own invariant registered in INVARIANTS")
+    run = _run(runs, row)
+    check(run.lm, run.result)
