@@ -19,15 +19,16 @@ protocol, value, case_id``):
 3. LEAD TIME = collapse step − departure step: positive when the indicator departed before performance collapsed.
 
 ``detect_collapse`` returns one row per signal with the columns ``indicator, kind ("performance" | "indicator"),
-layer, param, step, collapse_step, lead_edits`` plus ``baseline, threshold, value_at_step, last_n_edits`` and, for
-the run store, ``n_edits`` (= step), ``metric`` ("collapse:<signal>" / "departure:<signal>") and ``value`` (1.0 when
-the event happened, else 0.0).
+layer, param, step, collapse_step, lead_edits`` plus ``baseline, floor, threshold, value_at_step, last_n_edits``
+and, for the run store, ``n_edits`` (= step, or the last checkpoint when nothing happened), ``metric``
+("collapse:<signal>" / "departure:<signal>[@L<layer>]") and ``value`` (1.0 when the event happened, else 0.0), the
+shape ``app.engine`` turns into ``kind="collapse"`` rows and the pages into markers.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +49,6 @@ class Signal:
     floor: float | None = 0.0
     direction: str = "both"
     per_layer: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 #: performance signals; a general-ability signal's name gets the task, e.g. "general/builtin/accuracy"
@@ -64,8 +64,8 @@ INDICATORS: tuple[Signal, ...] = (
     Signal("weights/effective_rank", "weights", "effective_rank", direction="down", per_layer=True),
     Signal("update_angle/angle_flat", "update_angle", "angle_flat", direction="both", per_layer=True),
 )
-OUT_COLUMNS = ["indicator", "kind", "layer", "param", "step", "collapse_step", "lead_edits", "baseline", "threshold",
-               "value_at_step", "last_n_edits", "n_edits", "metric", "value"]
+OUT_COLUMNS = ["indicator", "kind", "layer", "param", "step", "collapse_step", "lead_edits", "baseline", "floor",
+               "threshold", "value_at_step", "last_n_edits", "n_edits", "metric", "value"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def _detect_one(df: pd.DataFrame, performance: Sequence[Signal], indicators: Seq
             step, start, thr = first_drop(s, fraction=fraction, floor=floor)
             name = sig.name if metric is None else f"{sig.name}/{metric}"
             perf_rows.append({"indicator": name, "kind": "performance", "layer": None, "param": None, "step": step,
-                              "baseline": start, "threshold": thr,
+                              "baseline": start, "floor": floor, "threshold": thr,
                               "value_at_step": float(s.loc[step]) if not math.isnan(step) else math.nan})
     steps = {r["indicator"]: r["step"] for r in perf_rows}
     if collapse_on is not None:
@@ -208,7 +208,8 @@ def _detect_one(df: pd.DataFrame, performance: Sequence[Signal], indicators: Seq
             param = info.get("param")
             param = None if param is None or (isinstance(param, float) and math.isnan(param)) else param
             ind_rows.append({"indicator": sig.name, "kind": "indicator", "layer": layer, "param": param,
-                             "step": step, "baseline": float(s.iloc[0]) if len(s) else math.nan, "threshold": tol,
+                             "step": step, "baseline": float(s.iloc[0]) if len(s) else math.nan, "floor": math.nan,
+                             "threshold": tol,
                              "value_at_step": float(s.loc[step]) if not math.isnan(step) else math.nan})
     out = []
     for r in perf_rows + ind_rows:
@@ -284,7 +285,9 @@ def collapse_summary_text(df: pd.DataFrame) -> str:
         first = perf[perf["step"] == collapse]["indicator"].tolist()
         lines.append(f"collapse at {_fmt_n(collapse)} edits (first: {', '.join(first)})")
     for r in perf.itertuples(index=False):
-        if math.isnan(r.step):
+        if not r.baseline > r.floor:
+            what = f"started at its floor ({r.baseline:.3f} <= {r.floor:.3f}): nothing to lose"
+        elif math.isnan(r.step):
             what = f"held (start {r.baseline:.3f}, threshold {r.threshold:.3f})"
         else:
             what = (f"fell to {r.value_at_step:.3f} at {_fmt_n(r.step)} edits "

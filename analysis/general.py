@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from analysis.evaluation import encode_pair, teacher_forced
+from analysis.weights import cpu_threads
 from editors.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -204,16 +205,18 @@ def _metric_rows(task: str, items: Sequence[ProbeItem], pred: np.ndarray, extra:
 
 def general_abilities(lm: LoadedModel, tasks: Sequence[str] = ("builtin",), n: int | None = None,
                       glue_dir: str | None = None, *, k_shot: int = 0, seed: int = 0, batch_size: int = 32,
-                      builtin_path: str | None = None) -> pd.DataFrame:
+                      builtin_path: str | None = None, threads: int | None = None) -> pd.DataFrame:
     """Scores of the current model on general-ability probes, all items of all tasks scored in one batched pass.
 
     Args:
         tasks: "builtin" (every built-in task plus an overall ``builtin`` row), "builtin/<task>" for one built-in
             task, GLUE task names ("sst2", "mrpc", "rte", "cola") or "glue" for all four.
-        n: at most this many items per task (the first ones of the file); None = all. The built-in set (~100
+        n: at most this many items per task (the first ones of the file); None = all. The built-in set (72
             items, one forward pass each) takes a few seconds on a CPU; each GLUE file has 200.
         glue_dir: folder of the GLUE ``.jsonl`` files (default ``../shared/data/glue`` or $EDITBENCH_GLUE_DIR).
         k_shot: solved examples in front of each GLUE prompt (0 = zero-shot).
+        threads: cap on torch CPU threads for the call (``analysis.weights.cpu_threads``; None = as set). On the
+            shared 2-core machine under load the built-in set took 4 s of CPU with one thread and 30 s with two.
 
     Returns:
         columns ``task, metric, value, n, chance``; metric "accuracy" for every task, plus "f1" (mrpc) and "mcc"
@@ -244,7 +247,8 @@ def general_abilities(lm: LoadedModel, tasks: Sequence[str] = ("builtin",), n: i
         else:
             raise ValueError(f"unknown task {t!r}; valid: builtin, builtin/<task>, glue, {', '.join(GLUE_TASKS)}")
     all_items = [it for _, its, _ in groups for it in its]
-    pred = predict(lm, all_items, batch_size=batch_size) if all_items else np.zeros(0, dtype=np.int64)
+    with cpu_threads(threads if lm.device.type == "cpu" else None):
+        pred = predict(lm, all_items, batch_size=batch_size) if all_items else np.zeros(0, dtype=np.int64)
     rows: list[dict] = []
     k = 0
     overall_items: list[ProbeItem] = []

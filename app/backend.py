@@ -6,10 +6,8 @@ queues and reads.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -19,10 +17,6 @@ from typing import Any, Mapping, Sequence
 from .jobs import Job, JobError, JobQueue, device_key
 from .settings import upload_limit_bytes
 from .store import RunStore, TERMINAL
-
-#: fields of RunConfig the New run form sets itself (the rest keep their defaults or go into "advanced")
-FORM_RUN_FIELDS = ("model", "method", "method_overrides", "data", "n_edits", "batch_size", "eval_every", "label",
-                   "runs_dir", "device")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,11 +36,6 @@ def method_fields(name: str) -> list[dict]:
     """``[{name, type, default, help}]`` of a method's config (the registry's ``field_help``)."""
     from editors.registry import get_editor_class
     return get_editor_class(name).config_cls.field_help()
-
-
-def run_fields() -> list[dict]:
-    from .engine import RunConfig
-    return RunConfig.field_help()
 
 
 def field_to_text(value: Any) -> str:
@@ -97,42 +86,6 @@ _REQUEST_KEYS = ("case_id", "prompt", "subject", "target_new", "target_true", "r
                  "locality_prompts", "locality_answers", "relation")
 
 
-def _fallback_parse(data: bytes, filename: str) -> list:
-    """JSON (list / JSONL) or CSV records with our request fields (used only when ``editors.data`` lacks a parser)."""
-    from editors.requests import RequestError, make_request
-    text = data.decode("utf-8-sig")
-    name = os.path.basename(filename) or "upload"
-    records: list[Any]
-    if filename.lower().endswith(".csv"):
-        records = list(csv.DictReader(io.StringIO(text)))
-        for r in records:
-            for key in ("rephrase_prompts", "locality_prompts", "locality_answers"):
-                if isinstance(r.get(key), str) and r[key].strip().startswith("["):
-                    r[key] = json.loads(r[key])
-    else:
-        try:
-            obj = json.loads(text)
-            records = obj if isinstance(obj, list) else obj.get("requests", [obj]) if isinstance(obj, dict) else []
-        except json.JSONDecodeError:
-            records = []
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise RequestError(name, f"line {i + 1}", "(json)", str(exc)) from exc
-    out = []
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise RequestError(name, i, "(record)", f"expected an object, got {type(r).__name__}")
-        unknown = [k for k in r if k not in _REQUEST_KEYS]
-        if unknown:
-            raise RequestError(name, i, unknown[0], f"unknown field; valid: {', '.join(_REQUEST_KEYS)}")
-        out.append(make_request(source=name, record=i, case_id=r.get("case_id") or f"upload-{i}",
-                                **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r}))
-    return out
-
-
 def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     """Parse a user's edits file (JSON / JSONL / CSV only -- never unpickled) into ``EditRequest`` objects.
 
@@ -145,14 +98,10 @@ def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     ext = os.path.splitext(filename.lower())[1]
     if ext not in (".json", ".jsonl", ".csv"):
         raise JobError(f"{filename}: only .json, .jsonl and .csv files are accepted")
+    from editors.data import parse_user_edits_bytes
     from editors.requests import RequestError
     try:
-        try:
-            from editors.data import parse_user_edits_bytes
-        except ImportError:
-            requests = _fallback_parse(data, filename)
-        else:
-            requests = parse_user_edits_bytes(data, filename, max_bytes=limit)
+        requests = parse_user_edits_bytes(data, filename, max_bytes=limit)
     except RequestError as exc:
         raise JobError(str(exc)) from exc
     except (UnicodeDecodeError, ValueError) as exc:
@@ -324,7 +273,7 @@ def format_seconds(s: float | None) -> str:
 
 
 __all__ = ["submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
-           "wake_workers", "parse_upload", "save_upload", "method_fields", "run_fields", "available_methods",
+           "wake_workers", "parse_upload", "save_upload", "method_fields", "available_methods",
            "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError"]
 
 

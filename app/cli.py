@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general", default="none", help="general-ability probes: none (default) | builtin | glue:DIR")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method config field for one method of the study (repeatable), e.g. mose.lam=50")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: the table of the latest matching run of each method (any status)")
     p.add_argument("--json", action="store_true", help="print the table as JSON records (last stdout line)")
     return parser
 
@@ -434,7 +436,7 @@ def cmd_study(args) -> int:
     try:
         table = collapse_study(methods, args.n, args.data, args.runs_dir, eval_every=args.eval_every,
                                seed=args.seed, device=args.device, general=args.general, method_overrides=overrides,
-                               progress=progress)
+                               report_only=args.report, progress=progress)
     except (ConfigError, UnknownMethodError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"collapse study: {args.n} sequential edits per method, data {args.data}, store {args.runs_dir}")

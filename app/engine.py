@@ -63,7 +63,8 @@ class RunConfig:
 
     model: str = field(default="default", metadata={"help": (
         "'default' (the embedded SmolLM2-135M-Instruct), a local model directory, or a Hugging Face hub id.")})
-    method: str = field(default="rome", metadata={"help": "Editing method (registry name, see `python -m app methods`)."})
+    method: str = field(default="rome", metadata={"help": (
+        "Editing method (registry name, see `python -m app methods`).")})
     method_overrides: dict = field(default_factory=dict, metadata={"help": (
         "Method config fields to change, {field: value}; values may be strings (coerced to the field's type).")})
     data: str = field(default="builtin", metadata={"help": (
@@ -74,7 +75,8 @@ class RunConfig:
         "Checkpoint every this many steps (retention, locality probes, general abilities, weights); the last step "
         "is always a checkpoint. 0 = only at the end.")})
     seed: int = field(default=0, metadata={"help": "Seed of torch / numpy / random and of the editor."})
-    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', 'cuda:1', 'mps'; None = best available."})
+    device: str | None = field(default=None, metadata={"help": (
+        "'cpu', 'cuda', 'cuda:1', 'mps'; None = the best available.")})
     runs_dir: str = field(default="runs", metadata={"help": "Directory of the run store (runs.sqlite)."})
     protocols: tuple[str, ...] = field(default=(ev.TF, ev.MARGIN), metadata={"help": (
         "Evaluation protocols of edit and retention metrics: tf_token_acc, prob_margin, gen_exact "
@@ -120,7 +122,8 @@ class RunConfig:
             raise ConfigError(f"unknown protocol {bad[0] if bad else '(none given)'!r}; valid: "
                               f"{', '.join(ev.PROTOCOLS)}")
         if self.locality_probes not in PROBE_CHOICES:
-            raise ConfigError(f"locality_probes must be one of {', '.join(PROBE_CHOICES)}, got {self.locality_probes!r}")
+            raise ConfigError(f"locality_probes must be one of {', '.join(PROBE_CHOICES)}, "
+                              f"got {self.locality_probes!r}")
         if self.general != "none":
             tasks, glue_dir = general_tasks(self.general)
             glue = ("sst2", "mrpc", "rte", "cola")
@@ -635,7 +638,7 @@ class SequentialRun:
 
         edit_rows = [{"idx": first_idx + j, "step": self.step, "n_edits": self.n_done, "case_id": r.case_id,
                       "request": r.to_dict(), "seconds": seconds / len(batch), "peak_mem_mb": peak,
-                      "info": result.info} for j, r in enumerate(batch)]
+                      "info": result.info if j == 0 else None} for j, r in enumerate(batch)]
         metric_rows: list[dict] = []
         common = {"n_edits": self.n_done, "step": self.step}
         for key, value in _flat_numbers(result.info).items():

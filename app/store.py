@@ -6,8 +6,10 @@ Tables (long form, so that every plot is a filter plus a pivot):
 ``runs``       one row per sequential run: status, the full :class:`app.engine.RunConfig` (``config_json``), the
                method config it ran with, versions, progress (``n_edits_done``), the writer's ``pid`` / ``host`` and
                its ``heartbeat``.
-``edits``      one row per edit request: the step that made it, ``n_edits`` after that step, the request itself,
-               the amortised seconds and peak memory of its step, and the step's ``EditResult.info``.
+``edits``      one row per edit request: its index ``idx`` in the run, the step that made it, ``n_edits`` after
+               that step, the request itself, its step's wall seconds divided by the batch size, the peak memory
+               (CUDA: of the step; CPU: the process's peak RSS so far) and, on the step's first row, the step's
+               ``EditResult.info``.
 ``metrics``    ``(run_id, n_edits, step, kind, layer, param, metric, protocol, value, case_id)``; ``n_edits`` is
                the number of edits made when the row was measured (the x axis of every curve). ``kind``:
                pre (unedited model, n_edits 0) | edit (immediate, the step's own edits) | retention (every edit so
@@ -573,9 +575,14 @@ class RunStore:
         with self._read() as conn:
             rows = conn.execute(f"SELECT {', '.join(cols)} FROM edits WHERE run_id = ? ORDER BY rowid",
                                 (run_id,)).fetchall()
-        df = pd.DataFrame([tuple(r) for r in rows], columns=list(cols))
-        df["request"] = [json.loads(s) if s else None for s in df["request_json"]]
-        df["info"] = [json.loads(s) if s else None for s in df["info_json"]]
+        df = pd.DataFrame([tuple(r) for r in rows], columns=list(cols), dtype=object)
+        for c in ("step", "n_edits"):
+            df[c] = df[c].astype("int64")
+        df["idx"] = pd.array([None if v is None else int(v) for v in df["idx"]], dtype="Int64")
+        for c in ("seconds", "peak_mem_mb"):
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+        df["request"] = [json.loads(s) if isinstance(s, str) else None for s in df["request_json"]]
+        df["info"] = [json.loads(s) if isinstance(s, str) else None for s in df["info_json"]]
         return df.drop(columns=["request_json", "info_json"])
 
     def list_artifacts(self, run_id: str) -> pd.DataFrame:

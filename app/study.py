@@ -118,9 +118,10 @@ def format_table(df: pd.DataFrame) -> str:
 
 def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data: str = DEFAULT_DATA,
                    runs_dir: str = "runs", *, eval_every: int | None = None, model: str = "default",
-                   seed: int = 0, device: str | None = None, general: str = "none",
+                   seed: int = 0, device: str | None = None, general: str = "none", locality_probes: str = "builtin",
                    method_overrides: Mapping[str, Mapping[str, Any]] | None = None, reuse: bool = True,
-                   lm=None, progress: Callable[[str, int, int, dict], None] | None = None) -> pd.DataFrame:
+                   report_only: bool = False, lm=None, progress: Callable[[str, int, int, dict], None] | None = None
+                   ) -> pd.DataFrame:
     """Run ``n`` sequential single edits per method into one run store and return the summary table.
 
     Args:
@@ -131,8 +132,11 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
         eval_every: checkpoint (retention of all edits so far, locality probes, weights) every this many edits;
             None = every ``max(1, n // 10)``; the last edit is always a checkpoint.
         general: general-ability probes of the engine ('none' by default: the table does not use them).
+        locality_probes: the engine's fixed locality probe set ('builtin' or 'none').
         method_overrides: ``{method: {field: value}}`` on top of each method's preset.
         reuse: skip a method whose finished run with this study's label is already in the store.
+        report_only: run nothing; summarise the latest run of each method with this study's label, whatever its
+            status (e.g. a study still running in another process: its last checkpoint).
         lm: an already loaded model (restored after every run); loaded once here otherwise.
         progress: ``callback(method, done, total, info)`` (the engine's progress, tagged with the method).
 
@@ -151,6 +155,12 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
     for method in methods:
         overrides = dict((method_overrides or {}).get(method, {}))
         label = study_label(method, n, data, seed, overrides)
+        if report_only:
+            found = store.list_runs(method=method)
+            found = found[found["label"] == label] if len(found) else found
+            if len(found):
+                run_ids.append(str(found.sort_values("created")["run_id"].iloc[-1]))
+            continue
         if reuse:
             done = store.list_runs(method=method, status="finished")
             done = done[done["label"] == label] if len(done) else done
@@ -161,7 +171,7 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
                 continue
         config = RunConfig(model=model, method=method, method_overrides=overrides, data=data, n_edits=n,
                            batch_size=1, eval_every=every, seed=seed, device=device, runs_dir=runs_dir,
-                           general=general, label=label)
+                           general=general, locality_probes=locality_probes, label=label)
         t0 = time.time()
         cb = (lambda done, total, info, _m=method: progress(_m, done, total, info)) if progress else None
         try:

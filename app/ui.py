@@ -180,6 +180,14 @@ def show_figure(fig, name: str, *, key: str | None = None) -> None:
         c2.caption("PNG export needs Kaleido (not installed): download HTML, or use the chart's camera icon.")
 
 
+def fmt_prob(p: float | None, signed: bool = False) -> str:
+    """A probability for people: 3 decimals, or scientific notation when tiny."""
+    if p is None:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{p:{sign}.3f}" if abs(p) >= 1e-3 or p == 0 else f"{p:{sign}.1e}"
+
+
 def status_badge(status: str) -> str:
     colour = {"finished": "green", "running": "blue", "queued": "gray", "diverged": "orange", "failed": "red",
               "cancelled": "gray", "interrupted": "orange"}.get(status, "gray")
@@ -212,4 +220,4 @@ def frame_download(df: pd.DataFrame, name: str, key: str) -> None:
 
 __all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "header", "meaning", "no_runs",
            "run_picker", "qp_int", "qp_set", "qp_list", "share_link", "show_figure", "status_badge",
-           "frame_download", "method_config_widgets", "PAGE_SPECS"]
+           "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]

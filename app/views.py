@@ -213,13 +213,6 @@ def layer_of(param: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def weight_metrics(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
-    """Weight diagnostics per (run, layer, param, metric) vs edits, plus run ``method`` / ``name``."""
-    runs = runs_frame(store, run_ids)
-    df = aggregate_metrics(store, run_ids, kinds=["weights"])
-    return _attach_names(df, runs)
-
-
 def weight_choices(store: RunStore, run_ids: Sequence[str]) -> tuple[list[str], list[int]]:
     """(metrics, layers) present among the runs' weight rows."""
     df = aggregate_metrics(store, run_ids, kinds=["weights"])
@@ -420,7 +413,7 @@ def series_column(df: pd.DataFrame) -> str:
 
 
 __all__ = ["MEANINGS", "runs_frame", "run_versions", "aggregate_metrics", "metric_curves", "metrics_view",
-           "collapse_markers", "final_summary", "weight_metrics", "weight_choices", "weight_curves", "spectrum",
+           "collapse_markers", "final_summary", "weight_choices", "weight_curves", "spectrum",
            "artifact_steps", "update_angle_frame", "geoedit_angles", "change_map", "neuron_map", "hidden_index",
            "hidden_pair", "hidden_projection", "general_curves", "general_table", "layer_of", "run_name", "run_short",
            "series_column"]

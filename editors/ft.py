@@ -371,4 +371,4 @@ class FTCEditor(_FineTuneEditor):
 
     name: ClassVar[str] = "ft-c"
     config_cls: ClassVar[type[EditorConfig]] = FTCConfig
-    summary: ClassVar[str] = "L∞-constrained fine-tuning (Zhu et al. 2020, FT+L): clamp W into W0 ± epsilon each step"
+    summary: ClassVar[str] = "L∞-constrained fine-tuning (Zhu et al. 2020, FT+L): W clamped into W0 ± epsilon"

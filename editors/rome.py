@@ -146,11 +146,13 @@ class ROMEEditor(Editor):
         saved = param.detach().clone()
         W0 = spec.to_canonical(saved).float()
         total = torch.zeros_like(W0)
-        per_request = []
+        per_request, keys, values = [], [], []
         try:
             for req in requests:
                 rec = self._edit_one(req, param, bias)
                 dW = rec.pop("delta")
+                keys.append(rec.pop("key"))
+                values.append(rec.pop("value"))
                 with torch.no_grad():
                     param.add_(spec.to_param_layout(dW).to(param.dtype))
                 total += dW
@@ -174,7 +176,9 @@ class ROMEEditor(Editor):
             "requests": per_request,
         }
         delta = spec.to_param_layout(total).contiguous().to(param.dtype)
-        return self._result(deltas={name: delta}, info=info, started=started)
+        # k (the key v* is written for) and v* per request, for the analysis layer and the closed-form check
+        artifacts = {"keys": torch.stack(keys), "values": torch.stack(values)}
+        return self._result(deltas={name: delta}, info=info, artifacts=artifacts, started=started)
 
     # ------------------------------------------------------------------------------------------------------------
     def _edit_one(self, req: EditRequest, param: torch.Tensor, bias: torch.Tensor | None) -> dict:
@@ -203,6 +207,8 @@ class ROMEEditor(Editor):
             dW = torch.outer(right, u).float()
         return {
             "delta": dW,
+            "key": k.detach().float(),
+            "value": v_star.detach().float(),
             "case_id": req.case_id,
             "steps": zinfo["steps"][0],
             "loss": zinfo["loss"][0],

@@ -133,8 +133,8 @@ for k, probe in enumerate(shown["probes"]):
         m2.markdown(f"after: *…{a['continuation']}*")
         if b.get("p_new") is not None:
             label = "P(answer)" if probe["role"] == "locality prompt" else "P(new target)"
-            m3.metric(label, f"{a['p_new']:.3f}", f"{a['p_new'] - b['p_new']:+.3f}",
+            m3.metric(label, ui.fmt_prob(a["p_new"]), ui.fmt_prob(a["p_new"] - b["p_new"], signed=True),
                       help="Probability of the whole target (product over its tokens, teacher-forced).")
         if b.get("p_true") is not None:
-            m3.metric("P(old answer)", f"{a['p_true']:.3f}", f"{a['p_true'] - b['p_true']:+.3f}")
+            m3.metric("P(old answer)", ui.fmt_prob(a["p_true"]), ui.fmt_prob(a["p_true"] - b["p_true"], signed=True))
         st.plotly_chart(figures.probs_figure(b["top"], a["top"], title="top-5 next tokens"), key=f"pg-probs-{k}")

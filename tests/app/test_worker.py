@@ -141,15 +141,20 @@ def test_dead_worker_marks_its_job_failed_with_the_log_tail(tmp_path):
 
 @pytest.mark.slow
 def test_worker_uses_the_engine_like_the_cli(tmp_path):
-    """A run through the worker process records the rows ``python -m app run`` records (requires editors.data)."""
-    pytest.importorskip("editors.data", reason="editors.data (request loading) is not available yet")
+    """A run through the worker process records the rows ``python -m app run`` records."""
     import json
     data = tmp_path / "edits.json"
     data.write_text(json.dumps([{**FACT, "case_id": f"t{i}"} for i in range(3)]))
+    try:
+        from editors.data import builtin_probes
+        builtin_probes()
+        probes = "builtin"
+    except Exception:  # the built-in probe set is not installed yet
+        probes = "none"
     store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
     run_id, job_id = backend.submit_run(store, queue, {"model": "tiny-llama", "method": "ft", "data": str(data),
-                                                      "method_overrides": TINY_FT, "n_edits": 3, "eval_every": 1},
-                                        start_worker=False)
+                                                      "method_overrides": TINY_FT, "n_edits": 3, "eval_every": 1,
+                                                      "locality_probes": probes}, start_worker=False)
     proc = _worker_proc(str(tmp_path), "--max-jobs", "1")
     out, _ = proc.communicate(timeout=300)
     assert queue.get(job_id).status == "finished", out.decode()[-3000:]

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.weights import (DELTA_METRICS, W_METRICS, effective_rank_from_sigma, matrix_stats, singular_values,
-                              spectrum_frame, weight_stats_frame)
+from analysis.weights import (DELTA_METRICS, W_METRICS, cpu_threads, effective_rank_from_sigma, matrix_stats,
+                              singular_values, spectrum_frame, weight_stats_frame)
 
 
 def constructed(s, d_out, d_in, seed=0, dtype=torch.float64):
@@ -80,7 +80,8 @@ def test_lanczos_estimates_close_to_exact_svd_on_600x2000():
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(600, 2000, generator=g) * 0.05
     W = W0 + 0.01 * torch.randn(600, 20, generator=g) @ torch.randn(20, 2000, generator=g)  # spiked, like an edit
-    s = torch.linalg.svdvals(W.double()).numpy()  # the exact reference
+    with cpu_threads(1):  # two OpenMP threads on a busy shared CPU are much slower than one
+        s = torch.linalg.svdvals(W.double()).numpy()  # the exact reference
     fast = matrix_stats(W, W0, exact_max_dim=256)  # 600 > 256: the matrix-free route
     assert fast["spectral"] == pytest.approx(s[0], rel=1e-8)
     assert fast["cond"] == pytest.approx(s[0] / s[-1], rel=1e-3)
@@ -106,6 +107,15 @@ def test_weight_stats_frame_long_form():
     assert set(df.loc[df["param"] == "model.layers.3.mlp.down_proj.weight", "layer"]) == {3}
     assert df.loc[df["param"] == "other", "layer"].isna().all()
     assert len(df) == 2 * (len(W_METRICS) + len(DELTA_METRICS))
+
+
+def test_cpu_threads_is_restored():
+    old = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == old
+    matrix_stats(torch.randn(5, 7), threads=1)
+    assert torch.get_num_threads() == old
 
 
 def test_spectrum_frame():

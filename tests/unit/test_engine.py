@@ -20,7 +20,7 @@ import torch
 import app.engine as engine
 from app.engine import LocalExecutor, RunConfig, run_sequential, run_summary, run_trial
 from app.store import RunStore
-from editors.base import ConfigError, Editor, EditorConfig, EditResult
+from editors.base import ConfigError, Editor, EditorConfig
 from editors.registry import UnknownMethodError, available_methods, register
 from editors.requests import make_request
 
@@ -254,7 +254,9 @@ def test_batches_and_checkpoint_only_at_end(tmp_path, tiny_gpt2, standins):
     assert sorted(df.loc[df["kind"] == "edit", "n_edits"].unique()) == [2, 4, 5]  # steps of 2, 2, 1
     assert sorted(df.loc[(df["kind"] == "retention") & df["case_id"].isna(), "n_edits"].unique()) == [5]
     assert set(df.loc[df["kind"] == "weights", "layer"]) == {1}  # GPT-2 Conv1D layout handled
-    assert list(store.edits_frame(run_id)["step"]) == [1, 1, 2, 2, 3]
+    edits = store.edits_frame(run_id)
+    assert list(edits["step"]) == [1, 1, 2, 2, 3]
+    assert [None if i is None else i["call"] for i in edits["info"]] == [1, None, 2, None, 3]  # once per step
 
 
 # ---------------------------------------------------------------------------------------------------------------

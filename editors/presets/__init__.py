@@ -1,0 +1,92 @@
+"""Presets per (method, model): small YAML files with a version (lm-evaluation-harness task-YAML style).
+
+``editors/presets/<method>.yaml``::
+
+    version: 1                  # bump whenever a value changes; a run records the version it used
+    method: rome
+    models:
+      default:                  # the name given to load_model ("default", a local path or a hub id)
+        layer: 5
+        ...
+      SmolLM2-135M-Instruct:    # also matched by display name / path basename
+        include: default        # reuse another entry of the same file, then override
+        ...
+
+:func:`load_preset` returns a :class:`Preset` (``config`` = the config overrides) or None when the method has no
+preset for that model; callers then use the config's own defaults.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+class PresetError(ValueError):
+    """A preset file is malformed (the message names the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    method: str
+    model: str
+    version: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _read(method: str) -> tuple[str, dict] | None:
+    fname = f"{method.strip().lower().replace('-', '_')}.yaml"
+    res = resources.files(__package__).joinpath(fname)
+    if not res.is_file():
+        return None
+    try:
+        data = yaml.safe_load(res.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise PresetError(f"preset {fname}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+        raise PresetError(f"preset {fname}: expected a mapping with 'version' and 'models'")
+    if not isinstance(data.get("version"), int):
+        raise PresetError(f"preset {fname}: 'version' must be an integer")
+    return fname, data
+
+
+def _resolve(fname: str, models: dict, key: str, seen: tuple[str, ...] = ()) -> dict:
+    if key in seen:
+        raise PresetError(f"preset {fname}: include cycle {' -> '.join(seen + (key,))}")
+    entry = models.get(key)
+    if not isinstance(entry, dict):
+        raise PresetError(f"preset {fname}: model entry {key!r} is missing or not a mapping")
+    entry = dict(entry)
+    base = entry.pop("include", None)
+    out = _resolve(fname, models, base, seen + (key,)) if base else {}
+    out.update(entry)
+    return out
+
+
+def preset_names(method: str) -> list[str]:
+    """Model names that have a preset for ``method``."""
+    found = _read(method)
+    return sorted(found[1].get("models", {})) if found else []
+
+
+def load_preset(method: str, model_name: str = "default") -> Preset | None:
+    """The preset of ``method`` for ``model_name`` (exact name, then the path's basename), or None."""
+    found = _read(method)
+    if found is None:
+        return None
+    fname, data = found
+    models = data.get("models", {}) or {}
+    candidates = [model_name]
+    if model_name:
+        candidates.append(os.path.basename(os.path.normpath(model_name)))
+    for key in candidates:
+        if key in models:
+            return Preset(method=data.get("method", method), model=key, version=int(data["version"]),
+                          config=_resolve(fname, models, key))
+    return None
+
+
+__all__ = ["Preset", "PresetError", "load_preset", "preset_names"]
