@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="run nothing: the table of the latest matching run of each method (any status)")
     p.add_argument("--json", action="store_true", help="print the table as JSON records (last stdout line)")
+
+    from .train import add_train_parser  # train (app/train.py): malmen / agrade hypernetworks
+    add_train_parser(sub)
     return parser
 
 
@@ -447,7 +450,8 @@ def cmd_study(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
-            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study}
+            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study,
+            "train": lambda args: __import__("app.train", fromlist=["cmd_train"]).cmd_train(args)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

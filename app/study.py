@@ -118,7 +118,8 @@ def format_table(df: pd.DataFrame) -> str:
 
 def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data: str = DEFAULT_DATA,
                    runs_dir: str = "runs", *, eval_every: int | None = None, model: str = "default",
-                   seed: int = 0, device: str | None = None, general: str = "none", locality_probes: str = "builtin",
+                   seed: int = 0, device: str | None = None, general: str = "none",
+                   locality_probes: str = "builtin",
                    method_overrides: Mapping[str, Mapping[str, Any]] | None = None, reuse: bool = True,
                    report_only: bool = False, lm=None, progress: Callable[[str, int, int, dict], None] | None = None
                    ) -> pd.DataFrame:

@@ -105,7 +105,7 @@ class FLearningEditor(_FineTuneEditor):
                 "new": {k: v for k, v in t_new.stats.items() if k != "loss_curve"},
                 "tau_old_norm": {n: t_old.deltas[n].norm().item() for n in names}}
         artifacts = {"loss_curve_old": t_old.stats["loss_curve"], "loss_curve_new": t_new.stats["loss_curve"],
-                     "tau_old": {n: t_old.deltas[n].numpy() for n in names}}
+                     "tau_old": {n: t_old.deltas[n].cpu().numpy() for n in names}}
         result = self._result(deltas=deltas, info=info, artifacts=artifacts, started=started)
         log.info("%s: %d request(s), old loss %.4g -> %.4g, new loss %.4g -> %.4g in %.2fs", self.name,
                  len(requests), t_old.stats["loss_initial"], t_old.stats["loss_final"], t_new.stats["loss_initial"],

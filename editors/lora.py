@@ -283,8 +283,8 @@ class LoRAEditor(_FineTuneEditor):
         info = {**out.stats, **delta_info(self, out.deltas), "n_requests": len(requests)}
         curve = info.pop("loss_curve")
         artifacts = {"loss_curve": curve,
-                     "lora_A": {n: a.numpy() for n, (a, _, _) in out.lora.items()},
-                     "lora_B": {n: b.numpy() for n, (_, b, _) in out.lora.items()},
+                     "lora_A": {n: a.cpu().numpy() for n, (a, _, _) in out.lora.items()},
+                     "lora_B": {n: b.cpu().numpy() for n, (_, b, _) in out.lora.items()},
                      "lora_scale": {n: s for n, (_, _, s) in out.lora.items()}}
         result = self._result(deltas=out.deltas, info=info, artifacts=artifacts, started=started)
         log.info("%s: %d request(s), loss %.4g -> %.4g in %.2fs", self.name, len(requests), info["loss_initial"],

@@ -267,7 +267,8 @@ def _help(text: str) -> dict:
 @dataclass
 class MultiLayerConfig(EditorConfig):
     """Fields every MEMIT-family method shares (not registered itself). Defaults: MEMIT's Llama3-8B hparams mapped
-    to SmolLM2-135M (guides METHODS.md section 13); each method overrides what differs."""
+    to SmolLM2-135M (guides METHODS.md section 13) with v_lr 0.5 (see its help); each method overrides what
+    differs."""
 
     layers: tuple[int, ...] = field(default=(4, 5, 6, 7, 8), metadata=_help(
         "Edit layers (0-based, strictly ascending): the MLP output projection (down_proj / c_proj) of each is "
@@ -275,8 +276,10 @@ class MultiLayerConfig(EditorConfig):
         "(jianghoucheng/AlphaEdit hparams); METHODS.md section 13 keeps [4..8] for SmolLM2-135M's 30 layers."))
     v_num_grad_steps: int = field(default=25, metadata=_help(
         "Adam steps of the target optimisation (METHODS.md 0.4; 25 in the Llama3-8B MEMIT/AlphaEdit hparams)."))
-    v_lr: float = field(default=0.1, metadata=_help(
-        "Adam learning rate of the target optimisation (0.1 in AlphaEdit's Llama3-8B MEMIT/AlphaEdit hparams)."))
+    v_lr: float = field(default=0.5, metadata=_help(
+        "Adam learning rate of the target optimisation. AlphaEdit's Llama3-8B MEMIT/AlphaEdit hparams use 0.1; on "
+        "SmolLM2-135M 0.1 leaves z short of the target after 25 steps (mean target probability 0.32 on CounterFact "
+        "0-2), 0.5 (EasyEdit llama3.2-3b MEMIT, ROME) reaches 0.97-0.98 within the clamp."))
     v_weight_decay: float = field(default=0.5, metadata=_help(
         "Weight of the reference's decay term ||delta|| / ||z_init||^2 in the target loss (MEMIT hparams: 0.5)."))
     clamp_norm_factor: float = field(default=0.75, metadata=_help(

@@ -163,7 +163,7 @@ class ROMEEditor(Editor):
             with torch.no_grad():
                 param.copy_(saved)
         finite_or_raise(self.name, "ΔW", total)
-        rank = 1 if len(requests) == 1 else int(torch.linalg.matrix_rank(total.double()).item())
+        rank = 1 if len(requests) == 1 else int(torch.linalg.matrix_rank(total.double(), rtol=1e-5).item())
         info = {
             "layer": layer,
             "param": name,

@@ -1,9 +1,9 @@
 """Methods that post-process another method's additive update (RECT, PRUNE).
 
-A wrapped editor owns a BASE editor (``rome`` or ``memit``, built from the registry with ``base_overrides``), lets it
-compute its update on the model as it is now, and returns a transformed update instead. ``prepare`` and
-``after_apply`` are forwarded to the base (so e.g. MEMIT_seq's key statistics stay correct); the base's ``info`` is
-kept under ``info["base"]`` and its artifacts are passed through.
+A wrapped editor owns a BASE editor (``rome`` or ``memit``, built from the registry: the base's preset for the model,
+then ``base_overrides``), lets it compute its update on the model as it is now, and returns a transformed update
+instead. ``prepare`` and ``after_apply`` are forwarded to the base (so e.g. MEMIT_seq's key statistics stay correct);
+the base's ``info`` is kept under ``info["base"]`` and its artifacts are passed through.
 """
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ class WrappedConfig(EditorConfig):
     """Fields every wrapper shares (not registered itself)."""
 
     base: str = field(default="rome", metadata=_help(
-        "The method whose update is post-processed: 'rome' (the papers' default base) or 'memit'. Its own "
-        "preset is not applied; set its fields with base_overrides."))
+        "The method whose update is post-processed: 'rome' (the papers' default base) or 'memit'."))
     base_overrides: dict = field(default_factory=dict, metadata=_help(
         "Config fields of the base method, {field: value} (a JSON object when given as a string, e.g. "
-        "'{\"layers\": [5]}'); unknown fields are rejected with the base's list of valid fields."))
+        "'{\"layers\": [5]}'), applied on top of the base's preset; unknown fields are rejected with the base's "
+        "list of valid fields."))
+    base_preset: bool = field(default=True, metadata=_help(
+        "Start the base's config from its preset for the edited model (editors/presets/<base>.yaml), as a run of "
+        "the base method itself would; False = the base config's defaults."))
 
     def validate(self) -> None:
         if self.base not in BASES:
@@ -71,7 +74,13 @@ class WrappedEditor(Editor):
                 cls = get_editor_class(cfg.base)
             except UnknownMethodError as exc:
                 raise EditError(f"{self.name}: base method {cfg.base!r} is not installed ({exc})") from exc
-            base_cfg = make_config(cls.config_cls, cfg.base_overrides, method=f"{self.name}.base ({cls.name})")
+            preset: dict = {}
+            if cfg.base_preset:
+                from .presets import load_preset
+                found = load_preset(cls.name, self.lm.name)
+                preset = dict(found.config) if found is not None else {}
+            base_cfg = make_config(cls.config_cls, {**preset, **cfg.base_overrides},
+                                   method=f"{self.name}.base ({cls.name})")
             self._base = cls(self.lm, base_cfg, cache_dir=self.cache_dir, seed=self.seed)
         return self._base
 

@@ -50,11 +50,14 @@ OVERRIDES: dict[str, dict] = {
     "prune": {"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}},
     "adaedit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
     "mose": {"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    "lora": {},
-    "flearning": {},
-    "geoedit": {},
-    "malmen": {},  # hypernetwork training: a handful of meta steps only
-    "agrade": {},
+    # fine-tuning family (editors/lora.py, flearning.py, geoedit.py): one layer, a few epochs, a tiny auto-encoder run
+    "lora": {"layers": (1,), "num_steps": 3},
+    "flearning": {"layers": (1,), "num_steps": 2, "batch_size": 2},
+    "geoedit": {"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10},
+    # hypernetworks: the contract rows edit with an UNTRAINED (seeded, freshly initialised) net via allow_untrained
+    # (contract-only flag; training is covered by tests/unit/test_agrade.py), rank 8, the last two layers
+    "malmen": {"allow_untrained": True, "rank": 8, "layers": (2, 3)},
+    "agrade": {"allow_untrained": True, "rank": 8, "layers": (2, 3)},
 }
 
 # Extra rows beyond the (method x arch) grid: variants whose code paths differ.
@@ -62,10 +65,15 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("ft", "llama", {"layers": (1, 2), "module": "mlp_in", "objective": "prompt_last", "num_steps": 2,
                      "batch_size": 2}),
     ("ft", "gpt2", {"layers": (2,), "module": "attn_out", "num_steps": 2, "norm_constraint": 1e-3}),
+    ("lora", "gpt2", {"layers": (1, 2), "module": "attn_out", "num_steps": 2, "rank": 2, "dropout": 0.0}),
+    ("flearning", "gpt2", {"layers": (1,), "num_steps": 2, "batch_size": 2, "mode": "lora", "forget_lambda": 0.5}),
+    ("geoedit", "llama", {"layers": (1, 2), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10, "mode": "lora",
+                          "fusion": "fixed", "orthogonal": False}),
 ]
 
 # How many of REQUESTS each method edits in one call (a method that edits batches lists 2 to exercise batching).
-N_REQUESTS: dict[str, int] = {"ft": 2, "ft-c": 2, "memit": 2, "pmet": 2, "emmet": 2, "alphaedit": 2, "mose": 2, "adaedit": 2}
+N_REQUESTS: dict[str, int] = {"ft": 2, "ft-c": 2, "memit": 2, "pmet": 2, "emmet": 2, "alphaedit": 2, "mose": 2, "adaedit": 2,
+                              "lora": 2, "flearning": 2, "geoedit": 2, "malmen": 2, "agrade": 2}
 
 REQUESTS: tuple[EditRequest, ...] = (
     make_request(source="test_contract", record=0, case_id="eiffel",
@@ -201,7 +209,74 @@ def _prune_within_bound(lm: LoadedModel, result: EditResult) -> None:
         assert torch.linalg.matrix_norm(d.double(), ord=2).item() <= bound * (1 + 1e-5) + 1e-6, name
 
 
+def _configured_weights(lm: LoadedModel, cfg: dict) -> set[str]:
+    spec = lm.spec
+    if cfg["module"] == "mlp_out":
+        return {spec.mlp_out_weight(layer) for layer in cfg["layers"]}
+    if cfg["module"] == "mlp_in":
+        return {f"{spec.layer(layer)}.{m}.weight" for layer in cfg["layers"] for m in spec.mlp_in}
+    return {f"{spec.attn_out_module(layer)}.weight" for layer in cfg["layers"]}
+
+
+def _lora_is_merged_product(lm: LoadedModel, result: EditResult) -> None:
+    """LoRA: each delta is exactly B @ A · alpha/r (param layout) of the trained adapter, of rank <= r."""
+    assert set(result.deltas) == _configured_weights(lm, result.config) and not result.factors
+    art = result.artifacts
+    for name, d in result.deltas.items():
+        A, B = torch.as_tensor(art["lora_A"][name]), torch.as_tensor(art["lora_B"][name])
+        scale = art["lora_scale"][name]
+        assert scale == result.config["alpha"] / result.config["rank"]
+        assert torch.equal(d, lm.spec.to_param_layout((B @ A) * scale).contiguous()), name
+        assert torch.linalg.matrix_rank(d.double(), rtol=1e-5).item() <= result.config["rank"]
+
+
+def _flearning_forgets_then_learns(lm: LoadedModel, result: EditResult) -> None:
+    """F-Learning: only the configured weights change; both fine-tunings stepped and the old-fact task vector is
+    recorded and non-zero (that delta = −λ·τ_old + FT(θ0 − λ·τ_old) is checked in tests/unit/test_geoedit.py)."""
+    assert set(result.deltas) == _configured_weights(lm, result.config) and not result.factors
+    assert set(result.artifacts["tau_old"]) == set(result.deltas)
+    assert all(v > 0 for v in result.info["tau_old_norm"].values())
+    assert result.info["old"]["opt_steps"] > 0 and result.info["new"]["opt_steps"] > 0
+
+
+def _geoedit_masks_orthogonal(lm: LoadedModel, result: EditResult) -> None:
+    """GeoEdit: per-neuron artifacts cover every row; α, β in [0, 1]; with the orthogonal rule on, every neuron of
+    the orthogonal class has an exactly zero row in the canonical delta (Eq. 11, case 2)."""
+    cfg, art = result.config, result.artifacts
+    assert set(result.deltas) == _configured_weights(lm, cfg) and not result.factors
+    n = result.info["n_neurons"]
+    for key in ("raw_angle", "latent_angle", "neuron_class", "tau_old_norm", "tau_new_norm", "alpha", "beta",
+                "param_index", "neuron"):
+        assert art[key].shape == (n,), key
+    assert ((art["alpha"] >= 0) & (art["alpha"] <= 1)).all() and ((art["beta"] >= 0) & (art["beta"] <= 1)).all()
+    rows = torch.cat([lm.spec.to_canonical(result.deltas[p]) for p in art["param_names"]])
+    assert rows.shape[0] == n
+    ortho = torch.as_tensor(art["neuron_class"] == 1)
+    if cfg["orthogonal"]:
+        assert (rows[ortho] == 0).all()
+    assert (rows[~ortho].abs().sum(1) > 0).any()
+
+
+def _hypernet_low_rank(lm: LoadedModel, result: EditResult) -> None:
+    """MALMEN / AGRADE: one additive update per configured MLP output projection, each Δ = Kᵀ(KKᵀ + e^λ I)⁻¹D of
+    rank <= the number of answer tokens; AGRADE also exposes HᵀG before / after Eq. 4 and M's features."""
+    expected = {lm.spec.mlp_out_weight(layer) for layer in result.config["layers"]}
+    assert set(result.deltas) == expected and not result.factors
+    n_tok = result.info["n_tokens"]
+    for name, d in result.deltas.items():
+        assert torch.linalg.matrix_rank(lm.spec.to_canonical(d).double(), rtol=1e-5).item() <= n_tok, name
+    if result.method == "agrade":
+        d_in = lm.spec.mlp_size
+        for key in ("H", "G_before", "G_after", "M_eigvals", "M_diag"):
+            assert set(result.artifacts[key]) == {str(x) for x in result.config["layers"]}, key
+        for layer, H in result.artifacts["H"].items():  # HᵀG = H.T @ G: [d_in, d_out]
+            assert tuple((H.T @ result.artifacts["G_after"][layer]).shape) == (d_in, lm.spec.hidden_size)
+
+
 INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
+    "lora": _lora_is_merged_product,
+    "flearning": _flearning_forgets_then_learns,
+    "geoedit": _geoedit_masks_orthogonal,
     "ft": _ft_trains_only_configured_weights,
     "ft-c": _ftc_stays_in_box,
     "rome": _rank_one,
@@ -213,6 +288,8 @@ INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
     "adaedit": _adaedit_srfusion_sparse,
     "rect": _rect_keeps_fraction,
     "prune": _prune_within_bound,
+    "malmen": _hypernet_low_rank,
+    "agrade": _hypernet_low_rank,
 }
 
 

@@ -112,12 +112,17 @@ def _known_null_space(m: int = 6):
 
 def test_null_space_absolute_and_relative_rules_find_the_known_dimension():
     C, _, U_null = _known_null_space(6)
-    for rule, thr in (("absolute", 1e-3), ("relative", 1e-3)):
+    for rule, thr in (("absolute", 1e-3), ("relative", 1e-3), ("energy", 1e-3)):
         ns = null_space(C, thr, rule, dtype=torch.float64)
         assert ns.dim == 6
         assert torch.allclose(ns.P, U_null @ U_null.T, atol=1e-8)
-    # the relative rule is scale-free; the absolute one is not
+    # the relative and energy rules are scale-free; the absolute one is not
     assert null_space(1e6 * C, 1e-3, "relative").dim == 6
+    assert null_space(1e6 * C, 1e-3, "energy").dim == 6
+    # energy: the smallest directions holding at most that share of trace(C)
+    ns = null_space(C, 0.1, "energy", dtype=torch.float64)
+    s = ns.eigenvalues
+    assert s[:ns.dim].sum() <= 0.1 * s.sum() < s[:ns.dim + 1].sum()
     assert null_space(1e6 * C, 1e-3, "absolute").dim == 0
 
 

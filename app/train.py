@@ -1,0 +1,182 @@
+"""Hypernetwork training as a job: ``python -m app train --method agrade|malmen --data SOURCE [--steps N]``.
+
+MALMEN / AGRADE (editors/malmen.py, editors/agrade.py) edit with a trained hypernetwork. This trains one on edit
+records (CounterFact train or zsRE), shows a tqdm bar, evaluates held-out batch edits every ``eval_every`` steps
+(ES / GS / LS with the teacher-forced token-accuracy protocol, and AGRADE's Editing Score) and checkpoints to
+``editors.cache.cache_root()/hypernets/<model_hash>/<method>-<config hash>/`` (``hypernet.safetensors``,
+``optimizer.pt``, ``config.json``). Running the same command again resumes from the last checkpoint; editing with
+the same model and config later finds the checkpoint automatically.
+
+Data order is a function of the step only (step s uses records ``[s·n_edits, (s+1)·n_edits)`` modulo the training
+records), so a resumed run sees the same batches as an uninterrupted one. The last ``n_val`` loaded records are held
+out for validation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+HYPERNET_METHODS = ("malmen", "agrade")
+
+
+def validate_edits(lm, editor, requests: Sequence) -> dict:
+    """Batch-edit ``requests``, score ES / GS / LS (tf_token_acc), undo. Returns a dict with the Editing Score."""
+    from analysis.evaluation import editing_score, evaluate_requests, locality_pairs, locality_reference, summarize
+    from editors.base import apply_result
+
+    ref = locality_reference(lm, locality_pairs(requests))
+    result = editor.edit(list(requests))
+    undo = apply_result(lm, result)
+    try:
+        summary = summarize(evaluate_requests(lm, requests, ref))
+    finally:
+        undo(lm.model)
+    es = summary.get(("reliability", "tf_token_acc"), float("nan"))
+    gs = summary.get(("generality", "tf_token_acc"), float("nan"))
+    ls = summary.get(("locality", "tf_token_acc"), float("nan"))
+    score = editing_score(es, gs, ls) if all(x == x for x in (es, gs, ls)) else float("nan")
+    return {"ES": es, "GS": gs, "LS": ls, "score": score}
+
+
+def train_hypernet(lm, method: str, overrides: dict | None, data: str, *, steps: int = 200, eval_every: int = 50,
+                   n_val: int = 16, seed: int = 0, cache_dir: str | None = None, progress: bool = True,
+                   on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train (or resume) the hypernetwork of ``method`` for ``lm`` up to ``steps`` meta steps in total.
+
+    Returns ``{"path", "step", "history", "seconds", "resumed_from"}``. ``history`` holds per-step training losses
+    and validation rows.
+    """
+    import torch
+
+    from editors.base import make_config
+    from editors.data import load_requests
+    from editors.hypernet import build_hypernet, checkpoint_dir, save_checkpoint
+    from editors.hypernet import load_checkpoint
+    from editors.registry import get_editor_class
+
+    if method not in HYPERNET_METHODS:
+        raise ValueError(f"train: method must be one of {', '.join(HYPERNET_METHODS)}, got {method!r}")
+    if steps < 1 or eval_every < 1 or n_val < 0:
+        raise ValueError("steps and eval_every must be >= 1, n_val >= 0")
+    cls = get_editor_class(method)
+    cfg = make_config(cls.config_cls, overrides, method=method)
+    cfg.allow_untrained = True  # the trainer builds the net; allow_untrained is not part of the checkpoint key
+    editor = cls(lm, cfg, seed=seed, cache_dir=cache_dir)
+    records = load_requests(data, steps * cfg.n_edits + n_val, skip_invalid=True)
+    if len(records) < cfg.n_edits + n_val:
+        raise ValueError(f"train: {data} gave {len(records)} records; need at least n_edits + n_val = "
+                         f"{cfg.n_edits + n_val}")
+    val = records[len(records) - n_val:] if n_val else []
+    train = records[:len(records) - n_val]
+
+    net, layers, modules, _ = build_hypernet(lm, method, cfg, seed=seed, cache_dir=cache_dir, require_trained=False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
+    path = checkpoint_dir(lm, method, cfg, cache_dir)
+    meta = load_checkpoint(path, net, optimizer)
+    start = int(meta["step"]) if meta else 0
+    history = list(meta.get("history", [])) if meta else []
+    seconds = float(meta.get("seconds", 0.0)) if meta else 0.0
+    if meta and meta.get("data") != data:
+        log.warning("resuming %s trained on %s with data %s", path, meta.get("data"), data)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(path, net, {"format": 1, "method": method, "config": cfg.to_dict(), "model": lm.name,
+                                    "model_hash": lm.model_hash, "step": step, "data": data, "seconds": seconds,
+                                    "history": history}, optimizer)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=min(start, steps), desc=f"train {method}", unit="step")
+    torch.manual_seed(seed + start)
+    completed = start
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            i0 = (step * cfg.n_edits) % len(train)
+            batch = [train[(i0 + j) % len(train)] for j in range(cfg.n_edits)]
+            net.train()
+            loss, stats = editor.train_step(net, batch, layers, modules)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            completed = step + 1
+            seconds += time.perf_counter() - t0
+            row = {"step": step + 1, **stats}
+            done = step + 1
+            if val and (done % eval_every == 0 or done == steps):
+                net.eval()
+                checkpoint(done)  # the editor below loads the net from the checkpoint
+                row.update({f"val_{k}": v for k, v in validate_edits(lm, _trained_editor(cls, lm, cfg, seed,
+                                                                                          cache_dir), val).items()})
+            history.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "val_ES", "val_score")})
+            if on_step is not None:
+                on_step(done, row)
+            if done % eval_every == 0 or done == steps:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        checkpoint(completed)  # resumable: the next run with the same command continues from here
+        log.warning("interrupted after step %d; checkpoint in %s", completed, path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"path": path, "step": max(start, steps), "history": history, "seconds": seconds, "resumed_from": start}
+
+
+# ---- CLI: `python -m app train` (the subparser and command; app/cli.py only registers them) -----------------
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train the hypernetwork of malmen / agrade (resumable; checkpoints in the cache)",
+                       description="Train (or resume) the hypernetwork of a hypernetwork-based method. Checkpoints go "
+                                   "to <cache>/hypernets/<model hash>/<method>-<config hash>/ and are found by later "
+                                   "edits with the same model and config.")
+    p.add_argument("--method", required=True, choices=("agrade", "malmen"))
+    p.add_argument("--data", required=True, help="training records: counterfact:PATH | zsre:PATH")
+    p.add_argument("--steps", type=int, default=200, help="meta steps in total (default 200; resumes at the last "
+                                                          "checkpoint)")
+    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K steps (default 50)")
+    p.add_argument("--n-val", type=int, default=16, help="held-out records for validation (default 16)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field of the method (repeatable), e.g. rank=128")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(args) -> int:
+    from editors.base import ConfigError
+    from editors.models import load_model
+
+    from .cli import EXIT_OK, CLIError, _json_safe
+
+    overrides = {}
+    for item in args.sets:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    lm = load_model(args.model, device=args.device)
+    try:
+        out = train_hypernet(lm, args.method, overrides, args.data, steps=args.steps, eval_every=args.eval_every,
+                             n_val=args.n_val, seed=args.seed, progress=not args.no_progress)
+    except (ConfigError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    last = out["history"][-1] if out["history"] else {}
+    print(f"trained {args.method} to step {out['step']} ({out['seconds']:.0f} s of training) -> {out['path']}")
+    print(json.dumps(_json_safe(last)))
+    return EXIT_OK
+
+
+def _trained_editor(cls, lm, cfg, seed, cache_dir):
+    from editors.base import make_config
+    c = make_config(cls.config_cls, {**cfg.to_dict(), "allow_untrained": False}, method=cls.name)
+    return cls(lm, c, seed=seed, cache_dir=cache_dir)

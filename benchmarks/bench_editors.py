@@ -1,0 +1,211 @@
+"""Editor benchmark: seconds per edit, peak memory and reliability during SEQUENTIAL editing.
+
+For each method and batch size, ``n_edits`` requests are edited in steps of ``batch_size`` on one model that is never
+rolled back between steps (each result is applied, then ``after_apply`` is called), as in EVALUATION.md. Reported:
+
+* ``setup_s``: :meth:`Editor.prepare` (context templates, covariance statistics, projectors); not part of the
+  per-edit time. With a warm cache (``~/.cache/editbench`` or ``$EDITBENCH_CACHE``) statistics are only loaded;
+  pass ``cache_dir`` (``--cache-dir``) pointing at an empty folder to time their computation.
+* ``median_s / min_s / max_s``: wall seconds of ``edit()`` per request (a step's time divided by its batch size);
+  ``median_cpu_s``: process CPU seconds per request (all threads), which is less sensitive to other processes;
+* ``peak_mem_mb``: peak growth during ``edit()`` over the memory before it: resident set size sampled every 20 ms
+  on CPU, ``torch.cuda.max_memory_allocated`` on CUDA;
+* ``rel_immediate``: mean reliability (``tf_token_acc``) of each step's requests right after the step;
+  ``rel_final / gen_final / loc_final``: reliability, generality and locality of ALL edited requests on the final
+  model (locality against the unedited model);
+* ``machine_gflops``: fp32 matmul throughput measured at the start, so that timings taken on a busy machine can
+  be put in proportion.
+
+Run::
+
+    python -m benchmarks.bench_editors --methods rome --n-edits 20 --threads 2 \\
+        --data counterfact:../shared/data/counterfact/counterfact-edit.json
+
+The model is restored exactly after every method (the undo of every step is applied in reverse).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import threading
+import time
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _PeakRSS:
+    """Samples the process's resident set size in a background thread (CPU peak memory of a block)."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.start_rss = 0
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_PeakRSS":
+        self.start_rss = self.peak = self._proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start_rss) / 2**20
+
+
+def machine_gflops(seconds: float = 1.0) -> float:
+    """fp32 matmul throughput of this process right now (a [512,576] x [576,1536] product, the MLP's shape)."""
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 512 * 576 * 1536 / (time.perf_counter() - t0) / 1e9
+
+
+def _method_config(method: str, lm, overrides: dict | None, use_preset: bool):
+    from editors.base import make_config
+    from editors.registry import get_editor_class
+    cls = get_editor_class(method)
+    preset, version = {}, None
+    if use_preset:
+        from editors.presets import load_preset
+        found = load_preset(cls.name, lm.name)
+        if found is not None:
+            preset, version = dict(found.config), found.version
+    return cls, make_config(cls.config_cls, {**preset, **(overrides or {})}, method=cls.name), version
+
+
+def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[int] = (1,), data: str = "builtin",
+              device: str | None = None, *, lm=None, overrides: dict[str, dict] | None = None,
+              use_preset: bool = True, seed: int = 0, cache_dir: str | None = None) -> pd.DataFrame:
+    """One row per (method, batch size); the per-step records are in ``df.attrs["per_step"]``.
+
+    Args:
+        methods: registry names.
+        data: an :func:`editors.data.load_requests` source ("builtin", "counterfact:PATH", ...).
+        device: for loading the default model when ``lm`` is not given.
+        lm: an already loaded model (it is restored exactly afterwards).
+        overrides: per-method config overrides applied on top of the preset.
+    """
+    from analysis import evaluation as E
+    from editors.base import apply_result
+    from editors.data import load_requests
+    from editors.models import load_model
+
+    if lm is None:
+        lm = load_model("default", device=device)
+    requests = list(load_requests(data, n_edits))
+    if len(requests) < n_edits:
+        log.warning("data %s holds %d requests; benchmarking %d edits", data, len(requests), len(requests))
+    reference = E.locality_reference(lm, E.locality_pairs(requests))
+    cuda = lm.device.type == "cuda"
+    gflops = machine_gflops()
+    rows, steps = [], []
+    for method in methods:
+        for bs in batch_sizes:
+            cls, cfg, preset_version = _method_config(method, lm, (overrides or {}).get(method), use_preset)
+            editor = cls(lm, cfg, cache_dir=cache_dir, seed=seed)
+            t0 = time.perf_counter()
+            editor.prepare()
+            setup_s = time.perf_counter() - t0
+            undos = []
+            per_req_s, per_req_cpu, mems, rel_imm = [], [], [], []
+            try:
+                for start in range(0, len(requests), bs):
+                    batch = requests[start:start + bs]
+                    if cuda:
+                        torch.cuda.synchronize(lm.device)
+                        torch.cuda.reset_peak_memory_stats(lm.device)
+                        base_mem = torch.cuda.memory_allocated(lm.device)
+                        t, c = time.perf_counter(), time.process_time()
+                        result = editor.edit(batch)
+                        torch.cuda.synchronize(lm.device)
+                        secs, cpu = time.perf_counter() - t, time.process_time() - c
+                        mem = (torch.cuda.max_memory_allocated(lm.device) - base_mem) / 2**20
+                    else:
+                        with _PeakRSS() as peak:
+                            t, c = time.perf_counter(), time.process_time()
+                            result = editor.edit(batch)
+                            secs, cpu = time.perf_counter() - t, time.process_time() - c
+                        mem = peak.growth_mb
+                    undos.append(apply_result(lm, result))
+                    editor.after_apply(batch, result)
+                    rel = E.summarize(E.evaluate_requests(lm, batch, reference)).get(("reliability", E.TF), 0.0)
+                    per_req_s.append(secs / len(batch))
+                    per_req_cpu.append(cpu / len(batch))
+                    mems.append(mem)
+                    rel_imm.append(rel)
+                    steps.append({"method": method, "batch_size": bs, "step": len(rel_imm), "edits": start + len(batch),
+                                  "seconds_per_edit": secs / len(batch), "cpu_seconds_per_edit": cpu / len(batch),
+                                  "peak_mem_mb": mem, "reliability": rel,
+                                  "z_steps": result.info.get("steps"), "target_prob": result.info.get("target_prob")})
+                    log.info("%s bs=%d: %d/%d edits, %.1fs/edit, reliability %.2f", method, bs, start + len(batch),
+                             len(requests), secs / len(batch), rel)
+                final = E.summarize(E.evaluate_requests(lm, requests, reference))
+            finally:
+                for undo in reversed(undos):
+                    undo(lm.model)
+            rows.append({
+                "method": method, "batch_size": bs, "n_edits": len(requests), "preset_version": preset_version,
+                "setup_s": setup_s,
+                "median_s": statistics.median(per_req_s), "min_s": min(per_req_s), "max_s": max(per_req_s),
+                "median_cpu_s": statistics.median(per_req_cpu),
+                "peak_mem_mb": max(mems),
+                "rel_immediate": sum(rel_imm) / len(rel_imm),
+                "rel_final": final.get(("reliability", E.TF)),
+                "gen_final": final.get(("generality", E.TF)),
+                "loc_final": final.get(("locality", E.TF)),
+                "device": str(lm.device), "threads": torch.get_num_threads(), "machine_gflops": gflops,
+            })
+    df = pd.DataFrame(rows)
+    df.attrs["per_step"] = pd.DataFrame(steps)
+    return df
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="rome", help="comma-separated registry names")
+    ap.add_argument("--n-edits", type=int, default=20)
+    ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--data", default="builtin", help="editors.data source: builtin, counterfact:PATH, zsre:PATH")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's target: 2)")
+    ap.add_argument("--cache-dir", default=None, help="cache folder (an empty one times the statistics)")
+    ap.add_argument("--per-step", action="store_true", help="also print every step")
+    ap.add_argument("--csv", default=None, help="write the summary table to this CSV file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    df = run_bench([m.strip() for m in args.methods.split(",") if m.strip()], n_edits=args.n_edits,
+                   batch_sizes=[int(b) for b in args.batch_sizes.split(",")], data=args.data, device=args.device,
+                   cache_dir=args.cache_dir)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
+        print(df.to_string(index=False))
+        if args.per_step:
+            print(df.attrs["per_step"].to_string(index=False))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    return df
+
+
+if __name__ == "__main__":
+    main()

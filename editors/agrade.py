@@ -1,0 +1,139 @@
+"""AGRADE (Gu et al., AAAI 2025, "Editing Large Language Models via Adaptive Gradient Guidance"), Eq. 1-7.
+
+No public code exists (METHODS.md section 11/14); this follows the paper's Methods section on top of the MALMEN
+hypernetwork (:mod:`editors.hypernet`). Per edited module m with keys ``H [T, D_h]`` and value gradients
+``∇G [T, D_g]`` at the answer tokens, ``(H̃, ∇G̃) = HyperNetwork(H, ∇G)`` and
+
+* Eq. 1  ``c_i = -η Σ_j H_ij H̃_ij``                      (``use_c=False``: ``c_i = -η``)
+* Eq. 2  ``G = c ⊙ ∇G̃``
+* Eq. 3  ``M = HᵀH + e^λ I``                              (``regularise=False``: ``M = HᵀH``, pseudo-inverse)
+* Eq. 4  ``G ← G - (<G, G_prev>/<G_prev, G_prev>) G_prev`` against the adjacent (previous) edited module's Eq. 2
+  gradient, Frobenius inner product                      (``gradient_projection=False``: skipped)
+* Eq. 5  ``Δθ = M⁻¹ HᵀG``                                 ([D_h, D_g]; W += Δθᵀ in the canonical [d_out, d_in])
+
+Training (Directional HyperNetwork Training): after the edit, ``g_θ = ∂(L_equiv + L_unrel)/∂W`` ([D_h, D_g] here),
+* Eq. 6  ``P = H (HᵀH + e^λ I)⁻¹ g_θ``                    (``weight_projection=False``: ``P = H g_θ``)
+* Eq. 7  ``L_AGRADE = Σ_ij P_ij G_ij`` with P held fixed, so its gradient in the hypernetwork is P pushed into G.
+``L_hyper = L_AGRADE + L_equiv + L_unrel``; ``L_equiv`` and ``L_unrel`` reach the hypernetwork only through g_θ (i.e.
+through P). λ gets ``<g_θ, Δθ(λ)>`` (MALMEN's gradient), since P is held fixed in Eq. 7.
+
+Artifacts of an edit (Fig. 3 of the paper), per edited layer: ``H`` [T, D_h], ``G_before`` / ``G_after`` [T, D_g]
+(G before / after the Eq. 4 projection; HᵀG = H.T @ G exactly, and with ``artifact_matrices`` also ``HtG_before`` /
+``HtG_after`` [D_h, D_g] themselves), ``M_eigvals`` (the T non-trivial eigenvalues of M: eig(HHᵀ) + e^λ, the rest equal
+e^λ), ``M_diag`` ([D_h]) and ``cos_prev`` (cosine of G with G_prev before projection).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .base import Editor
+from .hypernet import HyperNet, HypernetConfig, HypernetEditor, Prediction, regularised_solve_op, solve_shift
+from .registry import register
+
+
+@dataclass
+class AGRADEConfig(HypernetConfig):
+    """Config of ``agrade``: the shared hypernetwork fields plus the paper's ablations (section Ablation)."""
+
+    version: ClassVar[int] = 1
+
+    use_c: bool = field(default=True, metadata={"help": (
+        "Scale the projected gradients by the adjustment coefficients c of Eq. 1-2. False = ablation 'w/o c': "
+        "G = -η ∇G̃.")})
+    regularise: bool = field(default=True, metadata={"help": (
+        "Add e^λ I to M (Eq. 3) and in P (Eq. 6). False = ablation 'w/o regularisation': M = HᵀH, solved with "
+        "the pseudo-inverse (minimum-norm least squares).")})
+    weight_projection: bool = field(default=True, metadata={"help": (
+        "Project the weight gradient with (HᵀH + e^λ I)⁻¹ in Eq. 6. False = ablation 'w/o weight projection': "
+        "P = H g_θ.")})
+    gradient_projection: bool = field(default=True, metadata={"help": (
+        "Orthogonalise each module's G against the previous (adjacent) edited module's G (Eq. 4). False = "
+        "ablation 'w/o gradient projection'.")})
+    artifact_matrices: bool = field(default=False, metadata={"help": (
+        "Also store HᵀG before / after Eq. 4 as full [D_h, D_g] matrices in the result's artifacts (~21 MB per "
+        "edit on SmolLM2's 6 modules, written to the run store at every step). Off: only the exact factors "
+        "H, G_before, G_after ([T, D_h], [T, D_g]; HᵀG = H.T @ G), from which the matrices follow.")})
+
+
+def adjustment_coefficients(H: torch.Tensor, H_tilde: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``c [T, 1]`` with ``c_i = -η Σ_j H_ij H̃_ij``."""
+    return -eta * (H * H_tilde).sum(-1, keepdim=True)
+
+
+def orthogonalise(G: torch.Tensor, G_prev: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ``G - (<G, G_prev>/<G_prev, G_prev>) G_prev`` (Frobenius inner product); G unchanged if G_prev = 0."""
+    denom = (G_prev * G_prev).sum()
+    if denom.item() == 0:
+        return G
+    return G - ((G * G_prev).sum() / denom) * G_prev
+
+
+@register
+class AGRADE(HypernetEditor, Editor):
+    name: ClassVar[str] = "agrade"
+    config_cls: ClassVar[type] = AGRADEConfig
+    summary: ClassVar[str] = ("AGRADE: MALMEN-style hypernetwork with adjustment coefficients, gradients "
+                              "orthogonalised against the adjacent module and a projected-gradient training loss "
+                              "(Eq. 1-7; needs `python -m app train`).")
+
+    def _lam(self, net: HyperNet, m: int):
+        return net.lamda[m] if self.config.regularise else None
+
+    def predict(self, net, K, grads) -> Prediction:
+        cfg = self.config
+        raw: list[torch.Tensor] = []
+        for m, (H, g) in enumerate(zip(K, grads)):
+            H_tilde, g_tilde = net(H, g, m)
+            c = adjustment_coefficients(H, H_tilde, net.lr[m]) if cfg.use_c else -net.lr[m].expand(H.shape[0], 1)
+            raw.append(c * g_tilde)  # Eq. 2
+        G = []
+        cos = []
+        for m, Gm in enumerate(raw):
+            if m > 0 and cfg.gradient_projection:
+                prev = raw[m - 1]
+                cos.append(float(((Gm * prev).sum() / (Gm.norm() * prev.norm()).clamp_min(1e-30)).detach()))
+                Gm = orthogonalise(Gm, prev)  # Eq. 4
+            G.append(Gm)
+        deltas = [solve_shift(H, Gm, self._lam(net, m)) for m, (H, Gm) in enumerate(zip(K, G))]  # Eq. 3, 5
+        extras = {}
+        if not torch.is_grad_enabled():
+            layers = self._layers
+            extras = {
+                "H": {str(l): H.detach().cpu() for l, H in zip(layers, K)},
+                "G_before": {str(l): r.detach().cpu() for l, r in zip(layers, raw)},
+                "G_after": {str(l): g.detach().cpu() for l, g in zip(layers, G)},
+                "M_eigvals": {str(l): (torch.linalg.eigvalsh((H @ H.T).double())
+                                       + (torch.exp(net.lamda[m].double()) if cfg.regularise else 0.0)
+                                       ).float().cpu() for m, (l, H) in enumerate(zip(layers, K))},
+                "M_diag": {str(l): ((H * H).sum(0) + (torch.exp(net.lamda[m]) if cfg.regularise else 0.0)
+                                    ).detach().cpu() for m, (l, H) in enumerate(zip(layers, K))},
+                "cos_prev": cos,
+            }
+            if cfg.artifact_matrices:
+                extras["HtG_before"] = {str(l): (H.T @ r).detach().cpu() for l, H, r in zip(layers, K, raw)}
+                extras["HtG_after"] = {str(l): (H.T @ g).detach().cpu() for l, H, g in zip(layers, K, G)}
+        return Prediction(K=list(K), D=G, deltas=deltas, extras=extras)
+
+    @property
+    def _layers(self) -> list[int]:
+        from .hypernet import edit_layers
+        return edit_layers(self.config, self.lm)
+
+    def projected_gradient(self, net: HyperNet, H: torch.Tensor, g_theta: torch.Tensor, m: int) -> torch.Tensor:
+        """Eq. 6: ``P = H (HᵀH + e^λ I)⁻¹ g_θ`` ``[T, D_g]`` (or ``H g_θ`` without weight projection)."""
+        if not self.config.weight_projection:
+            return H @ g_theta
+        return regularised_solve_op(H, g_theta, self._lam(net, m).detach() if self.config.regularise else None)
+
+    def hyper_loss(self, net, pred, g_theta) -> torch.Tensor:
+        loss = torch.zeros((), device=g_theta[0].device)
+        for m, (H, G, g, d) in enumerate(zip(pred.K, pred.D, g_theta, pred.deltas)):
+            P = self.projected_gradient(net, H, g.detach(), m).detach()
+            loss = loss + (P * G).sum()  # Eq. 7
+            if self.config.regularise:
+                # λ's gradient: <g_θ, Δθ(λ)> with G held fixed (P does not depend on λ's graph)
+                loss = loss + (g.detach() * solve_shift(H, G.detach(), net.lamda[m])).sum()
+        return loss
