@@ -72,10 +72,11 @@ def synthetic_run(store: RunStore, *, method: str = "rome", n_edits: int = 100, 
             if prev_norm is not None:
                 cos = float(np.clip(rng.normal(0.0 if n < collapse_at else 0.4, 0.15), -1, 1))
                 metric_rows.append({"n_edits": n, "step": n, "kind": "update_angle", "layer": layer,
-                                    "param": params[layer], "metric": "cos_prev", "value": cos})
+                                    "param": params[layer], "metric": "angle_flat",
+                                    "value": float(np.degrees(np.arccos(cos)))})
                 metric_rows.append({"n_edits": n, "step": n, "kind": "update_angle", "layer": layer,
-                                    "param": params[layer], "metric": "cos_accumulated",
-                                    "value": float(np.clip(rng.normal(0.2, 0.1), -1, 1))})
+                                    "param": params[layer], "metric": "angle_accumulated",
+                                    "value": float(np.degrees(np.arccos(np.clip(rng.normal(0.2, 0.1), -1, 1))))})
             prev_norm = norm
         metric_rows.append({"n_edits": n, "step": n, "kind": "info", "metric": "loss", "value": 0.1})
         artifacts_step = []

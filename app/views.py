@@ -39,9 +39,9 @@ MEANINGS = {
     "mean_cosine_shift": "Mean over probe prompts of 1 − cos(before, after): 0 = the states did not move.",
     "linear_cka": "Linear CKA between before and after states: 1 = same geometry up to rotation and scale.",
     "mmd_rbf": "Squared MMD (Gaussian kernel, median bandwidth) between before and after: 0 = same distribution.",
-    "cos_prev": "Angle between this step's update and the previous one of the same matrix: > 90° = the new edit "
-                "partly undoes the last one (interference).",
-    "cos_accumulated": "Angle between this step's update and the change accumulated so far.",
+    "angle_flat": "Angle between this step's update and the previous one of the same matrix (flattened): > 90° = "
+                  "the new edit partly undoes the last one (interference).",
+    "angle_accumulated": "Angle between this step's update and the change accumulated before it.",
 }
 
 
@@ -259,12 +259,16 @@ def spectrum(store: RunStore, run_id: str, n_edits: int) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------------
 # Geometry page
 # ---------------------------------------------------------------------------------------------------------------
+#: update-angle metrics the engine writes (degrees), as named in the store
+UPDATE_ANGLE_METRICS = ("angle_flat", "angle_accumulated")
+
+
 def update_angle_frame(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
     """Successive-update angles in degrees: columns ``run_id, method, name, n_edits, layer, metric, angle``."""
     runs = runs_frame(store, run_ids)
-    df = aggregate_metrics(store, run_ids, kinds=["update_angle"], metrics=["cos_prev", "cos_accumulated"])
+    df = aggregate_metrics(store, run_ids, kinds=["update_angle"], metrics=list(UPDATE_ANGLE_METRICS))
     df = df.dropna(subset=["value"]).copy()
-    df["angle"] = np.degrees(np.arccos(df["value"].clip(-1, 1)))
+    df["angle"] = df["value"]  # the engine stores degrees
     return _attach_names(df, runs)[["run_id", "method", "name", "run", "n_edits", "layer", "metric", "angle"]]
 
 

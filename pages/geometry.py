@@ -12,8 +12,8 @@ if not run_ids:
     st.stop()
 
 st.subheader("Successive-update angles")
-which = st.radio("Angle", ["cos_prev", "cos_accumulated"], horizontal=True, key="g-which",
-                 format_func={"cos_prev": "to the previous update", "cos_accumulated": "to the change so far"}.get)
+which = st.radio("Angle", list(views.UPDATE_ANGLE_METRICS), horizontal=True, key="g-which",
+                 format_func={"angle_flat": "to the previous update", "angle_accumulated": "to the change so far"}.get)
 angles = ui.view("update_angle_frame", run_ids, run_ids)
 sub = angles[angles["metric"] == which]
 if sub.empty:
