@@ -499,6 +499,8 @@ class SequentialRun:
         self.prev_update: dict[str, tuple[int, torch.Tensor]] = {}  # param -> (n_edits, last update)
         self.hidden_baseline: dict[int, np.ndarray] = {}  # layer -> states before it was first edited
         self.edit_seconds = 0.0
+        self.diag_seconds = 0.0  # weight / angle / hidden-state diagnostics (not evaluation, not editing)
+        self.eval_seconds_total = 0.0  # retention, locality probes, general abilities, immediate metrics
         self.peak_mem = 0.0
         self.n_done = 0
         self.step = 0
@@ -621,6 +623,7 @@ class SequentialRun:
                 artifacts.append(("hidden_states", {**states, "prompts": np.asarray(self._state_prompts())},
                                   self.n_done, self.step - 1))
         t_capture = time.perf_counter() - t_capture  # diagnostics, not editing time
+        self.diag_seconds += t_capture
         try:
             apply_result(lm, result, keep_undo=False)
         except EditError as exc:
@@ -644,7 +647,9 @@ class SequentialRun:
         for key, value in _flat_numbers(result.info).items():
             metric_rows.append({**common, "kind": "info", "metric": key, "value": value})
         if cfg.update_angles and not bad:
+            t_angles = time.perf_counter()
             metric_rows += self._angle_rows(touched, before, params)
+            self.diag_seconds += time.perf_counter() - t_angles
         arrays = _array_leaves(result.artifacts)
         if arrays:
             artifacts.append(("editor", arrays, self.n_done, self.step))
@@ -652,8 +657,10 @@ class SequentialRun:
             self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
                                   n_edits_done=self.n_done)
             raise Diverged(f"weights became non-finite after step {self.step} ({self.n_done} edits): {bad[0]}")
+        t_eval = time.perf_counter()
         try:
             immediate = self._evaluate(batch, "immediate evaluation")
+            self.eval_seconds_total += time.perf_counter() - t_eval
         except Diverged:
             self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
                                   n_edits_done=self.n_done)
@@ -709,6 +716,7 @@ class SequentialRun:
             rows += [{**lcommon, "value": s, "case_id": f"probe:{i}"} for i, s in enumerate(scores)]
             rows.append({**lcommon, "value": float(np.mean(scores)), "case_id": None})
         rows += self._general_rows(self.step)
+        t_diag = time.perf_counter()
         if cfg.weights and self.W0:
             w_rows, svals = self._weight_rows()
             rows += w_rows
@@ -716,11 +724,19 @@ class SequentialRun:
                 artifacts.append(("singular_values", svals, self.n_done, self.step))
         if cfg.hidden_states and self.W0:
             rows += self._hidden_rows(artifacts)
+        diag = time.perf_counter() - t_diag
+        self.diag_seconds += diag
         eval_seconds = time.perf_counter() - t0
+        self.eval_seconds_total += eval_seconds - diag
         tcommon = {**common, "kind": "timing"}
         rows += [{**tcommon, "metric": "seconds_per_edit", "value": self.edit_seconds / max(1, self.n_done)},
                  {**tcommon, "metric": "peak_mem_mb", "value": self.peak_mem},
-                 {**tcommon, "metric": "eval_seconds", "value": eval_seconds}]
+                 {**tcommon, "metric": "eval_seconds", "value": eval_seconds},
+                 # cumulative split of the run's time so far (the diagnostics' share is a benchmark figure)
+                 {**tcommon, "metric": "edit_seconds_total", "value": self.edit_seconds},
+                 {**tcommon, "metric": "evaluation_seconds_total", "value": self.eval_seconds_total},
+                 {**tcommon, "metric": "diagnostics_seconds_total", "value": self.diag_seconds},
+                 {**tcommon, "metric": "run_seconds_total", "value": time.time() - self.started}]
         self.store.write_step(self.run_id, metric_rows=rows, artifacts=artifacts,
                               seconds_total=time.time() - self.started)
         means = {f"{m}/{p}": v for (m, p), v in ev.summarize(retention).items()}
