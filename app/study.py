@@ -26,7 +26,6 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
-import torch
 
 from editors.registry import get_editor_class
 

@@ -9,6 +9,11 @@ training data, seen during training) with the untrained hypernetwork (``allow_un
 default so the user's cache is not touched). Prints ES / GS / LS / Editing Score (tf_token_acc) for both, the
 training time and seconds per meta step. Expected: trained ES well above untrained ES. Not a unit test: on a shared
 2-core CPU a meta step of SmolLM2-135M takes seconds, so this runs for minutes.
+
+Measured (2026-11-22, shared 2-core CPU at load ~15, default SmolLM2-135M-Instruct, AGRADE defaults except
+n_edits 4 and meta_lr 1e-3, ``--steps 30``): 41 s per meta step (1225 s training); 8 held-in CounterFact-train
+records, tf_token_acc: untrained ES 0.04 / GS 0.00 / LS 1.00 (score 0), trained ES 0.875 / GS 0.21 / LS 0.79
+(score 0.42); held-out validation (8 records) after training ES 0.875 / GS 0.15 / LS 0.71 (score 0.32).
 """
 from __future__ import annotations
 

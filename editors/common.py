@@ -590,6 +590,8 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         loss = nll + kl + wd
         prob = torch.exp(-nll_each).mean().item()
         rec = {"steps": n_steps, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "target_prob": prob}
+        log.debug("z step %d: loss %.4f = nll %.4f + kl %.4f + wd %.4f, p(target) %.3f, |delta| %.2f", it,
+                  rec["loss"], rec["nll"], rec["kl"], wd.item(), prob, delta.detach().norm().item())
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"z optimisation for {req.case_id!r}: the loss became {rec['loss']}")
         if loss.item() < early_stop_loss or (early_stop_prob is not None and prob >= early_stop_prob):
@@ -671,6 +673,11 @@ def builtin_corpus_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 maths runs for tensors on ``device``: the device itself, or the CPU for MPS (no float64)."""
+    return torch.device("cpu") if torch.device(device).type == "mps" else torch.device(device)
+
+
 def _corpus(corpus: str) -> tuple[str, str]:
     """(text, id) where the id names the corpus and hashes its content."""
     if corpus == "builtin":
@@ -706,7 +713,8 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
 
     Args:
         corpus: "builtin" (:func:`builtin_corpus_text`) or the path of a UTF-8 text file.
-        dtype: of the returned tensors (float64 for solves that need it; the cache holds float64).
+        dtype: of the returned tensors (float64 for solves that need it; the cache holds float64). Float64
+            results live on :func:`float64_device` (the CPU for MPS), others on ``lm.device``.
     """
     spec = lm.spec
     layers = sorted(set(int(x) for x in layers))
@@ -720,7 +728,8 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
         path = _stats_path(lm, layer, corpus_id, n_tokens, seq_len, cache_dir)
         if os.path.exists(path):
             from safetensors.torch import load_file
-            out[layer] = load_file(path)["mom2"].to(lm.device, dtype)
+            out[layer] = load_file(path)["mom2"].to(float64_device(lm.device) if dtype == torch.float64
+                                                   else lm.device).to(dtype)
         else:
             missing.append(layer)
     if not missing:
@@ -733,7 +742,8 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
     names = {layer: spec.mlp_out_module(layer) for layer in missing}
     top = names[max(missing)]
     d_ff = spec.mlp_size
-    sums = {layer: torch.zeros((d_ff, d_ff), dtype=torch.float64, device=lm.device) for layer in missing}
+    acc_device = float64_device(lm.device)
+    sums = {layer: torch.zeros((d_ff, d_ff), dtype=torch.float64, device=acc_device) for layer in missing}
     count = 0
     model = lm.model
     was_training = model.training
@@ -746,7 +756,7 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
                     model(input_ids=ids, use_cache=False)
                 for layer, name in names.items():
                     K = tr.inputs[name].reshape(-1, d_ff).float()
-                    sums[layer] += (K.T @ K).double()
+                    sums[layer] += (K.T @ K).to(acc_device, torch.float64)
                 count += ids.numel()
     finally:
         model.train(was_training)
@@ -760,7 +770,7 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
                   metadata={"model_hash": lm.model_hash, "layer": str(layer), "corpus": corpus_id,
                             "n_tokens": str(count), "seq_len": str(seq_len)})
         os.replace(tmp, path)
-        out[layer] = C.to(dtype)
+        out[layer] = C.to(dtype) if dtype == torch.float64 else C.to(lm.device, dtype)
     log.info("covariance of layers %s: %d tokens of %s in %.1fs", missing, count, corpus_id, time.perf_counter() - t0)
     return out
 
@@ -809,5 +819,5 @@ __all__ = [
     "TEMPLATE_STARTS", "TEMPLATE_SPECS", "KL_PROMPT", "DEFAULT_MOM2_TOKENS", "DEFAULT_MOM2_SEQ_LEN",
     "context_templates", "context_template_groups", "subject_token_index", "fill_template", "target_token_ids",
     "compute_keys", "current_values", "compute_target_values", "layer_covariance", "layer_covariances",
-    "builtin_corpus_text", "spread_residual",
+    "builtin_corpus_text", "spread_residual", "float64_device",
 ]

@@ -23,12 +23,10 @@ net is 16M parameters and dominates a meta step, so the default here is 256 (2 x
 from __future__ import annotations
 
 import hashlib
-import math
-import random
-import time
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,8 +44,8 @@ log = logging.getLogger(__name__)
 
 #: the training-data source the EditError suggests
 DEFAULT_TRAIN_DATA = "counterfact:../shared/data/counterfact/counterfact-train.json"
-#: config fields that do not change what is trained (left out of the checkpoint key)
-NOT_HASHED = frozenset({"allow_untrained"})
+#: config fields that only change how an edit is reported, not what is trained (left out of the checkpoint key)
+NOT_HASHED = frozenset({"allow_untrained", "artifact_matrices"})
 _FORMAT_VERSION = 1
 
 

@@ -153,6 +153,7 @@ def finetune(editor: _FineTuneEditor, names: Sequence[str], examples: Sequence[_
                     opt.step()
                     opt_steps += 1
                 curve.append(total / len(examples))
+                log.debug("%s: epoch %d, mean loss %.4g", editor.name, len(curve), curve[-1])
                 if curve[-1] < cfg.early_stop_loss:
                     stopped_early = True
                     break

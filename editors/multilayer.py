@@ -162,6 +162,9 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     if Z is None:
         Z, z_info = common.compute_target_values(lm, requests, L, site=site, templates=flat, **dict(z_kwargs or {}))
         info["z"] = _z_summary(z_info)
+        # top-level means, named as ROME's info (benchmarks/bench_editors.py reads these)
+        info["target_prob"] = info["z"].get("target_prob_mean")
+        info["steps"] = info["z"].get("steps_mean")
     else:
         Z = Z.to(lm.device, torch.float32)
         if tuple(Z.shape) != (n, spec.hidden_size):

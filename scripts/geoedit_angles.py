@@ -7,7 +7,7 @@ GeoEdit classifies in). Prints mean, std and the share within [85°, 95°] (``an
 and the latent class counts. The paper (Sec. 5.3): raw angles concentrate near 90°, latent ones spread over 0-180°.
 
 Usage:
-    python scripts/geoedit_angles.py [--n 8] [--layers 20] [--device cpu] [--set key=value ...]
+    python scripts/geoedit_angles.py [--n 8] [--source builtin] [--layers 20] [--device cpu] [--set key=value ...]
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from editors.models import load_model  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8, help="number of built-in facts edited in one batch")
+    ap.add_argument("--n", type=int, default=8, help="number of facts edited in one batch")
+    ap.add_argument("--source", default="builtin", help="editors.data.load_requests source (default: builtin)")
     ap.add_argument("--layers", default="20", help="comma-separated layers (MLP output projections)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -41,13 +42,13 @@ def main(argv=None) -> int:
         k, _, v = kv.partition("=")
         overrides[k] = v
     cfg = make_config(GeoEditConfig, overrides, method="geoedit")
-    requests = load_requests("builtin", args.n)
+    requests = load_requests(args.source, args.n)
     lm = load_model("default", device=args.device)
     started = time.perf_counter()
     result = GeoEditEditor(lm, cfg, seed=args.seed).edit(requests)
     art = result.artifacts
     frame = neuron_angle_frame(art["raw_angle"], art["latent_angle"], art["neuron_class"])
-    print(f"GeoEdit angles on {lm.display_name}: {len(requests)} built-in facts, layers {cfg.layers}, "
+    print(f"GeoEdit angles on {lm.display_name}: {len(requests)} facts from {args.source}, layers {cfg.layers}, "
           f"{result.info['n_neurons']} neurons (rows, d_n = {result.info['d_n']}), latent {result.info['latent_dim']}, "
           f"edit {time.perf_counter() - started:.0f}s")
     print(f"{'space':8s} {'mean':>8s} {'std':>8s} {'share 85-95':>12s} {'<85':>7s} {'>95':>7s} {'n':>6s}")
