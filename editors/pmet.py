@@ -30,7 +30,9 @@ from .registry import register
 @dataclass
 class PMETConfig(MultiLayerConfig):
     """Config of ``pmet``. Defaults: EasyEdit hparams/PMET/llama-7b.yaml (layers [4..8], 20 steps, v_lr 0.5,
-    clamp 1, wd 0.5, kl 0.0625, λ 15000) mapped to SmolLM2-135M (METHODS.md 13), except λ (see its help)."""
+    clamp 1, wd 0.5, kl 0.0625, λ 15000) mapped to SmolLM2-135M (METHODS.md 13). Checked on the default model
+    (tests/integration/test_memit_family_default.py; CounterFact 0-1: reliability 1.0, Paris intact). The MLP-output
+    target often reaches the clamp (||δ|| = ||mlp_out_init||) with target probability 0.77-0.99."""
 
     version: ClassVar[int] = 1
 
