@@ -360,7 +360,9 @@ def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
 # ---------------------------------------------------------------------------------------------------------------
 def test_table_covers_every_registered_method():
     in_table = {(m, a) for m, a, _ in ROWS}
-    for method in set(_METHOD_MODULES) | set(available_methods()):
+    # every method the project ships (tests may register throw-away editors of their own; those are not rows)
+    shipped = {m for m in available_methods() if get_editor_class(m).__module__.startswith("editors.")}
+    for method in set(_METHOD_MODULES) | shipped:
         for arch in ARCHS:
             assert (method, arch) in in_table, f"no contract row for ({method}, {arch})"
     assert set(OVERRIDES) >= set(_METHOD_MODULES)
