@@ -143,18 +143,23 @@ def _help(text: str) -> dict:
 @dataclass
 class AdaEditConfig(MultiLayerConfig):
     """Config of ``adaedit``. The perturbation uses PMET's FFN-only settings (EasyEdit hparams/PMET/llama-7b.yaml:
-    layers [4..8] = L-4..L, 20 steps, v_lr 0.5, clamp 1, λ 15000; the paper: "hyperparameters ... in accord with
-    the EasyEdit framework") mapped to SmolLM2-135M (METHODS.md 13). r and k are not published; the defaults are
-    argued in their help texts."""
+    layers [4..8] = L-4..L, v_lr 0.5, λ 15000; the paper: "hyperparameters ... in accord with the EasyEdit
+    framework") mapped to SmolLM2-135M (METHODS.md 13), except the target clamp and steps (ROME's values for an
+    MLP-output target: see ``clamp_norm_factor``). r and k are not published; the defaults are argued in their help
+    texts."""
 
     version: ClassVar[int] = 1
 
-    v_num_grad_steps: int = field(default=20, metadata=_help(
-        "Adam steps of the FFN-only target optimisation (section 4.1; EasyEdit PMET llama-7b: 20)."))
+    v_num_grad_steps: int = field(default=25, metadata=_help(
+        "Adam steps of the FFN-only target optimisation (section 4.1; EasyEdit PMET llama-7b: 20, ROME / MEMIT "
+        "Llama3-8B: 25). 25 with the wider clamp below."))
     v_lr: float = field(default=0.5, metadata=_help(
         "Adam learning rate of the FFN-only target optimisation (EasyEdit PMET llama-7b: 0.5)."))
-    clamp_norm_factor: float = field(default=1.0, metadata=_help(
-        "||δ|| <= clamp_norm_factor · ||mlp_out_init|| (EasyEdit PMET llama-7b: 1)."))
+    clamp_norm_factor: float = field(default=4.0, metadata=_help(
+        "||δ|| <= clamp_norm_factor · ||mlp_out_init|| (EasyEdit PMET llama-7b: 1; ROME, whose target is also the "
+        "MLP output: 4). On SmolLM2-135M, 1 leaves hard facts out of reach: for 'The official currency of Japan is "
+        "the' -> 'euro' the target probability stayed at 0.02 with ||δ|| pinned to the clamp, while with 4 it "
+        "reached 0.985 and the SRFusion edit succeeded (reliability and generality 1)."))
     mom2_update_weight: float = field(default=15000.0, metadata=_help(
         "λ in Δ = R* K1ᵀ (λC + K1 K1ᵀ)⁻¹ (section 4.1 / Appendix C.1 Eq. 6: C0 = λ·E[k kᵀ]; PMET/MEMIT: 15000)."))
     spread: str = field(default="sqrt", metadata=_help(

@@ -7,9 +7,12 @@ One request, one rank-one update of one MLP output projection W (``[d_out, d_in]
     u   = C^{-1} k*  (mom2_adjustment)   or   k*  (no adjustment; the Llama hparams' choice)
     ΔW  = (v* - W k* - b) uᵀ / (uᵀ k*)                                                         (paper, Eq. 2)
 
-so that ``(W + ΔW) k* + b = v*`` exactly (``b`` is the projection's bias, GPT-2 only). The reference code
-(kmeng01/rome ``compute_v``) instead writes v* for the key of the un-prefixed prompt, ``k_clean``: ``value_key =
-"prompt"`` offers that variant. Several requests in one call are edited one after the other on the temporarily
+so that ``(W + ΔW) k* + b = v*`` exactly (``b`` is the projection's bias, GPT-2 only): ``value_key = "mean"``.
+The reference code (kmeng01/rome ``compute_v``, EasyEdit) instead writes v* for the key of the un-prefixed prompt,
+``k_clean``: ΔW = (v* - W k_clean - b) uᵀ / (uᵀ k_clean), so that (W + ΔW) k_clean + b = v*. That is the default
+(``value_key = "prompt"``): on SmolLM2-135M, CounterFact edits 9, 11 and 14 scored reliability 0 with the paper's form
+(the prompt's own log-probability of the target only -1.1 to -6.4) and 1 with the reference form (-0.03 to -0.15),
+and rephrases gained 2-3 nats. Several requests in one call are edited one after the other on the temporarily
 updated model (each sees the previous ones, as ROME's sequential use does); the model is restored at the end and the
 sum of the rank-one updates is returned.
 
@@ -44,7 +47,7 @@ class ROMEConfig(EditorConfig):
     ROME hparams (jianghoucheng/AlphaEdit hparams/ROME/Llama3-8B.json, EasyEdit llama3.2-3b.yaml; METHODS.md
     section 13) and checked on the default model: see ``editors/presets/rome.yaml`` for the measured choice."""
 
-    version = 1
+    version = 2
 
     layer: int = field(default=5, metadata=_help(
         "Decoder layer whose MLP output projection (down_proj / c_proj) is edited (0-based). ROME edits one early-"
@@ -85,9 +88,10 @@ class ROMEConfig(EditorConfig):
         "context_template_groups): 'rome' = '{}' + 10 sampled prefixes of 5 tokens + 10 of 10 tokens (ROME / "
         "EasyEdit ROME, 21 prompts), 'memit' = '{}' + 5 of 10 tokens (6 prompts, about 3x faster), or "
         "'length:n_gen,...'. k* is their plain mean (ROME compute_u)."))
-    value_key: str = field(default="mean", metadata=_help(
-        "Key the closed form writes v* for: 'mean' = the template-averaged k* (ROME paper Eq. 2, (W+ΔW)k* = v*); "
-        "'prompt' = the key of the un-prefixed prompt (kmeng01/rome compute_v's right vector)."))
+    value_key: str = field(default="prompt", metadata=_help(
+        "Key the closed form writes v* for: 'prompt' = the key of the un-prefixed prompt (kmeng01/rome and "
+        "EasyEdit compute_v's right vector; the default: it makes the edited prompt itself say the target); "
+        "'mean' = the template-averaged k* (ROME paper Eq. 2, (W+ΔW)k* = v*)."))
     fast: bool = field(default=True, metadata=_help(
         "Compute v* with the cached, subject-aligned forward of editors.common (same numbers as the plain "
         "forward up to float rounding, several times faster); False runs the plain reference loop."))

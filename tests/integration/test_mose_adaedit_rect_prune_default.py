@@ -36,16 +36,9 @@ def _request():
     return reqs[0] if reqs else FALLBACK
 
 
-@pytest.mark.parametrize("method", [
-    "mose",
-    # Known gap (issue 3 stays open): with the current AdaEdit preset the FFN-output target optimisation stalls
-    # (target prob 0.02 after 19 steps, delta at its clamp) and the edit scores reliability 0.0 on the first
-    # built-in fact. The test states the target behaviour; it is skipped, not loosened, until the preset is tuned.
-    pytest.param("adaedit", marks=pytest.mark.skip(
-        reason="AdaEdit preset does not yet make the first built-in edit succeed on the default model (issue 3)")),
-    "rect",
-    "prune",
-])
+# AdaEdit's preset uses ROME's MLP-output target clamp (4): with PMET's 1 the target of the first built-in fact
+# (Japan -> euro) stalled at probability 0.02 and the edit scored reliability 0.0 (see AdaEditConfig).
+@pytest.mark.parametrize("method", ["mose", "adaedit", "rect", "prune"])
 def test_edit_succeeds_keeps_france_and_undoes(clean_default_lm, method):
     if method not in available_methods():
         pytest.skip(f"{method} is not installed")

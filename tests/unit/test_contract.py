@@ -69,6 +69,13 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("flearning", "gpt2", {"layers": (1,), "num_steps": 2, "batch_size": 2, "mode": "lora", "forget_lambda": 0.5}),
     ("geoedit", "llama", {"layers": (1, 2), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10, "mode": "lora",
                           "fusion": "fixed", "orthogonal": False}),
+    # the wrappers on their default base (ROME), MOSE's fixed-layer ablation, AdaEdit's comparison strategies
+    ("rect", "llama", {"base": "rome", "base_overrides": {"layer": 1, "v_num_grad_steps": 2}}),
+    ("prune", "gpt2", {"base": "rome", "base_overrides": {"layer": 1, "v_num_grad_steps": 2}, "restraint": "linear"}),
+    ("mose", "gpt2", {"layer_selection": "fixed", "layers": (2,), "mom2_n_tokens": 2000, "v_num_grad_steps": 2}),
+    ("adaedit", "llama", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2,
+                          "sparsify": "topk_magnitude"}),
+    ("adaedit", "gpt2", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "sparsify": "random_drop"}),
 ]
 
 # How many of REQUESTS each method edits in one call (a method that edits batches lists 2 to exercise batching).
@@ -181,6 +188,14 @@ def _adaedit_srfusion_sparse(lm: LoadedModel, result: EditResult) -> None:
     cfg = result.config
     assert result.deltas and not result.factors
     for name, d in result.deltas.items():
+        if cfg["sparsify"] == "topk_magnitude":  # the comparison strategies keep keep_fraction of the entries
+            assert int((d != 0).sum()) == round(cfg["keep_fraction"] * d.numel()), name
+            continue
+        if cfg["sparsify"] == "random_drop":
+            assert abs(float((d != 0).double().mean()) - cfg["keep_fraction"]) < 0.05, name
+            continue
+        if cfg["sparsify"] != "sr":
+            continue
         D = lm.spec.to_canonical(d).double()
         r = cfg["r"]
         assert torch.linalg.matrix_rank(D, rtol=1e-5).item() <= r, name

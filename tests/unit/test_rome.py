@@ -94,9 +94,13 @@ def test_model_unchanged_by_edit_and_exact_undo(lm, edited):
         assert torch.equal(p, before[n]), n
 
 
-def test_closed_form_writes_v_star_for_k_star(lm, edited):
-    """(W + ΔW) k* + b = v*: the edited projection maps the template-averaged key to the optimised value."""
-    editor, result, before = edited
+def test_closed_form_writes_v_star_for_k_star(lm, tmp_path):
+    """value_key="mean" (the paper's Eq. 2): (W + ΔW) k* + b = v*, the edited projection maps the template-averaged
+    key to the optimised value."""
+    before = _params(lm)
+    editor = _editor(lm, tmp_path, value_key="mean")
+    editor.prepare()
+    result = editor.edit([REQ])
     name = result.param_names[0]
     W = lm.spec.to_canonical(before[name]).double()
     D = lm.spec.to_canonical(result.deltas[name]).double()
@@ -111,14 +115,14 @@ def test_closed_form_writes_v_star_for_k_star(lm, edited):
 
 
 def test_mom2_adjustment_and_prompt_key(lm, tmp_path):
-    """With u = C^{-1}k* the update direction changes but the closed form still holds; value_key="prompt" writes
-    v* for the un-prefixed prompt's key (kmeng01/rome compute_v)."""
+    """With u = C^{-1}k* the update direction changes but the closed form still holds; value_key="prompt" (the
+    default) writes v* for the un-prefixed prompt's key (kmeng01/rome compute_v)."""
     before = _params(lm)
     name = lm.spec.mlp_out_weight(1)
     W = lm.spec.to_canonical(before[name]).double()
     bias = lm.model.get_submodule(lm.spec.mlp_out_module(1)).bias
     b = bias.detach().double() if bias is not None else 0.0
-    for overrides in ({"mom2_adjustment": True, "mom2_n_tokens": 2048}, {"value_key": "prompt"}):
+    for overrides in ({"mom2_adjustment": True, "mom2_n_tokens": 2048, "value_key": "mean"}, {"value_key": "prompt"}):
         editor = _editor(lm, tmp_path, **overrides)
         editor.prepare()
         result = editor.edit([REQ])
@@ -127,7 +131,7 @@ def test_mom2_adjustment_and_prompt_key(lm, tmp_path):
         k = result.artifacts["keys"][0].double()
         v = result.artifacts["values"][0].double()
         torch.testing.assert_close((W + D) @ k + b, v, rtol=1e-4, atol=1e-4)
-        if "value_key" in overrides:
+        if overrides["value_key"] == "prompt":
             torch.testing.assert_close(result.artifacts["keys"][0], common.compute_keys(lm, 1, [REQ], ["{}"])[0])
         else:
             C = common.layer_covariance(lm, 1, n_tokens=2048, cache_dir=str(tmp_path / "cache"),
