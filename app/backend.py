@@ -156,7 +156,8 @@ def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, d
 
 def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: str = "auto",
                       start_worker: bool = True) -> str:
-    """Queue a playground edit (see :func:`app.playground.playground_edit` for the payload)."""
+    """Queue a playground edit (see :func:`app.playground.playground_edit` for the payload; its ``stack_jobs`` lists
+    the jobs of the edits under this one, which :func:`playground_state` reads to rebuild the stack after a reload)."""
     from editors.base import ConfigError, make_config
     from editors.registry import UnknownMethodError, get_editor_class
     from editors.requests import RequestError, make_request
@@ -172,6 +173,36 @@ def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: st
     if start_worker:
         wake_workers(queue)
     return job_id
+
+
+def playground_entry(job: Job) -> dict[str, Any]:
+    """One edit of the playground's stack, from its finished job: ``{"spec", "result", "job_id"}``; the spec is what a
+    later job's ``stack`` repeats (``{"model", "method", "overrides", "request"}``)."""
+    p = job.payload
+    spec = {"model": p["model"], "method": p["method"], "overrides": p.get("overrides") or {},
+            "request": p["request"]}
+    return {"spec": spec, "result": job.result, "job_id": job.job_id}
+
+
+def playground_state(queue: JobQueue, job_id: str) -> tuple[list[dict[str, Any]], Job]:
+    """The playground's stack as it was when ``job_id`` was submitted (from the ``stack_jobs`` ids of its payload, so
+    the URL's ``?job=`` alone reopens it after a reload), with that job on top when it finished; and the job itself
+    (the caller waits for it when it is still queued or running). Edits whose job is gone or did not finish are left
+    out. Raises ``KeyError`` when ``job_id`` is not a playground job."""
+    job = queue.get(job_id)
+    if job.kind != "playground":
+        raise KeyError(f"{job_id!r} is not a playground job")
+    stack = []
+    for earlier in job.payload.get("stack_jobs", ()):
+        try:
+            prev = queue.get(earlier)
+        except KeyError:
+            continue
+        if prev.status == "finished":
+            stack.append(playground_entry(prev))
+    if job.status == "finished":
+        stack.append(playground_entry(job))
+    return stack, job
 
 
 def wake_workers(queue: JobQueue, devices: Sequence[str] | None = None) -> list[int]:
@@ -274,7 +305,8 @@ def format_seconds(s: float | None) -> str:
 
 __all__ = ["submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
            "wake_workers", "parse_upload", "save_upload", "method_fields", "available_methods",
-           "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError"]
+           "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError", "playground_entry",
+           "playground_state"]
 
 
 def export_bytes(store: RunStore, run_id: str, fmt: str = "csv") -> bytes:

@@ -130,7 +130,10 @@ def playground_edit(lm, payload: Mapping[str, Any], cache: MutableMapping[str, E
     """Compute one playground edit (see the module docstring). ``payload``::
 
         {"model": str, "method": str, "overrides": {...}, "request": {EditRequest fields},
-         "stack": [{"method", "overrides", "request"}, ...], "top_k": 5, "max_new_tokens": 12, "seed": 0}
+         "stack": [{"method", "overrides", "request"}, ...], "top_k": 5, "max_new_tokens": 12, "seed": 0,
+         "stack_jobs": [job ids of the stacked edits]}
+
+    (``stack_jobs`` is not read here: the web app keeps it so that the URL's job alone reopens the stack.)
 
     Returns ``{"probes": [{role, prompt, target, continuation, top, p_new, p_true, ...} before/after],
     "explanation": {...}, "stack_depth": int, "seconds": float}``. The model is left exactly as it was.

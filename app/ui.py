@@ -166,18 +166,21 @@ def share_link() -> None:
 
 
 def show_figure(fig, name: str, *, key: str | None = None) -> None:
-    """Draw a plotly figure with HTML (and, with Kaleido, PNG) download buttons."""
+    """Draw a plotly figure with HTML and PNG download buttons (PNG: when Kaleido and a Chrome are present; else a
+    caption says why)."""
     st.plotly_chart(fig, key=key)
     c1, c2 = st.columns([1, 3])
     # the file is made only when the button is clicked (a callable): a page never pays for unused downloads
     c1.download_button("Download figure (HTML)", lambda: fig.to_html(include_plotlyjs=True, full_html=True),
                        file_name=f"{name}.html", mime="text/html", key=f"dl-html-{key or name}",
                        on_click="ignore", icon=":material/download:")
-    if figures.png_available():
-        c2.download_button("PNG", lambda: figures.to_png(fig) or b"", file_name=f"{name}.png", mime="image/png",
+    # PNG: Kaleido renders it in a headless Chromium (a few seconds), so it too is made only on click
+    reason = figures.png_unavailable_reason()
+    if reason is None:
+        c2.download_button("PNG", lambda: figures.to_png(fig), file_name=f"{name}.png", mime="image/png",
                            key=f"dl-png-{key or name}", on_click="ignore")
     else:
-        c2.caption("PNG export needs Kaleido (not installed): download HTML, or use the chart's camera icon.")
+        c2.caption(f"{reason}: download HTML, or use the chart's camera icon.")
 
 
 def fmt_prob(p: float | None, signed: bool = False) -> str:

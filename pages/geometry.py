@@ -25,7 +25,10 @@ ui.meaning(which)
 
 st.subheader("GeoEdit: per-neuron angles, raw vs latent")
 names = dict(zip(angles["run_id"], angles["name"]))
-run_id = st.selectbox("Run", run_ids, format_func=lambda r: names.get(r, r), key="g-run")
+wanted = st.query_params.get("run")
+run_id = st.selectbox("Run", run_ids, index=run_ids.index(wanted) if wanted in run_ids else 0,
+                      format_func=lambda r: names.get(r, r), key="g-run")
+ui.qp_set(run=run_id if len(run_ids) > 1 else None)
 steps = ui.view("artifact_steps", [run_id], run_id, "editor")
 step = None
 if steps:

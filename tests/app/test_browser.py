@@ -188,6 +188,12 @@ def test_upload_run_on_tiny_model_then_metrics(server, page, tmp_path):
     expect(chart).to_be_visible(timeout=60_000)
     assert "runs=" in page.url
     _shot(page, "04-metrics", tmp_path)
+    from app import figures
+    if figures.png_available():  # the PNG is rendered on click, by Kaleido in the system Chromium
+        with page.expect_download(timeout=120_000) as download:
+            page.get_by_role("button", name="PNG").first.click()
+        with open(download.value.path(), "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     for name in ("weights", "geometry", "general"):
         page.goto(page.url.replace("/metrics", f"/{name}"))
         _ready(page)
@@ -215,7 +221,8 @@ def test_failed_run_shows_its_error(server, page, tmp_path):
 
 
 def test_playground_edit_in_the_worker_and_undo(server, page, tmp_path):
-    """A playground edit runs in the worker process and comes back with before/after views; Undo clears it."""
+    """A playground edit runs in the worker process and comes back with before/after views; it survives a reload;
+    Undo clears it."""
     from playwright.sync_api import expect
     url, _ = server
     page.goto(url + "/playground")
@@ -234,5 +241,11 @@ def test_playground_edit_in_the_worker_and_undo(server, page, tmp_path):
     expect(page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first).to_be_visible(timeout=60_000)
     page.get_by_text("What the method did").scroll_into_view_if_needed()
     _shot(page, "07-playground-edit", tmp_path)
+    # a browser reload keeps the stack (the URL names its top job) and Undo still works
+    assert "job=" in page.url
+    page.reload()
+    _ready(page)
+    expect(page.get_by_text("Edits applied in this playground (1)")).to_be_visible()
+    expect(page.get_by_text("What the method did")).to_be_visible()
     page.get_by_role("button", name="Undo last edit").click()
     expect(page.get_by_text("The model is unedited")).to_be_visible()

@@ -182,6 +182,35 @@ def test_share_link_holds_the_view(synthetic_store, make_app):
     assert any(f"runs={rome}" in c and "step=20" in c and "layer=4" in c for c in code)
 
 
+@pytest.mark.parametrize("page, query, widgets", [
+    ("runs.py", {"runs": "{rome}"}, {("multiselect", "picked"): ["{rome}"]}),
+    ("metrics.py", {"runs": "{ft},{rome}"}, {("multiselect", "runs"): ["{ft}", "{rome}"]}),
+    ("geometry.py", {"runs": "{ft},{rome}", "run": "{rome}", "step": "10"},
+     {("multiselect", "runs"): ["{ft}", "{rome}"], ("selectbox", "g-run"): "{rome}", ("select_slider", "g-step"): 10}),
+    ("hidden_states.py", {"runs": "{rome}", "step": "10", "layer": "4"},
+     {("selectbox", "runs"): "{rome}", ("select_slider", "h-step"): 10, ("selectbox", "h-layer"): 4}),
+    ("general.py", {"runs": "{ft}"}, {("multiselect", "runs"): ["{ft}"]}),
+])
+def test_every_page_reopens_from_its_url(synthetic_store, make_app, page, query, widgets):
+    """A shared URL (the page and its query params) reopens the same view: the widgets hold the URL's values, and the
+    URL stays as it was (weights: ``test_share_link_holds_the_view``; playground: its own reload test)."""
+    path, rome, ft = synthetic_store
+
+    def fill(v):
+        return [fill(x) for x in v] if isinstance(v, list) else v.format(rome=rome, ft=ft) if isinstance(v, str) else v
+    query = {k: fill(v) for k, v in query.items()}
+    at = make_app(path, page, query)
+    for (kind, key), want in widgets.items():
+        assert getattr(at, kind)(key=key).value == fill(want), (kind, key)
+    assert {k: at.query_params[k] for k in query} == query
+
+
+def test_new_run_page_watches_the_runs_of_its_url(synthetic_store, make_app):
+    path, rome, _ = synthetic_store
+    at = make_app(path, "new_run.py", {"runs": rome})
+    assert rome in _texts(at) and at.query_params["runs"] == rome
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # New run and Playground against a worker (run in this process, on a tiny model)
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,14 +249,19 @@ def test_new_run_rejects_bad_method_field(tmp_path, make_app):
     assert any("lr" in e.value for e in at.error), [e.value for e in at.error]
 
 
-def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app):
-    from app.worker import Worker
-    at = make_app(str(tmp_path), "playground.py", timeout=120)
+def _playground_ft(at, layers: str = "1"):
+    """Fill the playground's form: a typed fact, FT with 3 steps on ``layers`` of the tiny model."""
     at.radio(key="pg-mode").set_value("type your own").run()
     at.selectbox(key="pg-model").set_value("tiny-llama")
     at.selectbox(key="pg-method").set_value("ft").run()
-    at.text_input(key="pg-ft-layers").set_value("1")
+    at.text_input(key="pg-ft-layers").set_value(layers)
     at.number_input(key="pg-ft-num_steps").set_value(3)
+    return at
+
+
+def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app):
+    from app.worker import Worker
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120))
     at.button(key="pg-apply").click().run()
     assert at.session_state["pg_pending"]
     assert any("Editing in the worker" in i.value for i in at.info)
@@ -248,17 +282,60 @@ def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app):
 def test_playground_failure_is_shown(tmp_path, make_app):
     from app.jobs import JobQueue
     from app.worker import Worker
-    at = make_app(str(tmp_path), "playground.py", timeout=120)
-    at.radio(key="pg-mode").set_value("type your own").run()
-    at.selectbox(key="pg-model").set_value("tiny-llama")
-    at.selectbox(key="pg-method").set_value("ft").run()
-    at.text_input(key="pg-ft-layers").set_value("7")  # the tiny model has 4 layers
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120), layers="7")  # the tiny model has 4
     at.button(key="pg-apply").click().run()
     Worker(str(tmp_path)).serve(max_jobs=1)
     at.run()
     job = JobQueue(str(tmp_path)).list_jobs()
     assert job["status"].iloc[0] == "failed"
     assert any("The edit failed" in e.value for e in at.error)
+
+
+def test_playground_stack_and_undo_survive_a_reload(tmp_path, make_app):
+    """The URL's ?job= alone reopens the playground: the edit in progress, the stack of edits, and Undo."""
+    from app.worker import Worker
+
+    def stack_ids(at) -> list[str]:
+        return [s["job_id"] for s in at.session_state["pg_stack"]]
+
+    def subheaders(at) -> list[str]:
+        return [h.value for h in at.subheader]
+
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120))
+    at.button(key="pg-apply").click().run()
+    pending = at.query_params["job"]
+    # reloaded while the edit is queued: the new session waits for the same job
+    reloaded = make_app(str(tmp_path), "playground.py", {"job": pending}, timeout=120)
+    assert reloaded.session_state["pg_pending"] == pending
+    assert any("Editing in the worker" in i.value for i in reloaded.info)
+    assert Worker(str(tmp_path)).serve(max_jobs=1) == 1
+    reloaded.run()
+    assert stack_ids(reloaded) == [pending] and reloaded.query_params["job"] == pending
+    at.run()
+    assert stack_ids(at) == [pending]
+    # a second edit on top of the first
+    at.text_input(key="pg-new").set_value("London")
+    at.button(key="pg-apply").click().run()
+    assert Worker(str(tmp_path)).serve(max_jobs=1) == 1
+    at.run()
+    first, second = pending, at.query_params["job"]
+    assert stack_ids(at) == [first, second]
+    # reload: a new session that has only the URL sees both edits, the top one's before/after, and can undo
+    reloaded = make_app(str(tmp_path), "playground.py", {"job": second}, timeout=120)
+    assert stack_ids(reloaded) == [first, second]
+    assert "Edits applied in this playground (2)" in subheaders(reloaded)
+    assert "London" in _texts(reloaded) and len(plotly_specs(reloaded)) == 3
+    reloaded.button(key="pg-undo").click().run()
+    assert stack_ids(reloaded) == [first] and reloaded.query_params["job"] == first
+    # ... and the URL after Undo reopens the shorter stack; undoing the last edit clears the URL
+    reloaded = make_app(str(tmp_path), "playground.py", {"job": first}, timeout=120)
+    assert stack_ids(reloaded) == [first] and "Edits applied in this playground (1)" in subheaders(reloaded)
+    reloaded.button(key="pg-undo").click().run()
+    assert stack_ids(reloaded) == [] and "job" not in reloaded.query_params
+    assert any("unedited" in i.value for i in reloaded.info)
+    # an unknown job in the URL: a warning, an empty playground
+    unknown = make_app(str(tmp_path), "playground.py", {"job": "pl-nope"}, timeout=120)
+    assert any("pl-nope" in w.value for w in unknown.warning) and stack_ids(unknown) == []
 
 
 def test_upload_parsing_is_json_csv_only_limited_and_names_the_record():
