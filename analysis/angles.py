@@ -10,7 +10,8 @@ and GeoEdit's per-neuron angle between the old- and new-knowledge task vectors.
   space that lies in the top-k eigenspace U_k of the preserved-key covariance C = K0 K0ᵀ, expressed as the angle
   arccos(√s): 90° = the update is blind to the preserved keys (AlphaEdit's null-space ideal), 0° = it lives where
   they live.
-* GeoEdit (geoedit.txt Eq. 10, Fig. 3): per neuron (= one ROW of a weight matrix) the angle between τ_old and τ_new,
+* GeoEdit (geoedit.txt Eq. 10, Fig. 3): per neuron (one row of ``A`` / ``B``; the caller picks the neuron axis, e.g.
+  ``editors.geoedit.to_neurons``: columns of an MLP output projection by default) the angle between τ_old and τ_new,
   in the raw parameter space (concentrated near 90° in high dimension) and in the auto-encoder's latent space;
   classes aligned (< φ1 = 85°), orthogonal (φ1..φ2 = 95°), conflicting (> φ2).
 

@@ -62,6 +62,31 @@ def _grid(n: int, cols: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _line_styles(df: pd.DataFrame, color: str | None, dash: str | None) -> tuple[dict, dict]:
+    """Category -> colour for the ``color`` column and category -> dash pattern for the ``dash`` column (``{}``
+    for a column that is None or missing)."""
+    colors = _colors(df[color], color) if color and color in df.columns else {}
+    dashes = {v: DASHES[i % len(DASHES)] for i, v in enumerate(dict.fromkeys(df[dash]))} \
+        if dash and dash in df.columns else {}
+    return colors, dashes
+
+
+def _panel_groups(df: pd.DataFrame, panels: Sequence, facet: str | None, ncols: int, color: str | None,
+                  dash: str | None, *, sort: bool = False):
+    """For each panel (a ``facet`` value; None: all of ``df``) laid out row-major on ``ncols`` columns, each group of
+    its rows by the ``color`` and ``dash`` columns present: ``(row, col, panel, keys, key, info, rows)`` with ``keys``
+    the grouping columns, ``key`` the group's values (a tuple, ``()`` when there are no keys) and ``info`` the
+    mapping column -> value."""
+    for k, panel in enumerate(panels):
+        r, c = k // ncols + 1, k % ncols + 1
+        part = df if panel is None else df[df[facet] == panel]
+        keys = [col for col in (color, dash) if col and col in part.columns]
+        groups = part.groupby(keys, dropna=False, sort=sort) if keys else [((), part)]
+        for key, g in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            yield r, c, panel, keys, key, dict(zip(keys, key)), g
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # curves over edits
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,31 +104,22 @@ def curve_figure(curves: pd.DataFrame, *, x: str = "n_edits", y: str = "mean", c
     rows, ncols = _grid(len(panels), cols)
     fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[_label(p) for p in panels] if facet else None,
                         shared_xaxes=True, horizontal_spacing=0.08, vertical_spacing=0.12)
-    colors = _colors(curves[color], color) if color in curves.columns else {}
-    dashes = {v: DASHES[i % len(DASHES)] for i, v in enumerate(dict.fromkeys(curves[dash]))} \
-        if dash and dash in curves.columns else {}
+    colors, dashes = _line_styles(curves, color, dash)
     shown: set = set()
-    for k, panel in enumerate(panels):
-        r, c = k // ncols + 1, k % ncols + 1
-        part = curves if panel is None else curves[curves[facet] == panel]
-        keys = [col for col in (color, dash) if col and col in part.columns]
-        groups = part.groupby(keys, dropna=False, sort=False) if keys else [((), part)]
-        for key, g in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            info = dict(zip(keys, key))
-            g = g.sort_values(x)
-            col = colors.get(info.get(color), PALETTE[0])
-            name = " · ".join(_label(v) for v in key) or y
-            if band and {"lo", "hi"} <= set(g.columns) and (g["hi"] - g["lo"]).abs().sum() > 0:
-                fig.add_trace(go.Scatter(x=list(g[x]) + list(g[x])[::-1], y=list(g["hi"]) + list(g["lo"])[::-1],
-                                         fill="toself", fillcolor=_rgba(col, 0.18), line={"width": 0},
-                                         hoverinfo="skip", showlegend=False, legendgroup=name, name=f"{name} band"),
-                              row=r, col=c)
-            fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=name, legendgroup=name,
-                                     showlegend=name not in shown, marker={"size": 5},
-                                     line={"color": col, "dash": dashes.get(info.get(dash), "solid")}),
+    for r, c, _, _, key, info, g in _panel_groups(curves, panels, facet, ncols, color, dash):
+        g = g.sort_values(x)
+        col = colors.get(info.get(color), PALETTE[0])
+        name = " · ".join(_label(v) for v in key) or y
+        if band and {"lo", "hi"} <= set(g.columns) and (g["hi"] - g["lo"]).abs().sum() > 0:
+            fig.add_trace(go.Scatter(x=list(g[x]) + list(g[x])[::-1], y=list(g["hi"]) + list(g["lo"])[::-1],
+                                     fill="toself", fillcolor=_rgba(col, 0.18), line={"width": 0},
+                                     hoverinfo="skip", showlegend=False, legendgroup=name, name=f"{name} band"),
                           row=r, col=c)
-            shown.add(name)
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=name, legendgroup=name,
+                                 showlegend=name not in shown, marker={"size": 5},
+                                 line={"color": col, "dash": dashes.get(info.get(dash), "solid")}),
+                      row=r, col=c)
+        shown.add(name)
     for step, label, col in _collapse_markers(collapse):
         fig.add_vline(x=step, line={"color": col, "dash": "dot", "width": 1.5}, row="all", col="all")
         fig.add_annotation(x=step, y=1.0, yref="paper", text=label, showarrow=False, textangle=-90,
@@ -252,24 +268,15 @@ def spectrum_figure(df: pd.DataFrame, *, x: str = "index", y: str = "sigma", col
     panels = _facets(df, facet)
     rows, ncols = _grid(len(panels), cols)
     fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[_label(p) for p in panels] if facet else None)
-    colors = _colors(df[color], color) if color in df.columns else {}
-    dashes = {v: DASHES[i % len(DASHES)] for i, v in enumerate(dict.fromkeys(df[dash]))} \
-        if dash and dash in df.columns else {}
-    for k, panel in enumerate(panels):
-        r, c = k // ncols + 1, k % ncols + 1
-        part = df if panel is None else df[df[facet] == panel]
-        keys = [col for col in (color, dash) if col and col in part.columns]
-        groups = part.groupby(keys, dropna=False, sort=False) if keys else [((), part)]
-        for key, g in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            info = dict(zip(keys, key))
-            vals = g.sort_values(x)
-            yv = vals[y].to_numpy(dtype=np.float64)
-            if log_y:
-                yv = np.where(yv > 0, yv, np.nan)
-            fig.add_trace(go.Scatter(x=vals[x], y=yv, mode="lines", name=" · ".join(_label(v) for v in key) or y,
-                                     line={"color": colors.get(info.get(color), PALETTE[0]),
-                                           "dash": dashes.get(info.get(dash), "solid")}), row=r, col=c)
+    colors, dashes = _line_styles(df, color, dash)
+    for r, c, _, _, key, info, g in _panel_groups(df, panels, facet, ncols, color, dash):
+        vals = g.sort_values(x)
+        yv = vals[y].to_numpy(dtype=np.float64)
+        if log_y:
+            yv = np.where(yv > 0, yv, np.nan)
+        fig.add_trace(go.Scatter(x=vals[x], y=yv, mode="lines", name=" · ".join(_label(v) for v in key) or y,
+                                 line={"color": colors.get(info.get(color), PALETTE[0]),
+                                       "dash": dashes.get(info.get(dash), "solid")}), row=r, col=c)
     fig.update_layout(template=TEMPLATE, title=title, height=height or max(320, 300 * rows))
     fig.update_xaxes(title_text="index i", row=rows)
     fig.update_yaxes(title_text="σ_i", col=1)
@@ -290,27 +297,19 @@ def weights_figure(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, x:
     rows, ncols = _grid(len(metrics), cols)
     fig = make_subplots(rows=rows, cols=ncols, subplot_titles=metrics, horizontal_spacing=0.07,
                         vertical_spacing=0.14)
-    colors = _colors(df[color], color) if color in df.columns else {}
-    dashes = {v: DASHES[i % len(DASHES)] for i, v in enumerate(dict.fromkeys(df[dash]))} \
-        if dash and dash in df.columns else {}
+    colors, dashes = _line_styles(df, color, dash)
     shown: set = set()
+    for r, c, metric, keys, key, info, g in _panel_groups(df, metrics, "metric", ncols, color, dash, sort=True):
+        g = g.groupby(x, as_index=False)["value"].mean().sort_values(x)
+        name = " · ".join(f"{col} {_label(v)}" if col == "layer" else _label(v) for col, v in zip(keys, key))
+        fig.add_trace(go.Scatter(x=g[x], y=g["value"], mode="lines+markers", name=name or metric,
+                                 legendgroup=name, showlegend=name not in shown, marker={"size": 4},
+                                 line={"color": colors.get(info.get(color), PALETTE[0]),
+                                       "dash": dashes.get(info.get(dash), "solid")}), row=r, col=c)
+        shown.add(name)
     for k, metric in enumerate(metrics):
-        r, c = k // ncols + 1, k % ncols + 1
-        part = df[df["metric"] == metric]
-        keys = [col for col in (color, dash) if col and col in part.columns]
-        groups = part.groupby(keys, dropna=False, sort=True) if keys else [((), part)]
-        for key, g in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            info = dict(zip(keys, key))
-            g = g.groupby(x, as_index=False)["value"].mean().sort_values(x)
-            name = " · ".join(f"{col} {_label(v)}" if col == "layer" else _label(v) for col, v in zip(keys, key))
-            fig.add_trace(go.Scatter(x=g[x], y=g["value"], mode="lines+markers", name=name or metric,
-                                     legendgroup=name, showlegend=name not in shown, marker={"size": 4},
-                                     line={"color": colors.get(info.get(color), PALETTE[0]),
-                                           "dash": dashes.get(info.get(dash), "solid")}), row=r, col=c)
-            shown.add(name)
         if metric in log_metrics:
-            fig.update_yaxes(type="log", row=r, col=c)
+            fig.update_yaxes(type="log", row=k // ncols + 1, col=k % ncols + 1)
     fig.update_layout(template=TEMPLATE, title=title, height=height or max(320, 280 * rows),
                       legend={"orientation": "h", "y": -0.12})
     fig.update_xaxes(title_text="edits", row=rows)

@@ -245,10 +245,12 @@ def _store(args, must_exist: bool = True):
     return RunStore(path)
 
 
-def _resolve(store, run_id: str) -> str:
+def _store_and_run(args):
+    """The run store of ``args.runs_dir`` and the full id of the run ``args.run_id`` names (a unique prefix will do)."""
     from .store import RunNotFoundError
+    store = _store(args)
     try:
-        return store.resolve(run_id)
+        return store, store.resolve(args.run_id)
     except RunNotFoundError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -275,8 +277,7 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     from .engine import collapse_summary_text, detect_collapse, run_summary
-    store = _store(args)
-    run_id = _resolve(store, args.run_id)
+    store, run_id = _store_and_run(args)
     run = store.get_run(run_id)
     summary = run_summary(store, run_id)
     frame = store.metrics_frame([run_id])
@@ -334,8 +335,7 @@ def cmd_show(args) -> int:
 
 def cmd_export(args) -> int:
     from .store import StoreError
-    store = _store(args)
-    run_id = _resolve(store, args.run_id)
+    store, run_id = _store_and_run(args)
     fmt = args.format
     if fmt is None:
         fmt = "parquet" if args.out and args.out.lower().endswith((".parquet", ".pq")) else "csv"
@@ -380,16 +380,14 @@ def cmd_methods(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    store = _store(args)
-    run_id = _resolve(store, args.run_id)
+    store, run_id = _store_and_run(args)
     store.request_cancel(run_id)
     print(f"cancel requested for {run_id} (status {store.get_run(run_id)['status']})")
     return EXIT_OK
 
 
 def cmd_delete(args) -> int:
-    store = _store(args)
-    run_id = _resolve(store, args.run_id)
+    store, run_id = _store_and_run(args)
     store.delete_run(run_id)
     print(f"deleted {run_id}")
     return EXIT_OK

@@ -16,7 +16,6 @@ asked to stop after its current step (status ``cancelled``, rows kept). A job wh
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -24,9 +23,11 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
+
+from .sqlite_util import SQLiteFile, ensure_wal, where_in
 
 JOBS_DB = "jobs.sqlite"
 JOB_KINDS = ("run", "playground")
@@ -114,7 +115,7 @@ def tail(path: str | None, n_lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-n_lines:])
 
 
-class JobQueue:
+class JobQueue(SQLiteFile):
     """The ``jobs`` table of one runs directory. Every call opens its own short-lived connection (safe to share)."""
 
     def __init__(self, runs_dir: str | os.PathLike, *, timeout: float = 30.0):
@@ -123,35 +124,12 @@ class JobQueue:
         self.path = os.path.join(self.runs_dir, JOBS_DB)
         self.timeout = timeout
         self.host = socket.gethostname()
-        conn = self._open()
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
+        with self._read() as conn:
+            ensure_wal(conn, self.path)
             conn.executescript(_SCHEMA)
-        finally:
-            conn.close()
 
     def __repr__(self) -> str:
         return f"JobQueue({self.path!r})"
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._open()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
@@ -173,44 +151,27 @@ class JobQueue:
         return job_id
 
     def get(self, job_id: str) -> Job:
-        conn = self._open()
-        try:
+        with self._read() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        finally:
-            conn.close()
         if row is None:
             raise KeyError(f"no job {job_id!r} in {self.path}")
         return self._job(row)
 
     def job_for_run(self, run_id: str) -> Job | None:
-        conn = self._open()
-        try:
+        with self._read() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE run_id = ? ORDER BY created DESC LIMIT 1",
                                (run_id,)).fetchone()
-        finally:
-            conn.close()
         return None if row is None else self._job(row)
 
     def list_jobs(self, kind: str | None = None, status: str | tuple[str, ...] | None = None,
                   limit: int = 100) -> pd.DataFrame:
         """Jobs, newest first, without payloads and results."""
-        where, args = [], []
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
-        if status is not None:
-            vals = [status] if isinstance(status, str) else list(status)
-            where.append(f"status IN ({', '.join('?' * len(vals))})")
-            args.extend(vals)
+        where, args = where_in((("kind", kind), ("status", status)))
         cols = ("job_id", "kind", "status", "device", "created", "started", "finished", "run_id", "error",
                 "worker_pid")
-        sql = f"SELECT {', '.join(cols)} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created DESC LIMIT ?"
-        conn = self._open()
-        try:
+        sql = f"SELECT {', '.join(cols)} FROM jobs{where} ORDER BY created DESC LIMIT ?"
+        with self._read() as conn:
             rows = conn.execute(sql, [*args, int(limit)]).fetchall()
-        finally:
-            conn.close()
         return pd.DataFrame([tuple(r) for r in rows], columns=list(cols))
 
     def cancel(self, job_id: str) -> str:
@@ -228,22 +189,16 @@ class JobQueue:
 
     def pending_devices(self) -> list[str]:
         """Device keys that have queued jobs."""
-        conn = self._open()
-        try:
+        with self._read() as conn:
             rows = conn.execute("SELECT DISTINCT device FROM jobs WHERE status = 'queued'").fetchall()
-        finally:
-            conn.close()
         return [r[0] for r in rows]
 
     def recover_dead(self) -> list[str]:
         """Mark ``running`` jobs whose worker process is gone (on this host) ``failed``, with the tail of the worker's
         log as the error. Returns the ids changed."""
-        conn = self._open()
-        try:
+        with self._read() as conn:
             rows = conn.execute("SELECT job_id, worker_pid, host, log_path FROM jobs WHERE status = 'running'"
                                 ).fetchall()
-        finally:
-            conn.close()
         changed = []
         for r in rows:
             if r["host"] != self.host or r["worker_pid"] is None or _pid_alive(int(r["worker_pid"])):
@@ -276,11 +231,8 @@ class JobQueue:
             conn.execute("UPDATE jobs SET heartbeat = ? WHERE job_id = ?", (time.time(), job_id))
 
     def cancel_requested(self, job_id: str) -> bool:
-        conn = self._open()
-        try:
+        with self._read() as conn:
             row = conn.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        finally:
-            conn.close()
         return bool(row and row[0])
 
     def finish(self, job_id: str, status: str, *, result: Any = None, error: str | None = None) -> None:

@@ -28,7 +28,6 @@ committed, and the next :class:`RunStore` opened on the file marks that run ``in
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -38,10 +37,12 @@ import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .sqlite_util import SQLiteFile, ensure_wal, where_in
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def decode_npz(blob: bytes) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-class RunStore:
+class RunStore(SQLiteFile):
     """The SQLite run store of one runs directory.
 
     Args:
@@ -222,6 +223,9 @@ class RunStore:
         stale_after: a ``running`` run whose heartbeat is older than this many seconds is considered dead.
         recover: mark dead ``running`` runs ``interrupted`` when the store is opened.
     """
+
+    _PRAGMAS = ("PRAGMA foreign_keys = ON",
+                "PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
 
     def __init__(self, path_or_dir: str | os.PathLike, *, timeout: float = 30.0, stale_after: float = 600.0,
                  recover: bool = True):
@@ -247,51 +251,10 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({self.path!r})"
 
-    # ---- connections ----------------------------------------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, so no upgrade deadlock)."""
-        conn = self._open()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._open()
-        try:
-            yield conn
-        finally:
-            conn.close()
-
     def _init_schema(self) -> None:
         conn = self._open()
         try:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                for attempt in range(50):
-                    try:
-                        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                        break
-                    except sqlite3.OperationalError:  # another process holds a lock right now
-                        time.sleep(0.1)
-                if str(mode).lower() != "wal":
-                    log.warning("could not switch %s to WAL mode (journal_mode=%s)", self.path, mode)
+            ensure_wal(conn, self.path)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
@@ -441,17 +404,8 @@ class RunStore:
         cols = ("run_id", "created", "updated", "status", "error", "label", "method", "model", "model_hash",
                 "data_source", "preset_version", "n_edits_planned", "n_edits_done", "seconds_total", "device", "pid",
                 "host", "heartbeat")
-        where, args = [], []
-        for col, val in (("method", method), ("status", status)):
-            if val is None:
-                continue
-            vals = [val] if isinstance(val, str) else list(val)
-            where.append(f"{col} IN ({', '.join('?' * len(vals))})")
-            args.extend(vals)
-        sql = f"SELECT {', '.join(cols)} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created DESC, run_id DESC"
+        where, args = where_in((("method", method), ("status", status)))
+        sql = f"SELECT {', '.join(cols)} FROM runs{where} ORDER BY created DESC, run_id DESC"
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
         df = pd.DataFrame([tuple(r) for r in rows], columns=list(cols))
@@ -547,17 +501,8 @@ class RunStore:
                       metrics: str | Sequence[str] | None = None) -> pd.DataFrame:
         """Long-form metric rows: columns ``run_id, n_edits, step, kind, layer, param, metric, protocol, value,
         case_id`` (``layer`` nullable Int64; NULL value -> NaN). ``run_ids=None`` means every run."""
-        where, args = [], []
-        for col, val in (("run_id", run_ids), ("kind", kinds), ("metric", metrics)):
-            if val is None:
-                continue
-            vals = [val] if isinstance(val, str) else list(val)
-            where.append(f"{col} IN ({', '.join('?' * len(vals))})")
-            args.extend(vals)
-        sql = f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid"
+        where, args = where_in((("run_id", run_ids), ("kind", kinds), ("metric", metrics)))
+        sql = f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics{where} ORDER BY rowid"
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
         # object columns keep None for "not applicable" (pandas would otherwise infer str columns with NaN)

@@ -29,6 +29,24 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def batch_scores(lm, editor, records, size: int) -> dict:
+    """Batch editing (the papers' setting): edit ``size`` records at once, score ES / GS / LS (tf_token_acc), undo
+    (the model is back to the unedited one for the next batch). Means over batches, weighted by batch size."""
+    from app.train import validate_edits
+    from analysis.evaluation import editing_score
+
+    totals, n = {"ES": 0.0, "GS": 0.0, "LS": 0.0}, 0
+    for i in range(0, len(records), size):
+        batch = records[i:i + size]
+        row = validate_edits(lm, editor, batch)
+        for k in totals:
+            totals[k] += row[k] * len(batch)
+        n += len(batch)
+    out = {k: v / n for k, v in totals.items()}
+    out["score"] = editing_score(out["ES"], out["GS"], out["LS"])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="agrade", choices=("agrade", "malmen"))
@@ -41,6 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="checkpoint root (default: a temporary folder)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--eval-data", default=None,
+                    help="also score batch edits of these records (e.g. counterfact:../shared/data/counterfact/"
+                         "counterfact-edit.json), untrained and trained, the model restored between batches")
+    ap.add_argument("--eval-n", type=int, default=200, help="records of --eval-data (default 200)")
+    ap.add_argument("--eval-batch", type=int, default=None, help="records per batch edit (default: --n-edits)")
     args = ap.parse_args(argv)
 
     from app.train import train_hypernet, validate_edits
@@ -64,10 +87,19 @@ def main(argv=None) -> int:
                          cache_dir=cache, progress=True)
     trained = cls(lm, make_config(cls.config_cls, overrides, method=args.method), cache_dir=cache)
     after = validate_edits(lm, trained, held)
+    evaluation = {}
+    if args.eval_data:
+        records = load_requests(args.eval_data, args.eval_n, skip_invalid=True)
+        size = args.eval_batch or args.n_edits
+        for label, editor in (("untrained", untrained), ("trained", trained)):
+            t1 = time.perf_counter()
+            evaluation[label] = batch_scores(lm, editor, records, size)
+            evaluation[label]["seconds"] = round(time.perf_counter() - t1, 1)
+        evaluation.update({"data": args.eval_data, "records": len(records), "batch": size})
     report = {"method": args.method, "steps": out["step"], "train_seconds": round(out["seconds"], 1),
               "seconds_per_step": round(out["seconds"] / max(1, out["step"] - out["resumed_from"]), 2),
               "edit_seconds_untrained": round(t_edit, 1), "held_in_untrained": before, "held_in_trained": after,
-              "last_train_row": out["history"][-1] if out["history"] else None, "checkpoint": out["path"]}
+              "last_train_row": out["history"][-1] if out["history"] else None, "checkpoint": out["path"], "evaluation": evaluation}
     print(json.dumps(report, indent=1, default=float))
     return 0
 

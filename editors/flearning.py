@@ -15,11 +15,10 @@ F-Learning_LoRA; τ_old is the merged product B A · alpha/r). Both fine-tunings
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from .base import EditError, EditorConfig, EditResult
+from .base import EditorConfig, EditResult
 from .ft import _FineTuneEditor, _FTCommon
 from .lora import _LoRAFields, delta_info, encode_old, finetune, seeded
 from .registry import register
@@ -87,11 +86,8 @@ class FLearningEditor(_FineTuneEditor):
     summary: ClassVar[str] = "F-Learning: θ0 − λ·τ_old (FT on target_true), then FT on target_new (full or LoRA)"
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started = time.perf_counter()
-        if not requests:
-            raise EditError(f"{self.name}: no requests to edit")
+        started, names = self._begin_edit(requests)
         cfg = self.config
-        names = self.trained_params()
         old = [encode_old(self, r) for r in requests]
         new = [self._encode(r) for r in requests]
         lora = cfg.lora_settings() if cfg.mode == "lora" else None

@@ -217,6 +217,17 @@ class _FineTuneEditor(Editor):
     def prepare(self) -> None:
         self.trained_params()  # fail early on a layer the model does not have
 
+    def _begin_edit(self, requests: Sequence[EditRequest]) -> tuple[float, list[str]]:
+        """The common start of ``edit``: its start time (``time.perf_counter()``) and :meth:`trained_params`.
+
+        Raises:
+            EditError: there are no requests, or a layer / weight of the config does not exist.
+        """
+        started = time.perf_counter()
+        if not requests:
+            raise EditError(f"{self.name}: no requests to edit")
+        return started, self.trained_params()
+
     # ---- encoding and loss -------------------------------------------------------------------------------------
     def _encode(self, req: EditRequest) -> _Example:
         tok = self.tok
@@ -259,11 +270,8 @@ class _FineTuneEditor(Editor):
 
     # ---- the edit ----------------------------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started = time.perf_counter()
-        if not requests:
-            raise EditError(f"{self.name}: no requests to edit")
+        started, names = self._begin_edit(requests)
         cfg = self.config
-        names = self.trained_params()
         examples = [self._encode(r) for r in requests]
         eps = cfg.box()
         dev = self.lm.device

@@ -5,19 +5,23 @@ Steps (all on the chosen weight matrices; default the MLP output projection of t
 1. Task vectors (Eq. 4-6): τ_old = FT(θ0; D_old) − θ0 (prompt -> target_true) and τ_new = FT(θ0; D_new) − θ0
    (prompt -> target_new), two SEPARATE fine-tunings from θ0 (full fine-tuning or a peft LoRA adapter, ``mode``),
    with the loop and loss of :mod:`editors.ft` (:func:`editors.lora.finetune`).
-2. Neurons: neuron i of a matrix is ROW i of its canonical ``[d_out, d_in]`` form, i.e. one output unit with all
-   its incoming weights (d_n = d_in parameters). This is the paper's "θ_i ∈ R^{d_n}" with d_n = 4096 on LLaMA-7B:
-   the rows of LLaMA's hidden-input matrices have 4096 entries; it also makes the importance of Eq. 12 (a mean over
-   the neuron's trainable parameters) the importance of one output unit, and it matches
-   ``analysis.angles.row_angles`` / ``analysis.importance`` ("out" axis). For the default target (SmolLM2-135M's
-   down_proj, canonical [576, 1536]) a neuron is one of 576 residual-stream outputs with d_n = 1536.
+2. Neurons (``neuron_axis``): the paper's θ_i ∈ R^{d_n} with d_n = 4096 on LLaMA-7B = d_model, i.e. one FFN
+   (inner) neuron with its residual-stream-facing weights. Default 'auto': a COLUMN of an output projection
+   (canonical ``[d_out, d_in]``; module 'mlp_out' / 'attn_out': the weights of one intermediate unit into the residual
+   stream, d_n = d_out) and a ROW of an input projection ('mlp_in': that unit's weights from the residual stream,
+   d_n = d_in); on SmolLM2-135M's down_proj ([576, 1536]) 1536 neurons with d_n = 576. Rows of down_proj (the
+   workbench's earlier choice) are the wrong unit: ∂L/∂W = Σ_t δ_t k_tᵀ, so every row of τ_old and τ_new is a
+   combination of the SAME keys k_t (same prompts) and old and new rows come out nearly parallel or anti-parallel
+   (measured raw angles: mean 85°, std 19°, only 19% in 85-95°); columns combine the output-gradient directions δ_t,
+   which differ between old and new targets (std 4.6°, 46% in 85-95°, see ``scripts/geoedit_angles.py``).
 3. Importance (Eq. 12-13): during each fine-tuning, per neuron the mean over its trainable parameters of
-   |w · ∂L/∂w| (LoRA: the neuron's row of B), smoothed over steps by an exponential moving average; the scores of
-   all neurons are min-max normalised to [0, 1] per task -> α (old), β (new).
+   |w · ∂L/∂w| (LoRA: a row neuron's row of B, a column neuron's column of A), smoothed over steps by an
+   exponential moving average; the scores of all neurons are min-max normalised to [0, 1] per task -> α (old),
+   β (new).
 4. Auto-encoder (Eq. 7-9): encoder d_n -> hidden -> latent and a mirrored decoder, 2-layer MLPs (ReLU between, no
-   biases, see ``GeoEditConfig.latent_dim``), trained on the rows of τ_old and τ_new of every edited matrix with
-   L_AE = MSE(τ, τ̂) + λ·KL(f_{θ0+τ}(x) ‖ f_{θ0+τ̂}(x)) (λ = 0.5), the KL on the task's own prompts at the answer
-   positions, every ``ae_kl_every`` steps.
+   biases, see ``GeoEditConfig.latent_dim``), trained on the neuron vectors of τ_old and τ_new of every edited
+   matrix with L_AE = MSE(τ, τ̂) + λ·KL(f_{θ0+τ}(x) ‖ f_{θ0+τ̂}(x)) (λ = 0.5), the KL on the task's own prompts at
+   the answer positions, every ``ae_kl_every`` steps.
 5. Angles (Eq. 10) between h_old = Enc(τ_old^i) and h_new = Enc(τ_new^i); classes (Eq. 11): aligned φ < φ1 (85°),
    orthogonal φ1 <= φ <= φ2 (95°), conflicting φ > φ2. Fusion (Eq. 11): aligned α h_old + β h_new (synergistic),
    orthogonal 0 (no update), conflicting −α h_old + β h_new (forget-then-learn). τ_edit = Dec(h_edit) and
@@ -26,7 +30,8 @@ Steps (all on the chosen weight matrices; default the MLP output projection of t
 Ablations (Table 2): ``synergistic`` / ``orthogonal`` / ``conflicting`` = False replaces that class's rule by plain
 fine-tuning on the new facts, h_edit = h_new; ``fusion="fixed"`` is "+MW" (α = 0.3, β = 1 for every neuron).
 
-Artifacts (numpy, one entry per neuron of every edited matrix, matrices in ``param_names`` order): ``raw_angle``
+Artifacts (numpy, one entry per neuron of every edited matrix, matrices in ``param_names`` order; ``neuron_axis``
+says whether neuron k of a matrix is its canonical row k ('out') or column k ('in')): ``raw_angle``
 (between τ_old^i and τ_new^i in parameter space), ``latent_angle``, ``neuron_class`` (0 aligned, 1 orthogonal,
 2 conflicting, as accepted by ``analysis.angles.neuron_angle_frame``), ``tau_old_norm``, ``tau_new_norm``,
 ``alpha``, ``beta``, ``param_index`` and ``neuron``; plus the AE loss curve.
@@ -53,6 +58,7 @@ from .requests import EditRequest
 log = logging.getLogger(__name__)
 
 FUSIONS = ("importance", "fixed")
+NEURON_AXES = ("auto", "in", "out")
 ALIGNED, ORTHOGONAL, CONFLICTING = 0, 1, 2
 
 
@@ -60,13 +66,31 @@ ALIGNED, ORTHOGONAL, CONFLICTING = 0, 1, 2
 class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
     """Config of ``geoedit``.
 
-    Fine-tuning defaults as ``ft`` (layer 20 of SmolLM2-135M's MLP output projection, FT-M) but batches of 4 at
+    Fine-tuning defaults as ``ft`` (FT-M of SmolLM2-135M's MLP output projection) but at layer 24, batches of 4 at
     lr 2e-3 for at most 20 epochs (see ``lr``); paper values for everything GeoEdit adds (λ 0.5, φ 85°/95°, EMA
-    importance, MLP auto-encoder), the latent size scaled to d_n (see ``latent_dim``).
+    importance, MLP auto-encoder, the FFN neuron as the unit: ``neuron_axis``), the AE sizes scaled to d_n by the
+    paper's ratios (see ``latent_dim``). Version 2: neurons are FFN neurons (columns of down_proj), not rows. Version 3: layer 24 and
+    the '+MW' fixed-weight fusion by default (see ``layers`` and ``fusion``; the importance fusion is an option).
     """
 
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 3
 
+    layers: tuple[int, ...] = field(default=(24,), metadata={"help": (
+        "Decoder layers whose weights are fine-tuned (0-based). Default 24 of SmolLM2-135M's 30 (version 3), "
+        "measured on 4 built-in facts: τ_new alone at layers 5-20 and 4-8 changed 'The capital of France is' to "
+        "'Tehran'; at 24 it kept Paris, and there the raw FFN-neuron angles concentrate near 90° (92% within "
+        "85-95°) while the latent ones spread out (3.5%), the paper's Fig. 3.")})
+    neuron_axis: str = field(default="auto", metadata={"help": (
+        "What one neuron θ_i ∈ R^{d_n} of Eq. 10-12 is, in the canonical [d_out, d_in] matrix: 'in' = a COLUMN "
+        "(one input unit with all its outgoing weights, d_n = d_out), 'out' = a ROW (one output unit with its "
+        "incoming weights, d_n = d_in). 'auto' (default) = the FFN / inner neuron, as the paper: 'in' for the "
+        "output projections (module 'mlp_out', 'attn_out': the column of one MLP intermediate neuron or one "
+        "attention value channel, its weights into the residual stream) and 'out' for 'mlp_in' (the rows of "
+        "gate/up_proj: that neuron's weights from the residual stream), so d_n = hidden size always, as the paper's "
+        "d_n = 4096 = d_model of LLaMA-7B. Rows of an output projection are the wrong unit: their task vectors "
+        "are combinations of the same few input keys k_t for old and new facts (∂L/∂W = Σ_t δ_t k_tᵀ), so "
+        "old and new rows are nearly (anti-)parallel; columns combine the output-gradient directions δ_t, "
+        "which differ between old and new targets.")})
     num_steps: int = field(default=20, metadata={"help": (
         "Epochs (cap) of each fine-tuning, old and new facts (the paper: 3 epochs over thousands of facts, "
         "geoedit.txt Appendix C). With batch 4 and lr 2e-3 four SmolLM2 facts reach the early-stop loss in ~10 "
@@ -82,17 +106,19 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
         "EMA decay of the per-neuron importance over training steps (Eq. 12-13 'exponential moving average'; "
         "0.85 as β1 in the same author's TaSL code and AdaLoRA, guides METHODS.md section 10).")})
     latent_dim: int | None = field(default=None, metadata={"help": (
-        "Auto-encoder latent size d_latent (Eq. 7). None = d_n // 8, i.e. 192 for SmolLM2's down_proj rows "
-        "(d_n = 1536). The paper uses 512 for d_n = 4096 (ratio 1/8), finds 256 and 512 best and >= 1024 (1/4) "
-        "collapsing back to near-orthogonal angles, 128 (1/32) too lossy (Table 3); 1/8 keeps the paper's best ratio, "
-        "and the rows to encode (a few hundred per matrix, spanning few directions after a few facts) fit easily.")})
+        "Auto-encoder latent size d_latent (Eq. 7). None = d_n // 8, i.e. 72 for SmolLM2-135M (d_n = hidden size "
+        "576 with the default neuron_axis). The paper uses 512 for d_n = 4096 (ratio 1/8) and finds 256 (1/16) and "
+        "512 best, >= 1024 (1/4) collapsing back to near-orthogonal angles and 128 (1/32) too lossy (Table 3); the "
+        "ratio, not the absolute size, is what carries over to a 7x smaller d_n (512 would be almost d_n itself, "
+        "the paper's collapsing regime).")})
     ae_hidden: int | None = field(default=None, metadata={"help": (
-        "Hidden width of the 2-layer encoder / decoder MLPs. None = d_n // 4 (384 for d_n = 1536). The paper uses "
-        "d_n // 2 (4096 -> 2048 -> 512); half that width keeps the AE a few times cheaper on a shared CPU and is "
-        "still twice the latent size.")})
+        "Hidden width of the 2-layer encoder / decoder MLPs. None = d_n // 2 (288 for d_n = 576), the paper's "
+        "4096 -> 2048 -> 512 ratio; with d_n = 576 the AE has ~0.4M parameters, cheap on a shared CPU.")})
     ae_steps: int = field(default=300, metadata={"help": (
-        "Adam steps of the auto-encoder (the paper trains it ~2.5 min on 7B task vectors, Sec. 5.4; a few hundred "
-        "minibatch steps suffice for the few thousand rows here).")})
+        "Adam steps of the auto-encoder (the paper trains it ~2.5 min on 7B task vectors, Sec. 5.4). 300 minibatch "
+        "steps over the ~3000 neuron vectors of one SmolLM2 down_proj take ~2 s; 1500 lowered the relative "
+        "reconstruction error only from ~0.5/0.35 to ~0.47/0.27 (old/new) on four facts (Adam's sign-like updates "
+        "make τ close to full rank, so a 72-d code cannot reconstruct it exactly).")})
     ae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the auto-encoder."})
     ae_batch_size: int = field(default=128, metadata={"help": "Rows per auto-encoder step (MSE part)."})
     ae_kl_weight: float = field(default=0.5, metadata={"help": (
@@ -115,9 +141,14 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
         "Apply Eq. 11's orthogonal rule h_edit = 0 (no update). False = '- Orthogonal' (Table 2): h_edit = h_new.")})
     conflicting: bool = field(default=True, metadata={"help": (
         "Apply Eq. 11's conflicting rule −α h_old + β h_new. False = '- Conflict' (Table 2): h_edit = h_new.")})
-    fusion: str = field(default="importance", metadata={"help": (
-        "'importance': α, β from the normalised EMA importance (Eq. 11-13). 'fixed': the '+MW' ablation, the same "
-        "fixed_alpha / fixed_beta for every neuron (Table 2).")})
+    fusion: str = field(default="fixed", metadata={"help": (
+        "'importance': α, β from the min-max-normalised EMA importance (Eq. 11-13, the paper's full method). "
+        "'fixed': the paper's '+MW' variant (Table 2), the same fixed_alpha / fixed_beta for every neuron. Default "
+        "'fixed' on SmolLM2-135M, measured: with 'importance' a batch edit of 4 built-in facts reached reliability "
+        "0.125 (Adam spreads τ_new evenly over all 1536 down_proj columns, uncorrelated with importance, while the "
+        "min-max β is heavy-tailed, median 0.07 of the max, so β-weighting keeps ~10% of the edit; twice that "
+        "already turned 'The capital of France is' into 'Tehran': the important neurons are the generally active "
+        "ones); with 'fixed' at layer 24: reliability 1.0, generality 0.875, locality 0.75, Paris kept.")})
     fixed_alpha: float = field(default=0.3, metadata={"help": (
         "α of fusion 'fixed' (+MW); 0.3 found by grid search in the paper (Sec. 5.2).")})
     fixed_beta: float = field(default=1.0, metadata={"help": "β of fusion 'fixed' (+MW); 1 as the paper."})
@@ -126,6 +157,8 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
         super().validate()
         self._validate_lora()
         self._validate_two()
+        if self.neuron_axis not in NEURON_AXES:
+            raise ValueError(f"neuron_axis must be one of {', '.join(NEURON_AXES)}, got {self.neuron_axis!r}")
         if not 0 <= self.importance_decay < 1:
             raise ValueError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
         for name in ("latent_dim", "ae_hidden"):
@@ -142,6 +175,12 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if not (0 <= self.fixed_alpha <= 1 and 0 <= self.fixed_beta <= 1):
             raise ValueError("fixed_alpha and fixed_beta must be in [0, 1] (Eq. 11)")
+
+    def resolved_axis(self) -> str:
+        """'in' (neurons = canonical columns) or 'out' (rows); 'auto' follows ``module`` (see ``neuron_axis``)."""
+        if self.neuron_axis != "auto":
+            return self.neuron_axis
+        return "out" if self.module == "mlp_in" else "in"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,6 +208,17 @@ class TaskVectorAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(self.enc(x))
+
+
+def to_neurons(W: torch.Tensor, axis: str) -> torch.Tensor:
+    """A canonical ``[d_out, d_in]`` matrix as ``[N, d_n]`` neuron vectors: its rows (axis 'out') or columns
+    ('in'). :func:`from_neurons` is the inverse."""
+    return W if axis == "out" else W.T
+
+
+def from_neurons(V: torch.Tensor, axis: str) -> torch.Tensor:
+    """``[N, d_n]`` neuron vectors back to the canonical ``[d_out, d_in]`` matrix."""
+    return V if axis == "out" else V.T
 
 
 def row_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -246,13 +296,14 @@ class GeoEditEditor(_FineTuneEditor):
 
     def _train_ae(self, tau: dict[str, dict[str, torch.Tensor]], examples: dict[str, list[_Example]],
                   names: list[str], scale: float) -> tuple[TaskVectorAE, list[float], list[float]]:
-        """Eq. 9 on the (scaled) rows of τ_old and τ_new of every matrix. Returns the AE (eval mode), the MSE curve
-        and the KL values."""
+        """Eq. 9 on the (scaled) neuron vectors of τ_old and τ_new of every matrix. Returns the AE (eval mode), the
+        MSE curve and the KL values."""
         cfg, spec = self.config, self.spec
-        canon = {t: {n: spec.to_canonical(tau[t][n]).float() / scale for n in names} for t in tau}
+        axis = cfg.resolved_axis()
+        canon = {t: {n: to_neurons(spec.to_canonical(tau[t][n]).float(), axis) / scale for n in names} for t in tau}
         X = torch.cat([canon[t][n] for t in ("old", "new") for n in names])  # [2N, d_n]
         d_n = X.shape[1]
-        ae = TaskVectorAE(d_n, cfg.ae_hidden or max(1, d_n // 4), cfg.latent_dim or max(1, d_n // 8)).to(X.device)
+        ae = TaskVectorAE(d_n, cfg.ae_hidden or max(1, d_n // 2), cfg.latent_dim or max(1, d_n // 8)).to(X.device)
         opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr)
         params = dict(self.model.named_parameters())
         W0 = {n: params[n].detach() for n in names}
@@ -276,7 +327,8 @@ class GeoEditEditor(_FineTuneEditor):
                         log.debug("%s: AE step %d, MSE %.4g", self.name, step, mse_curve[-1])
                     if cfg.ae_kl_weight > 0 and (step + 1) % cfg.ae_kl_every == 0:
                         t = ("old", "new")[(step // cfg.ae_kl_every) % 2]
-                        weights = {n: W0[n] + spec.to_param_layout(ae(canon[t][n]) * scale) for n in names}
+                        weights = {n: W0[n] + spec.to_param_layout(from_neurons(ae(canon[t][n]) * scale, axis))
+                                   for n in names}
                         logq = self._answer_logprobs(weights, examples[t])
                         # KL(p ‖ q) with p = f_{θ+τ}(x) (reference) and q = f_{θ+τ̂}(x), mean over answer tokens
                         kl = (refs[t].exp() * (refs[t] - logq)).sum(-1).mean()
@@ -296,20 +348,22 @@ class GeoEditEditor(_FineTuneEditor):
         if not requests:
             raise EditError(f"{self.name}: no requests to edit")
         cfg, spec = self.config, self.spec
+        axis = cfg.resolved_axis()
         names = self.trained_params()
         examples = {"old": [encode_old(self, r) for r in requests], "new": [self._encode(r) for r in requests]}
         lora = cfg.lora_settings() if cfg.mode == "lora" else None
         lr = cfg.lora_lr if lora is not None else cfg.lr
         # step 1 + importance: two separate fine-tunings from θ0 (Eq. 5-6, 12-13)
         runs = {t: seeded(self, finetune, self, names, examples[t], lora=lora, lr=lr,
-                          importance_decay=cfg.importance_decay,
+                          importance_decay=cfg.importance_decay, importance_axis=axis,
                           num_steps=cfg.old_num_steps if t == "old" else None) for t in ("old", "new")}
         tau = {t: runs[t].deltas for t in runs}
-        shapes = {spec.to_canonical(tau["old"][n]).shape[1] for n in names}
+        neurons = {t: {n: to_neurons(spec.to_canonical(tau[t][n]).double(), axis) for n in names} for t in tau}
+        shapes = {neurons["old"][n].shape[1] for n in names}
         if len(shapes) != 1:
-            raise EditError(f"{self.name}: the chosen matrices have rows of different lengths {sorted(shapes)}; one "
-                            "auto-encoder needs one neuron size d_n")
-        rows = {t: torch.cat([spec.to_canonical(tau[t][n]).double() for n in names]) for t in tau}  # [N, d_n]
+            raise EditError(f"{self.name}: the chosen matrices have neurons of different sizes {sorted(shapes)} "
+                            f"(neuron_axis {axis!r}); one auto-encoder needs one neuron size d_n")
+        rows = {t: torch.cat([neurons[t][n] for n in names]) for t in tau}  # [N, d_n], one neuron per row
         nonzero = rows["new"].norm(dim=1)
         # one global scale (RMS entry of both task vectors): the AE sees entries of order 1, so the MSE of Eq. 9 is
         # of the order of the KL term instead of ~1e-8 (which let the KL steps swamp the reconstruction)
@@ -337,23 +391,23 @@ class GeoEditEditor(_FineTuneEditor):
             tau_edit = ae.decode(h_edit).double() * scale
             tau_edit[h_edit.abs().sum(1) == 0] = 0.0  # exact zeros (Dec(0) = 0 already; guards rounding)
         deltas, start = {}, 0
-        index = np.concatenate([np.full(spec.to_canonical(tau["old"][n]).shape[0], i) for i, n in enumerate(names)])
+        index = np.concatenate([np.full(neurons["old"][n].shape[0], i) for i, n in enumerate(names)])
         for n in names:
-            d_out = spec.to_canonical(tau["old"][n]).shape[0]
-            W = tau_edit[start:start + d_out].to(tau["old"][n].dtype)
+            count = neurons["old"][n].shape[0]
+            W = from_neurons(tau_edit[start:start + count], axis).to(tau["old"][n].dtype)
             deltas[n] = spec.to_param_layout(W).contiguous()
-            start += d_out
+            start += count
         counts = {c: int((cls == i).sum()) for i, c in enumerate(("aligned", "orthogonal", "conflicting"))}
         info = {**delta_info(self, deltas), "n_requests": len(requests), "n_neurons": int(raw.shape[0]),
                 "class_counts": counts, "ae_recon_rel_error": recon,
                 "ae_mse_initial": mse_curve[0] if mse_curve else math.nan,
                 "ae_mse_final": mse_curve[-1] if mse_curve else math.nan,
                 "ae_kl_final": kl_values[-1] if kl_values else math.nan,
-                "latent_dim": int(h["old"].shape[1]), "d_n": int(rows["old"].shape[1]),
+                "latent_dim": int(h["old"].shape[1]), "d_n": int(rows["old"].shape[1]), "neuron_axis": axis,
                 "old": {k: v for k, v in runs["old"].stats.items() if k != "loss_curve"},
                 "new": {k: v for k, v in runs["new"].stats.items() if k != "loss_curve"},
                 "tau_new_zero_rows": int((nonzero == 0).sum())}
-        artifacts = {"param_names": list(names), "param_index": index,
+        artifacts = {"param_names": list(names), "neuron_axis": axis, "param_index": index,
                      "neuron": np.concatenate([np.arange((index == i).sum()) for i in range(len(names))]),
                      "raw_angle": raw.cpu().numpy(), "latent_angle": latent.cpu().numpy(),
                      "neuron_class": cls.cpu().numpy(), "tau_old_norm": rows["old"].norm(dim=1).cpu().numpy(),

@@ -17,7 +17,7 @@ targets ``[q_proj, v_proj]``, here the MLP output projection as for the other ed
 
 :func:`finetune` is the loop: Adam on the live parameters (full fine-tuning) or on a LoRA adapter, optionally from
 a start offset (F-Learning's θ' = θ0 − λ τ_old) and optionally recording GeoEdit's per-neuron importance (Eq. 12-13,
-EMA-smoothed). It always restores the model.
+EMA-smoothed; per canonical row or per column, ``importance_axis``). It always restores the model.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ class Trained:
 
     Attributes:
         deltas: param name -> trained change (param layout), relative to the START weights (θ0 + start offset).
-        importance: param name -> EMA-smoothed per-row importance ``[d_out]`` (canonical rows), or None.
+        importance: param name -> EMA-smoothed per-neuron importance, or None: ``[d_out]`` per canonical row
+            (``importance_axis="out"``) or ``[d_in]`` per canonical column (``"in"``).
         stats: loss_initial, loss_final, epochs, opt_steps, stopped_early, loss_curve.
         lora: param name -> (A ``[r, d_in]``, B ``[d_out, r]``, scale) in LoRA mode, else empty.
     """
@@ -75,7 +76,7 @@ def _lora_config(names: Sequence[str], settings: LoraSettings, conv1d: bool):
 
 def finetune(editor: _FineTuneEditor, names: Sequence[str], examples: Sequence[_Example], *,
              lora: LoraSettings | None = None, start: Mapping[str, torch.Tensor] | None = None,
-             importance_decay: float | None = None, num_steps: int | None = None,
+             importance_decay: float | None = None, importance_axis: str = "out", num_steps: int | None = None,
              lr: float | None = None) -> Trained:
     """Adam on ``names`` (full fine-tuning) or on a LoRA adapter over them; the model is restored bit for bit.
 
@@ -87,10 +88,16 @@ def finetune(editor: _FineTuneEditor, names: Sequence[str], examples: Sequence[_
         lora: LoRA settings, or None for full fine-tuning of ``names``.
         start: optional offsets (param layout) added to the weights before training (F-Learning's θ'); the
             returned deltas do NOT include them.
-        importance_decay: when set, record GeoEdit's importance (Eq. 12-13): per canonical row the mean of
-            |w · ∂L/∂w| over the row's trainable parameters (W for full fine-tuning, the row of B for LoRA), smoothed
-            over optimiser steps by an EMA with this decay: Ī ← d·Ī + (1−d)·I (Ī initialised by the first step).
+        importance_decay: when set, record GeoEdit's importance (Eq. 12-13): per neuron the mean of |w · ∂L/∂w|
+            over the neuron's trainable parameters, smoothed over optimiser steps by an EMA with this decay:
+            Ī ← d·Ī + (1−d)·I (Ī initialised by the first step).
+        importance_axis: what a neuron is: "out" = a canonical ROW (output unit; its parameters are the row of W
+            for full fine-tuning, the row of B ``[d_out, r]`` for LoRA), "in" = a canonical COLUMN (input unit; the
+            column of W, or the column of A ``[r, d_in]`` for LoRA: the adapter parameters that act on that input
+            alone).
     """
+    if importance_axis not in ("out", "in"):
+        raise ValueError(f"importance_axis must be 'out' or 'in', got {importance_axis!r}")
     cfg = editor.config
     model, spec = editor.model, editor.spec
     n_steps = int(num_steps if num_steps is not None else cfg.num_steps)
@@ -146,9 +153,12 @@ def finetune(editor: _FineTuneEditor, names: Sequence[str], examples: Sequence[_
                     loss.backward()
                     if importance_decay is not None:
                         for n, ps in trainable.items():
-                            w = ps[-1]  # W itself, or B (rows = canonical output neurons) for LoRA
+                            # W itself; for LoRA B [d_out, r] (rows = output neurons) or A [r, d_in] (columns =
+                            # input neurons)
+                            w = ps[0] if lora is None else ps[1 if importance_axis == "out" else 0]
                             s = (w.detach() * w.grad).abs()
-                            s = (spec.to_canonical(s) if lora is None else s).mean(dim=1)
+                            s = (spec.to_canonical(s) if lora is None else s).mean(dim=1 if importance_axis == "out"
+                                                                                    else 0)
                             ema[n] = s if n not in ema else importance_decay * ema[n] + (1 - importance_decay) * s
                     opt.step()
                     opt_steps += 1
@@ -184,7 +194,8 @@ def finetune(editor: _FineTuneEditor, names: Sequence[str], examples: Sequence[_
     importance = None
     if importance_decay is not None:
         importance = {n: (ema[n].double().cpu().numpy() if n in ema else
-                          np.zeros(spec.to_canonical(W0[n]).shape[0])) for n in names}
+                          np.zeros(spec.to_canonical(W0[n]).shape[0 if importance_axis == "out" else 1]))
+                      for n in names}
     return Trained(trained, importance, stats, lora_out)
 
 

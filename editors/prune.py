@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
-from .base import EditResult
 from .registry import register
-from .requests import EditRequest
 from .wrapping import WrappedConfig, WrappedEditor
 
 RESTRAINTS = ("log", "ln", "linear")
@@ -110,26 +108,19 @@ class PRUNEEditor(WrappedEditor):
         self.W0: dict[str, torch.Tensor] = {}
         self.sigma_max: dict[str, float] = {}
 
-    def transform(self, result: EditResult, requests: Sequence[EditRequest]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def transform_param(self, name: str, delta: torch.Tensor, W: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
-        params = dict(self.model.named_parameters())
-        deltas, per_param = {}, {}
-        for name, d in result.deltas.items():
-            W = params[name].detach()
-            if name not in self.W0:
-                self.W0[name] = W.clone()
-                self.sigma_max[name] = float(torch.linalg.matrix_norm(W.double(), ord=2))
-            W0, smax = self.W0[name], self.sigma_max[name]
-            acc = W.double() + d.double() - W0.double()
-            acc2, info = restrain(acc, smax, cfg.restraint, cfg.log_base)
-            info["sigma_max_W0"] = smax
-            if info["n_restrained"]:
-                deltas[name] = (W0.double() + acc2 - W.double()).to(d.dtype)
-            else:
-                deltas[name] = d
-            per_param[name] = info
-        return deltas, {"params": per_param}
+        if name not in self.W0:
+            self.W0[name] = W.clone()
+            self.sigma_max[name] = float(torch.linalg.matrix_norm(W.double(), ord=2))
+        W0, smax = self.W0[name], self.sigma_max[name]
+        acc = W.double() + delta.double() - W0.double()
+        acc2, info = restrain(acc, smax, cfg.restraint, cfg.log_base)
+        info["sigma_max_W0"] = smax
+        if info["n_restrained"]:
+            return (W0.double() + acc2 - W.double()).to(delta.dtype), info
+        return delta, info
 
 
 __all__ = ["PRUNEConfig", "PRUNEEditor", "restrain", "restrain_values", "restrained_bound", "RESTRAINTS"]

@@ -15,13 +15,11 @@ rescaled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
-from .base import EditResult
 from .registry import register
-from .requests import EditRequest
 from .wrapping import WrappedConfig, WrappedEditor
 
 
@@ -73,19 +71,13 @@ class RECTEditor(WrappedEditor):
     summary: ClassVar[str] = ("RECT: ROME/MEMIT update keeping only the top 20% of entries by relative change "
                               "|ΔW|/(|W|+eps), the rest zeroed")
 
-    def transform(self, result: EditResult, requests: Sequence[EditRequest]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def transform_param(self, name: str, delta: torch.Tensor, W: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
-        params = dict(self.model.named_parameters())
-        deltas, per_param = {}, {}
-        for name, d in result.deltas.items():
-            W = params[name].detach()
-            masked = rect_delta(d, W.to(d.device), cfg.keep_fraction, cfg.eps)
-            deltas[name] = masked
-            raw = float(d.double().norm())
-            per_param[name] = {"density": float((masked != 0).double().mean()),
-                               "norm_ratio": float(masked.double().norm()) / raw if raw > 0 else 0.0}
-        return deltas, {"params": per_param}
+        masked = rect_delta(delta, W.to(delta.device), cfg.keep_fraction, cfg.eps)
+        raw = float(delta.double().norm())
+        return masked, {"density": float((masked != 0).double().mean()),
+                        "norm_ratio": float(masked.double().norm()) / raw if raw > 0 else 0.0}
 
 
 __all__ = ["RECTConfig", "RECTEditor", "rect_mask", "rect_delta"]

@@ -56,7 +56,8 @@ class WrappedConfig(EditorConfig):
 
 
 class WrappedEditor(Editor):
-    """Abstract: subclasses implement :meth:`transform` (base result -> deltas and info)."""
+    """Abstract: subclasses implement :meth:`transform_param` (one matrix's delta -> new delta and info), or
+    :meth:`transform` (base result -> deltas and info)."""
 
     config_cls: ClassVar[type] = WrappedConfig
 
@@ -87,9 +88,21 @@ class WrappedEditor(Editor):
     def prepare(self) -> None:
         self.base.prepare()
 
-    def transform(self, result: EditResult, requests: Sequence[EditRequest]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # pragma: no cover - abstract
+    def transform_param(self, name: str, delta: torch.Tensor, W: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:  # pragma: no cover - abstract
+        """One edited matrix: the base's ``delta`` of parameter ``name`` and its current weight ``W`` (detached;
+        both in parameter layout) -> the delta to return instead and that matrix's info."""
         raise NotImplementedError
+
+    def transform(self, result: EditResult, requests: Sequence[EditRequest]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The base's result -> ``(deltas, info)``: :meth:`transform_param` on each edited matrix, its info under
+        ``info["params"][name]``. Override for a transform that needs all matrices (or the requests) at once."""
+        params = dict(self.model.named_parameters())
+        deltas, per_param = {}, {}
+        for name, d in result.deltas.items():
+            deltas[name], per_param[name] = self.transform_param(name, d, params[name].detach())
+        return deltas, {"params": per_param}
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
         started = time.perf_counter()

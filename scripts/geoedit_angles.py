@@ -1,13 +1,14 @@
 """GeoEdit Fig. 3 on the embedded default model: per-neuron angles between τ_old and τ_new, raw vs latent.
 
 One GeoEdit batch edit of the first ``--n`` built-in facts (``editors.data.load_requests("builtin", n)``); for every
-neuron (row of each edited MLP output projection, d_n = 1536 on SmolLM2-135M) the angle between the old-fact and
+neuron (``neuron_axis``; default the FFN neuron = a column of each edited MLP output projection, d_n = 576 on
+SmolLM2-135M; ``--set neuron_axis=out`` for rows, d_n = 1536) the angle between the old-fact and
 the new-fact task vectors in parameter space ("raw") and between their auto-encoder codes ("latent", the space
 GeoEdit classifies in). Prints mean, std and the share within [85°, 95°] (``analysis.angles.angle_summary``) for both,
 and the latent class counts. The paper (Sec. 5.3): raw angles concentrate near 90°, latent ones spread over 0-180°.
 
 Usage:
-    python scripts/geoedit_angles.py [--n 8] [--source builtin] [--layers 20] [--device cpu] [--set key=value ...]
+    python scripts/geoedit_angles.py [--n 8] [--source builtin] [--layers 24] [--device cpu] [--set key=value ...]
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="number of facts edited in one batch")
     ap.add_argument("--source", default="builtin", help="editors.data.load_requests source (default: builtin)")
-    ap.add_argument("--layers", default="20", help="comma-separated layers (MLP output projections)")
+    ap.add_argument("--layers", default=None, help="comma-separated layers (MLP output projections; default: "
+                                                   "GeoEdit's default, 24)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="GeoEdit config override")
     args = ap.parse_args(argv)
 
-    overrides = {"layers": args.layers}
+    overrides = {"layers": args.layers} if args.layers else {}
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k] = v
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     art = result.artifacts
     frame = neuron_angle_frame(art["raw_angle"], art["latent_angle"], art["neuron_class"])
     print(f"GeoEdit angles on {lm.display_name}: {len(requests)} facts from {args.source}, layers {cfg.layers}, "
-          f"{result.info['n_neurons']} neurons (rows, d_n = {result.info['d_n']}), latent {result.info['latent_dim']}, "
+          f"{result.info['n_neurons']} neurons ({'rows' if result.info['neuron_axis'] == 'out' else 'columns'}, "
+          f"d_n = {result.info['d_n']}), latent {result.info['latent_dim']}, "
           f"edit {time.perf_counter() - started:.0f}s")
     print(f"{'space':8s} {'mean':>8s} {'std':>8s} {'share 85-95':>12s} {'<85':>7s} {'>95':>7s} {'n':>6s}")
     for space in ("raw", "latent"):

@@ -15,10 +15,6 @@ from editors.geoedit import GeoEditConfig, GeoEditEditor
 
 pytestmark = [
     pytest.mark.slow,
-    # Known gap (issue 4 stays open): with its current defaults GeoEdit's Eq. 11 fusion keeps most neurons
-    # "aligned" and adds alpha * tau_old, which pulls the edit back; measured reliability 0-0.5 on 4 built-in facts.
-    # The test states the target behaviour; it is skipped, not loosened, until the defaults are tuned.
-    pytest.mark.skip(reason="GeoEdit defaults do not yet reach reliability 0.8 on the default model (issue 4 open)"),
 ]
 
 PARIS = "The capital of France is"
@@ -47,6 +43,8 @@ def test_geoedit_batch_edit_succeeds_and_keeps_paris(clean_default_lm):
     # Fig. 3: the latent angles are less concentrated around 90 degrees than the raw ones
     raw, latent = art["raw_angle"], art["latent_angle"]
     assert np.nanstd(latent) > np.nanstd(raw)
+    near90 = lambda a: float(np.mean((a >= 85) & (a <= 95)))  # noqa: E731
+    assert near90(raw) > near90(latent), (near90(raw), near90(latent))
 
     undo = apply_result(lm, result)
     try:

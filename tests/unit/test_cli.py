@@ -13,7 +13,8 @@ import pytest
 import app.engine as engine
 from app.cli import main
 from editors.requests import RequestError
-from tests.unit.test_engine import PROBES, ShiftEditor, make_requests  # noqa: F401  (registers unit-shift)
+# ShiftEditor registers unit-shift; standins is the fixture of in-memory requests and probes
+from tests.unit.test_engine import ShiftEditor, standins  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,14 +25,6 @@ def tiny_dir(tmp_path_factory, tiny_llama):
     tiny_llama.model.save_pretrained(path)
     tiny_llama.tokenizer.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture()
-def standins(monkeypatch):
-    requests = make_requests()
-    monkeypatch.setattr(engine, "load_requests", lambda source, n: requests[:n])
-    monkeypatch.setattr(engine, "builtin_probes", lambda: list(PROBES))
-    return requests
 
 
 def run_cli(capsys, *argv):

@@ -69,6 +69,8 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("flearning", "gpt2", {"layers": (1,), "num_steps": 2, "batch_size": 2, "mode": "lora", "forget_lambda": 0.5}),
     ("geoedit", "llama", {"layers": (1, 2), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10, "mode": "lora",
                           "fusion": "fixed", "orthogonal": False}),
+    # GeoEdit with row neurons: the rows of the MLP input projections (neuron_axis 'auto' on module 'mlp_in')
+    ("geoedit", "gpt2", {"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10, "module": "mlp_in"}),
     # the wrappers on their default base (ROME), MOSE's fixed-layer ablation, AdaEdit's comparison strategies
     ("rect", "llama", {"base": "rome", "base_overrides": {"layer": 1, "v_num_grad_steps": 2}}),
     ("prune", "gpt2", {"base": "rome", "base_overrides": {"layer": 1, "v_num_grad_steps": 2}, "restraint": "linear"}),
@@ -255,8 +257,8 @@ def _flearning_forgets_then_learns(lm: LoadedModel, result: EditResult) -> None:
 
 
 def _geoedit_masks_orthogonal(lm: LoadedModel, result: EditResult) -> None:
-    """GeoEdit: per-neuron artifacts cover every row; α, β in [0, 1]; with the orthogonal rule on, every neuron of
-    the orthogonal class has an exactly zero row in the canonical delta (Eq. 11, case 2)."""
+    """GeoEdit: per-neuron artifacts cover every neuron (canonical rows or columns, ``neuron_axis``); α, β in [0, 1];
+    with the orthogonal rule on, every neuron of the orthogonal class is exactly zero in the delta (Eq. 11, case 2)."""
     cfg, art = result.config, result.artifacts
     assert set(result.deltas) == _configured_weights(lm, cfg) and not result.factors
     n = result.info["n_neurons"]
@@ -264,7 +266,8 @@ def _geoedit_masks_orthogonal(lm: LoadedModel, result: EditResult) -> None:
                 "param_index", "neuron"):
         assert art[key].shape == (n,), key
     assert ((art["alpha"] >= 0) & (art["alpha"] <= 1)).all() and ((art["beta"] >= 0) & (art["beta"] <= 1)).all()
-    rows = torch.cat([lm.spec.to_canonical(result.deltas[p]) for p in art["param_names"]])
+    canon = [lm.spec.to_canonical(result.deltas[p]) for p in art["param_names"]]
+    rows = torch.cat([c if art["neuron_axis"] == "out" else c.T for c in canon])  # one neuron per row
     assert rows.shape[0] == n
     ortho = torch.as_tensor(art["neuron_class"] == 1)
     if cfg["orthogonal"]:

@@ -13,7 +13,7 @@ from editors.base import EditError, apply_result, make_config
 from editors.flearning import FLearningConfig, FLearningEditor
 from editors.ft import FTConfig, FTEditor
 from editors.geoedit import (ALIGNED, CONFLICTING, ORTHOGONAL, GeoEditConfig, GeoEditEditor, TaskVectorAE, classify,
-                             fuse, minmax, row_angles)
+                             from_neurons, fuse, minmax, row_angles, to_neurons)
 from editors.lora import LoRAConfig, LoRAEditor
 from editors.requests import make_request
 from editors.testing import tiny_model
@@ -103,7 +103,8 @@ def test_autoencoder_is_homogeneous_and_decodes_zero_to_zero():
 # ---------------------------------------------------------------------------------------------------------------
 # GeoEdit end to end on a tiny model
 # ---------------------------------------------------------------------------------------------------------------
-GEO_SMALL = {"layers": (1,), "num_steps": 3, "ae_steps": 60, "ae_kl_every": 20}
+# the paper's importance fusion (Eq. 11-13); the default for SmolLM2 is the fixed '+MW' weights (GeoEditConfig.fusion)
+GEO_SMALL = {"layers": (1,), "num_steps": 3, "ae_steps": 60, "ae_kl_every": 20, "fusion": "importance"}
 
 
 def test_orthogonal_neurons_get_no_update():
@@ -115,14 +116,49 @@ def test_orthogonal_neurons_get_no_update():
     assert _unchanged(lm, snap)
     assert (res.artifacts["neuron_class"] == ORTHOGONAL).all()
     assert all(torch.equal(d, torch.zeros_like(d)) for d in res.deltas.values())
-    # the default thresholds: orthogonal rows are zero, the others not all zero
+    # the default thresholds: orthogonal neurons (columns of down_proj, neuron_axis 'auto') are zero, the others
+    # not all zero
     res = GeoEditEditor(lm, make_config(GeoEditConfig, GEO_SMALL, method="geoedit"), seed=0).edit(REQS)
-    D = lm.spec.to_canonical(next(iter(res.deltas.values())))
+    assert res.artifacts["neuron_axis"] == "in"
+    D = to_neurons(lm.spec.to_canonical(next(iter(res.deltas.values()))), "in")
     ortho = torch.as_tensor(res.artifacts["neuron_class"] == ORTHOGONAL)
     assert (D[ortho] == 0).all() and (D[~ortho].abs().sum(1) > 0).any()
     art = res.artifacts
     assert art["raw_angle"].shape == art["latent_angle"].shape == art["alpha"].shape == (D.shape[0],)
     assert art["alpha"].max() == 1.0 and art["beta"].max() == 1.0  # min-max normalised importance
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("module,axis,expected", [("mlp_out", "auto", "in"), ("mlp_in", "auto", "out"),
+                                                  ("mlp_out", "out", "out")])
+def test_neuron_axis_sets_neurons_importance_and_delta_layout(arch, module, axis, expected):
+    """'auto' = the FFN neuron (d_n = hidden size): columns of the MLP output projection, rows of the input ones;
+    the neuron count, d_n, importance length and the zero pattern of the delta all follow the resolved axis."""
+    lm = tiny_model(arch)
+    ov = {**GEO_SMALL, "ae_steps": 10, "module": module, "neuron_axis": axis}
+    res = GeoEditEditor(lm, make_config(GeoEditConfig, ov, method="geoedit"), seed=0).edit(REQS)
+    art, spec = res.artifacts, lm.spec
+    assert art["neuron_axis"] == res.info["neuron_axis"] == expected
+    mats = [to_neurons(spec.to_canonical(res.deltas[p]), expected) for p in art["param_names"]]
+    assert res.info["n_neurons"] == sum(m.shape[0] for m in mats) == art["alpha"].shape[0] == art["beta"].shape[0]
+    assert {m.shape[1] for m in mats} == {res.info["d_n"]}
+    if axis == "auto":
+        assert res.info["d_n"] == spec.hidden_size and mats[0].shape[0] == spec.mlp_size
+    ortho = torch.as_tensor(art["neuron_class"] == ORTHOGONAL)
+    assert (torch.cat(mats)[ortho] == 0).all()
+
+
+def test_neuron_helpers_and_column_importance_in_lora_mode():
+    W = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(to_neurons(W, "out"), W) and torch.equal(to_neurons(W, "in"), W.T)
+    assert torch.equal(from_neurons(to_neurons(W, "in"), "in"), W)
+    lm = tiny_model("llama")
+    ov = {**GEO_SMALL, "ae_steps": 10, "mode": "lora"}
+    res = GeoEditEditor(lm, make_config(GeoEditConfig, ov, method="geoedit"), seed=0).edit(REQS)
+    # column neurons of down_proj [hidden, mlp]: importance from the columns of A, one per MLP neuron
+    assert res.info["n_neurons"] == lm.spec.mlp_size and res.artifacts["beta"].max() == 1.0
+    with pytest.raises(ValueError, match="neuron_axis"):
+        make_config(GeoEditConfig, {"neuron_axis": "rows"}, method="geoedit")
 
 
 def test_autoencoder_training_reduces_reconstruction_error():
