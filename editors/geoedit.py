@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
@@ -69,8 +68,9 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
     Fine-tuning defaults as ``ft`` (FT-M of SmolLM2-135M's MLP output projection) but at layer 24, batches of 4 at
     lr 2e-3 for at most 20 epochs (see ``lr``); paper values for everything GeoEdit adds (λ 0.5, φ 85°/95°, EMA
     importance, MLP auto-encoder, the FFN neuron as the unit: ``neuron_axis``), the AE sizes scaled to d_n by the
-    paper's ratios (see ``latent_dim``). Version 2: neurons are FFN neurons (columns of down_proj), not rows. Version 3: layer 24 and
-    the '+MW' fixed-weight fusion by default (see ``layers`` and ``fusion``; the importance fusion is an option).
+    paper's ratios (see ``latent_dim``). Version 2: neurons are FFN neurons (columns of down_proj), not rows.
+    Version 3: layer 24 and the '+MW' fixed-weight fusion by default (see ``layers`` and ``fusion``; the importance
+    fusion is an option).
     """
 
     version: ClassVar[int] = 3
@@ -294,13 +294,14 @@ class GeoEditEditor(_FineTuneEditor):
                                             kwargs={"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}).logits
         return torch.log_softmax(logits[torch.tensor(rows), torch.tensor(cols)].float(), dim=-1)
 
-    def _train_ae(self, tau: dict[str, dict[str, torch.Tensor]], examples: dict[str, list[_Example]],
-                  names: list[str], scale: float) -> tuple[TaskVectorAE, list[float], list[float]]:
+    def _train_ae(self, tau: dict[str, dict[str, torch.Tensor]], neurons: dict[str, dict[str, torch.Tensor]],
+                  examples: dict[str, list[_Example]], names: list[str], scale: float
+                  ) -> tuple[TaskVectorAE, list[float], list[float]]:
         """Eq. 9 on the (scaled) neuron vectors of τ_old and τ_new of every matrix. Returns the AE (eval mode), the
         MSE curve and the KL values."""
         cfg, spec = self.config, self.spec
         axis = cfg.resolved_axis()
-        canon = {t: {n: to_neurons(spec.to_canonical(tau[t][n]).float(), axis) / scale for n in names} for t in tau}
+        canon = {t: {n: neurons[t][n].float() / scale for n in names} for t in neurons}
         X = torch.cat([canon[t][n] for t in ("old", "new") for n in names])  # [2N, d_n]
         d_n = X.shape[1]
         ae = TaskVectorAE(d_n, cfg.ae_hidden or max(1, d_n // 2), cfg.latent_dim or max(1, d_n // 8)).to(X.device)
@@ -344,12 +345,9 @@ class GeoEditEditor(_FineTuneEditor):
         return ae, mse_curve, kl_values
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started = time.perf_counter()
-        if not requests:
-            raise EditError(f"{self.name}: no requests to edit")
+        started, names = self._begin_edit(requests)
         cfg, spec = self.config, self.spec
         axis = cfg.resolved_axis()
-        names = self.trained_params()
         examples = {"old": [encode_old(self, r) for r in requests], "new": [self._encode(r) for r in requests]}
         lora = cfg.lora_settings() if cfg.mode == "lora" else None
         lr = cfg.lora_lr if lora is not None else cfg.lr
@@ -372,7 +370,7 @@ class GeoEditEditor(_FineTuneEditor):
             raise EditError(f"{self.name}: both fine-tunings left the weights unchanged (losses already below "
                             f"early_stop_loss={cfg.early_stop_loss}?)")
         # step 2: auto-encoder (Eq. 7-9), seeded
-        ae, mse_curve, kl_values = seeded(self, self._train_ae, tau, examples, names, scale)
+        ae, mse_curve, kl_values = seeded(self, self._train_ae, tau, neurons, examples, names, scale)
         with torch.no_grad():
             h = {t: ae.encode(rows[t].float() / scale) for t in rows}
             recon = {t: float((ae.decode(h[t]).double() * scale - rows[t]).norm() / rows[t].norm().clamp_min(1e-30))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
@@ -286,10 +285,7 @@ class LoRAEditor(_FineTuneEditor):
     summary: ClassVar[str] = "LoRA fine-tuning via peft (r 8, alpha 32), merged into deltas B@A·alpha/r"
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started = time.perf_counter()
-        if not requests:
-            raise EditError(f"{self.name}: no requests to edit")
-        names = self.trained_params()
+        started, names = self._begin_edit(requests)
         examples = [self._encode(r) for r in requests]
         out = seeded(self, finetune, self, names, examples, lora=self.config.lora_settings())
         info = {**out.stats, **delta_info(self, out.deltas), "n_requests": len(requests)}
