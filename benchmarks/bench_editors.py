@@ -1,6 +1,7 @@
 """Editor benchmark: seconds per edit, peak memory and reliability during SEQUENTIAL editing.
 
-For each method and batch size, ``n_edits`` requests are edited in steps of ``batch_size`` on one model that is never
+For each method and batch size, ``n_edits`` requests (or ``batch_size`` requests, as one step, when the batch is
+larger) are edited in steps of ``batch_size`` on one model that is never
 rolled back between steps (each result is applied, then ``after_apply`` is called), as in EVALUATION.md. Reported:
 
 * ``setup_s``: :meth:`Editor.prepare` (context templates, covariance statistics, projectors); not part of the
@@ -8,6 +9,8 @@ rolled back between steps (each result is applied, then ``after_apply`` is calle
   pass ``cache_dir`` (``--cache-dir``) pointing at an empty folder to time their computation.
 * ``median_s / min_s / max_s``: wall seconds of ``edit()`` per request (a step's time divided by its batch size);
   ``median_cpu_s``: process CPU seconds per request (all threads), which is less sensitive to other processes;
+  ``median_z_s / median_solve_s``: for the locate-then-edit methods, the part of ``median_s`` spent optimising the
+  target values (per request, inherently per-fact work) and solving the layer updates (shared by a batch);
 * ``peak_mem_mb``: peak growth during ``edit()`` over the memory before it: resident set size sampled every 20 ms
   on CPU, ``torch.cuda.max_memory_allocated`` on CUDA;
 * ``rel_immediate``: mean reliability (``tf_token_acc``) of each step's requests right after the step;
@@ -124,22 +127,25 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
 
     if lm is None:
         lm = load_model("default", device=device)
-    requests = list(load_requests(data, n_edits))
-    if len(requests) < n_edits:
-        log.warning("data %s holds %d requests; benchmarking %d edits", data, len(requests), len(requests))
-    reference = E.locality_reference(lm, E.locality_pairs(requests))
+    wanted = max([n_edits, *batch_sizes])
+    pool = list(load_requests(data, wanted))
+    if len(pool) < wanted:
+        log.warning("data %s holds %d requests; benchmarking at most %d edits", data, len(pool), len(pool))
+    reference = E.locality_reference(lm, E.locality_pairs(pool))
     cuda = lm.device.type == "cuda"
     gflops = machine_gflops()
     rows, steps = [], []
     for method in methods:
         for bs in batch_sizes:
+            # n_edits requests in steps of bs; a batch larger than n_edits is timed as ONE step of bs requests
+            requests = pool[:max(n_edits, bs)]
             cls, cfg, preset_version = _method_config(method, lm, (overrides or {}).get(method), use_preset)
             editor = cls(lm, cfg, cache_dir=cache_dir, seed=seed)
             t0 = time.perf_counter()
             editor.prepare()
             setup_s = time.perf_counter() - t0
             undos = []
-            per_req_s, per_req_cpu, mems, rel_imm = [], [], [], []
+            per_req_s, per_req_cpu, mems, rel_imm, z_s, solve_s = [], [], [], [], [], []
             try:
                 for start in range(0, len(requests), bs):
                     batch = requests[start:start + bs]
@@ -165,6 +171,11 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                     per_req_cpu.append(cpu / len(batch))
                     mems.append(mem)
                     rel_imm.append(rel)
+                    # locate-then-edit: target optimisation vs layer solves (a RECT/PRUNE base's under "base")
+                    timed = result.info if "seconds_z" in result.info else result.info.get("base", {})
+                    if "seconds_z" in timed:
+                        z_s.append(timed["seconds_z"] / len(batch))
+                        solve_s.append(timed.get("seconds_layers", 0.0) / len(batch))
                     steps.append({"method": method, "batch_size": bs, "step": len(rel_imm), "edits": start + len(batch),
                                   "seconds_per_edit": secs / len(batch), "cpu_seconds_per_edit": cpu / len(batch),
                                   "peak_mem_mb": mem, "reliability": rel,
@@ -180,6 +191,8 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                 "setup_s": setup_s,
                 "median_s": statistics.median(per_req_s), "min_s": min(per_req_s), "max_s": max(per_req_s),
                 "median_cpu_s": statistics.median(per_req_cpu),
+                "median_z_s": statistics.median(z_s) if z_s else None,
+                "median_solve_s": statistics.median(solve_s) if solve_s else None,
                 "peak_mem_mb": max(mems),
                 "rel_immediate": sum(rel_imm) / len(rel_imm),
                 "rel_final": final.get(("reliability", E.TF)),
@@ -195,7 +208,9 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="rome", help="comma-separated registry names")
-    ap.add_argument("--n-edits", type=int, default=20)
+    ap.add_argument("--n-edits", type=int, default=20,
+                    help="sequential edits per batch size, in steps of the batch size; a batch size larger than "
+                         "this is run as one step of that many requests")
     ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     ap.add_argument("--data", default="builtin", help="editors.data source: builtin, counterfact:PATH, zsre:PATH")
     ap.add_argument("--device", default=None)
