@@ -49,15 +49,16 @@ only the CPU-seconds are comparable; torch 1 thread; presets as shipped; Counter
 
     CPU-s per edit (median)    single   batch 10   batch 100   rel_immediate (1 / 10 / 100)
     memit (layers 4-8)          6.36      5.66       6.43       0.8 / 0.8 / 0.60
-    pmet                        5.54      5.02        -         0.8 / 0.8
-    emmet                       6.66      6.07        -         1.0 / 1.0
+    pmet                        5.54      5.02       4.77       0.8 / 0.8 / 0.43
+    emmet                       6.66      6.07       5.91       1.0 / 1.0 / 0.87
     alphaedit                   7.70      6.23        -         1.0 / 1.0
     rect (on ROME)              8.25      8.60        -         1.0 / 0.7
     prune (on ROME)             8.39      8.78        -         1.0 / 1.0
     adaedit                     8.29      6.56        -         1.0 / 0.6
     mose (score selection)     23.21     18.69        -         0.9 / 0.9
 
-Peak memory growth during an edit (RSS over the memory before it) stayed under 200 MB everywhere (MEMIT batch 100:
+(PMET and EMMET at batch 100 were run alone afterwards on the quiet machine, one process per method: 4.8 / 5.9 wall s
+per fact, +229 / +37 MB.) Peak memory growth during an edit (RSS over the memory before it) stayed under 200 MB everywhere (MEMIT batch 100:
 +195 MB). Target optimisation is most of every edit: MEMIT single 10.8 of 12.9 wall s (z) vs 2.1 s (five layer
 solves, keys included); MOSE 66 of 70 s (four targets per edit: the three candidate layers of its selection rule and
 the top layer). So a MEMIT batch of 100 costs about what 100 single edits cost on this CPU (6.43 vs 6.36 CPU-s per
