@@ -58,8 +58,8 @@ only the CPU-seconds are comparable; torch 1 thread; presets as shipped; Counter
     mose (score selection)     23.21     18.69        -         0.9 / 0.9
 
 (PMET and EMMET at batch 100 were run alone afterwards on the quiet machine, one process per method: 4.8 / 5.9 wall s
-per fact, +229 / +37 MB.) Peak memory growth during an edit (RSS over the memory before it) stayed under 200 MB everywhere (MEMIT batch 100:
-+195 MB). Target optimisation is most of every edit: MEMIT single 10.8 of 12.9 wall s (z) vs 2.1 s (five layer
+per fact.) Peak memory growth during an edit (RSS over the memory before it) stayed under 230 MB everywhere (batch
+100: MEMIT +195 MB, PMET +229 MB, EMMET +37 MB). Target optimisation is most of every edit: MEMIT single 10.8 of 12.9 wall s (z) vs 2.1 s (five layer
 solves, keys included); MOSE 66 of 70 s (four targets per edit: the three candidate layers of its selection rule and
 the top layer). So a MEMIT batch of 100 costs about what 100 single edits cost on this CPU (6.43 vs 6.36 CPU-s per
 fact, ratio 1.01): the batched solve saves little because it was never the cost, and the per-fact optimisation is
