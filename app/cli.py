@@ -43,6 +43,23 @@ def _add_runs_dir(p: argparse.ArgumentParser) -> None:
                    help="directory of the run store runs.sqlite (default: $EDITBENCH_RUNS or ./runs)")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op CPU threads (default: torch's choice, all cores). Use 1 for each of several "
+                        "processes sharing the cores: oversubscribed OpenMP threads stall each other at barriers")
+
+
+def _apply_threads(args) -> None:
+    """``--threads N``: torch's intra-op thread count for this process (N >= 1)."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise CLIError(f"--threads must be at least 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description="Knowledge-editing workbench: sequential "
                                      "editing runs, the run store, methods.")
@@ -62,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (retention etc.); the last step always is one (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    _add_threads(p)
     _add_runs_dir(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a method config field (repeatable); run.<field>=VALUE sets a run field, e.g. "
@@ -121,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
     p.add_argument("--general", default="none", help="general-ability probes: none (default) | builtin | glue:DIR")
+    _add_threads(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method config field for one method of the study (repeatable), e.g. mose.lam=50")
     p.add_argument("--report", action="store_true",
@@ -463,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _apply_threads(args)
         return COMMANDS[args.command](args)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -184,3 +184,23 @@ def test_bench_delegates_to_benchmarks(capsys, monkeypatch, takes_argv):
     code, _, _ = run_cli(capsys, "bench", "--methods", "rome", "--quick")
     assert seen == [["--methods", "rome", "--quick"]]
     assert code == (0 if takes_argv else 3)
+
+
+def test_threads_option(tmp_path, capsys, monkeypatch):
+    """``--threads N`` sets torch's intra-op threads for the command; 0 is a usage error that names the option."""
+    import torch
+    old = torch.get_num_threads()
+    seen = {}
+    monkeypatch.setitem(__import__("app.cli", fromlist=["COMMANDS"]).COMMANDS, "study",
+                        lambda args: seen.setdefault("threads", torch.get_num_threads()) and 0)
+    try:
+        code, _, err = run_cli(capsys, "study", "collapse", "--threads", 0, "--runs-dir", tmp_path)
+        assert code == 2 and "--threads must be at least 1, got 0" in err
+        assert "threads" not in seen  # the command never ran
+        code, _, err = run_cli(capsys, "study", "collapse", "--threads", 1, "--runs-dir", tmp_path)
+        assert code == 0, err
+        assert seen["threads"] == 1
+        code, _, err = run_cli(capsys, "run", "--method", "unit-shfit", "--threads", 1, "--runs-dir", tmp_path)
+        assert code == 2 and "unknown method" in err  # the option parses for `run` too
+    finally:
+        torch.set_num_threads(old)
