@@ -251,10 +251,22 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--per-step", action="store_true", help="also print every step")
     ap.add_argument("--csv", default=None, help="write the summary table to this CSV file")
     args = ap.parse_args(argv)
+    from editors.registry import UnknownMethodError, get_editor_class
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # before the model loads: a typo costs a line, not a minute and a traceback
+        try:
+            get_editor_class(method)
+        except UnknownMethodError as exc:
+            ap.error(str(exc))
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        ap.error(f"--batch-sizes expects comma-separated integers, got {args.batch_sizes!r}")
+    if not methods or any(b < 1 for b in batch_sizes) or args.n_edits < 1 or args.threads < 1:
+        ap.error("--methods must name at least one method; --batch-sizes, --n-edits and --threads must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    df = run_bench([m.strip() for m in args.methods.split(",") if m.strip()], n_edits=args.n_edits,
-                   batch_sizes=[int(b) for b in args.batch_sizes.split(",")], data=args.data, device=args.device,
+    df = run_bench(methods, n_edits=args.n_edits, batch_sizes=batch_sizes, data=args.data, device=args.device,
                    cache_dir=args.cache_dir)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(df.to_string(index=False))

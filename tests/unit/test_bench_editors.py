@@ -29,3 +29,22 @@ def test_bench_reports_no_split_for_methods_without_targets(tiny_llama):
     df = run_bench(["ft"], n_edits=2, batch_sizes=[1], data="builtin", lm=tiny_llama, use_preset=False,
                    overrides={"ft": {"layers": (1,), "num_steps": 2}})
     assert df["median_z_s"].isna().all() and df["n_edits"].tolist() == [2]
+
+
+def test_cli_refuses_bad_arguments_before_loading_the_model(capsys, monkeypatch):
+    """A mistyped method or batch size is a one-line usage error (exit 2), before any model is loaded."""
+    import pytest
+
+    import benchmarks.bench_editors as bench
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a command that cannot run")
+    monkeypatch.setattr(bench, "run_bench", no_load)
+    for argv, needle in ((["--methods", "rome,memitt"], "unknown method 'memitt'"),
+                         (["--batch-sizes", "1,ten"], "--batch-sizes expects comma-separated integers"),
+                         (["--batch-sizes", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
