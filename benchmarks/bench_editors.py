@@ -220,6 +220,7 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                     undo(lm.model)
             rows.append({
                 "method": method, "batch_size": bs, "n_edits": len(requests), "preset_version": preset_version,
+                "overrides": ",".join(f"{k}={v}" for k, v in sorted(((overrides or {}).get(method) or {}).items())),
                 "setup_s": setup_s, "setup_cpu_s": setup_cpu_s,
                 "median_s": statistics.median(per_req_s), "min_s": min(per_req_s), "max_s": max(per_req_s),
                 "median_cpu_s": statistics.median(per_req_cpu),
@@ -250,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--cache-dir", default=None, help="cache folder (an empty one times the statistics)")
     ap.add_argument("--per-step", action="store_true", help="also print every step")
     ap.add_argument("--csv", default=None, help="write the summary table to this CSV file")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a config field of one method on top of its preset (repeatable), e.g. adaedit.r=100; "
+                         "shown in the 'overrides' column")
     args = ap.parse_args(argv)
     from editors.registry import UnknownMethodError, get_editor_class
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -257,6 +261,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         try:
             get_editor_class(method)
         except UnknownMethodError as exc:
+            ap.error(str(exc))
+    from editors.base import ConfigError, make_config
+    overrides: dict[str, dict[str, str]] = {}
+    for pair in args.sets:
+        key, sep, value = pair.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name or method not in methods:
+            ap.error(f"--set expects METHOD.KEY=VALUE for a method of --methods, got {pair!r}")
+        overrides.setdefault(method, {})[name] = value
+    for method, fields_ in overrides.items():
+        try:  # names and values checked now (against the defaults; the preset is merged in run_bench)
+            make_config(get_editor_class(method).config_cls, fields_, method=method)
+        except ConfigError as exc:
             ap.error(str(exc))
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -267,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     df = run_bench(methods, n_edits=args.n_edits, batch_sizes=batch_sizes, data=args.data, device=args.device,
-                   cache_dir=args.cache_dir)
+                   cache_dir=args.cache_dir, overrides=overrides)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(df.to_string(index=False))
         if args.per_step:

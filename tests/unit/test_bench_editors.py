@@ -15,6 +15,7 @@ def test_bench_rows_per_batch_size_and_model_restored(tiny_llama, tmp_path):
                    overrides={"memit": TINY_MEMIT}, cache_dir=str(tmp_path))
     # bs=1 edits n_edits requests; a batch larger than n_edits is timed as one step of that many
     assert list(df["batch_size"]) == [1, 3] and list(df["n_edits"]) == [2, 3]
+    assert set(df["overrides"]) == {"layers=(1, 2),mom2_n_tokens=2000,v_num_grad_steps=2"}
     steps = df.attrs["per_step"]
     assert list(steps.groupby("batch_size")["step"].max()) == [2, 1]
     # the locate-then-edit split is reported and is part of the edit time
@@ -42,7 +43,10 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(capsys, monkeypatch)
     monkeypatch.setattr(bench, "run_bench", no_load)
     for argv, needle in ((["--methods", "rome,memitt"], "unknown method 'memitt'"),
                          (["--batch-sizes", "1,ten"], "--batch-sizes expects comma-separated integers"),
-                         (["--batch-sizes", "0"], "must be >= 1")):
+                         (["--batch-sizes", "0"], "must be >= 1"),
+                         (["--methods", "adaedit", "--set", "adaedit.rr=100"], "unknown config field 'rr'"),
+                         (["--methods", "adaedit", "--set", "adaedit.r=many"], "config field 'r' of adaedit"),
+                         (["--methods", "rome", "--set", "adaedit.r=100"], "for a method of --methods")):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2
