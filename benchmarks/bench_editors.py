@@ -38,33 +38,55 @@ ROME: median 4.43 s per edit (min 1.72, max 6.69; 8.8 CPU-seconds), peak +130 MB
 edit, 1.0 / 0.30 / 0.76 (issue 2), so 8x faster at equal or better quality. The v* optimisation is 96% of an edit
 (median 15.5 Adam steps, early-stopped at target probability 0.95), the key 1%.
 
-Measured (2026-11-29, this 2-core CPU SHARED by 6-9 one-thread processes, so wall seconds are inflated 2-5x and
-only the CPU-seconds are comparable; torch 1 thread; presets as shipped; CounterFact edit split)::
+Measured (2026-11-29 and 11-30, this 2-core CPU SHARED by 3-9 one-thread processes, so wall seconds are inflated
+2-5x and only the CPU-seconds are comparable; torch 1 thread; presets as shipped; CounterFact edit split)::
 
     python -m benchmarks.bench_editors --methods memit,pmet,emmet,alphaedit,rect,prune,adaedit,mose \
         --n-edits 10 --batch-sizes 1,10 --threads 1 --cache-dir EMPTY_DIR --per-step \
         --data counterfact:../shared/data/counterfact/counterfact-edit.json
-    python -m benchmarks.bench_editors --methods memit --n-edits 10 --batch-sizes 100 --threads 1 \
-        --data counterfact:../shared/data/counterfact/counterfact-edit.json
+    python -m benchmarks.bench_editors --methods METHOD --n-edits 10 --batch-sizes 100 --threads 1 \
+        --data counterfact:../shared/data/counterfact/counterfact-edit.json     # one process per method
+    ... --methods adaedit --set adaedit.r=100 ...;  ... --methods rect,prune --set rect.base=memit --set prune.base=memit ...
 
-    CPU-s per edit (median)    single   batch 10   batch 100   rel_immediate (1 / 10 / 100)
-    memit (layers 4-8)          6.36      5.66       6.43       0.8 / 0.8 / 0.60
-    pmet                        5.54      5.02       4.77       0.8 / 0.8 / 0.43
-    emmet                       6.66      6.07       5.91       1.0 / 1.0 / 0.87
-    alphaedit                   7.70      6.23        -         1.0 / 1.0
-    rect (on ROME)              8.25      8.60        -         1.0 / 0.7
-    prune (on ROME)             8.39      8.78        -         1.0 / 1.0
-    adaedit                     8.29      6.56        -         1.0 / 0.6
-    mose (score selection)     23.21     18.69        -         0.9 / 0.9
+    CPU-s per edit (median)    single   batch 10   batch 100 (ratio to single)   rel_immediate (1 / 10 / 100)
+    memit (layers 4-8)          6.36      5.66       6.43 (1.01)                  0.8 / 0.8 / 0.60
+    pmet                        5.54      5.02       4.77 (0.86)                  0.8 / 0.8 / 0.43
+    emmet                       6.66      6.07       5.91 (0.89)                  1.0 / 1.0 / 0.87
+    alphaedit                   7.70      6.23       5.79 (0.75)                  1.0 / 1.0 / 0.95
+    rect (on ROME)              8.25      8.60       9.60 (1.16)                  1.0 / 0.7 / 0.03
+    prune (on ROME)             8.39      8.78       9.10 (1.08)                  1.0 / 1.0 / 0.46
+    adaedit (r=4)               8.29      6.56       6.09 (0.73)                  1.0 / 0.6 / 0.11
+    mose (score selection)     23.21     18.69      18.71 (0.81)                  0.9 / 0.9 / 0.71
+    adaedit, r=100                -         -        5.96                         - / - / 0.72
+    rect on MEMIT                 -         -        5.22                         - / - / 0.13
+    prune on MEMIT                -         -        5.22                         - / - / 0.60
 
-(PMET and EMMET at batch 100 were run alone afterwards on the quiet machine, one process per method: 4.8 / 5.9 wall s
-per fact.) Peak memory growth during an edit (RSS over the memory before it) stayed under 230 MB everywhere (batch
-100: MEMIT +195 MB, PMET +229 MB, EMMET +37 MB). Target optimisation is most of every edit: MEMIT single 10.8 of 12.9 wall s (z) vs 2.1 s (five layer
-solves, keys included); MOSE 66 of 70 s (four targets per edit: the three candidate layers of its selection rule and
-the top layer). So a MEMIT batch of 100 costs about what 100 single edits cost on this CPU (6.43 vs 6.36 CPU-s per
-fact, ratio 1.01): the batched solve saves little because it was never the cost, and the per-fact optimisation is
+MEMIT again on the quiet machine (2026-11-30, two one-thread processes and nothing else; ``--n-edits 20
+--batch-sizes 1,10`` and ``--n-edits 10 --batch-sizes 100``): 5.89 / 5.24 / 5.33 CPU-s (= wall s) per fact, so a
+batch of 100 costs 0.90 of 100 single edits. Per fact, the layer solves (keys included) fall 0.92 -> 0.43 -> 0.26 s
+with the batch size; the target optimisation stays 4.95 / 4.82 / 5.09 s. Peak +185 MB.
+
+What batch 100 shows:
+
+* ROME edits a batch as the same number of sequential rank-1 edits inside one step, so RECT and PRUNE on ROME at
+  batch 100 are 100 sequential ROME edits followed by one sparsification / restraint of their sum: ROME's own
+  collapse (80-100 edits, see the collapse study) plus, for RECT, a 20% mask of a delta whose entries depend on
+  each other. Use them on MEMIT for batches (``--set rect.base=memit``).
+* AdaEdit's SRFusion keeps ``r`` singular triples of each layer's delta, and a batch of n facts has rank up to n, so
+  the preset ``r=4`` (made for single edits) throws most of a batch of 100 away (0.11); ``r=100`` keeps it (0.72).
+* RECT on MEMIT keeps 20% of the entries of a rank-100 delta: 0.13. PRUNE on MEMIT returns MEMIT's delta unchanged
+  at the first step (no singular value of the accumulated delta reaches σ_max(W0) yet), hence MEMIT's 0.60.
+
+Peak memory growth during an edit (RSS over the memory before it) stayed under 330 MB everywhere (batch 100: RECT on
+ROME +327 MB, PRUNE on ROME +299, AdaEdit +204, MEMIT +195, PRUNE on MEMIT +191, RECT on MEMIT +174, MOSE +165,
+AdaEdit r=100 +145, AlphaEdit +64, EMMET +37; PMET +229). Target optimisation is most of every edit: MEMIT single 10.8
+of 12.9 wall s (z) vs 2.1 s (five layer solves, keys included); MOSE 66 of 70 s (four targets per edit: the three
+candidate layers of its selection rule and the top layer); at batch 100 the z share is 90-99% for every
+locate-then-edit editor. So a batch of 100 costs 0.73-1.01 of what 100 single edits cost on this CPU (0.90 for
+MEMIT on the quiet machine; RECT / PRUNE on ROME, which does not batch, 1.08-1.16), not "far less": the batched solve saves little because it was never the cost, and the per-fact optimisation is
 compute-bound (batching 10 or 50 facts' prompts into one forward+backward took 1.12x / 1.23x the time per fact of one
-fact alone, 1 thread). Statistics, from an empty cache: layers 4-8 (MEMIT family) in 80.5 s wall / 43 CPU-s
+fact alone, 1 thread). A batched target optimisation would pay off on a GPU, where one fact's prompts leave most of
+the device idle. Statistics, from an empty cache: layers 4-8 (MEMIT family) in 80.5 s wall / 43 CPU-s
 including the context templates; MOSE's extra layer 3 in 77 s wall / 15 CPU-s (at load 9); every later editor of
 the run that needed no new layer loaded them in under 0.03 s (``setup_s``; AlphaEdit's 4 CPU-s of setup are its
 null-space projectors, RECT's 6 CPU-s its ROME base's context templates).
