@@ -438,16 +438,14 @@ def cmd_study(args) -> int:
     from editors.base import ConfigError
     from editors.registry import UnknownMethodError
 
+    from .engine import parse_method_sets
     from .study import collapse_study, format_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides: dict[str, dict[str, str]] = {}
-    for pair in args.sets:
-        key, sep, value = pair.partition("=")
-        method, dot, field = key.strip().partition(".")
-        if not sep or not dot or not field:
-            raise CLIError(f"--set expects METHOD.KEY=VALUE, got {pair!r}")
-        overrides.setdefault(method, {})[field] = value
+    try:
+        overrides = parse_method_sets(args.sets)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from exc
 
     def progress(method: str, done: int, total: int, info: dict) -> None:
         if info.get("phase") in ("edit", "checkpoint_done", "done"):

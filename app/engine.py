@@ -226,6 +226,24 @@ def parse_sets(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
     return run_fields, method
 
 
+def parse_method_sets(pairs: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+    """``METHOD.KEY=VALUE`` strings (the study's and the editor benchmark's ``--set``) as ``{method: {key: value}}``.
+
+    Args:
+        methods: when given, METHOD must be one of them.
+    """
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set expects METHOD.KEY=VALUE, got {pair!r}")
+        if methods is not None and method not in methods:
+            raise ConfigError(f"--set expects METHOD.KEY=VALUE for a method of --methods, got {pair!r}")
+        out.setdefault(method, {})[name] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # optional collaborators (imported when used, so that a missing module degrades to "not recorded")
 # ---------------------------------------------------------------------------------------------------------------
@@ -1048,5 +1066,6 @@ class LocalExecutor(Executor):
 
 
 __all__ = ["RunConfig", "run_sequential", "run_trial", "run_summary", "resolve_method_config", "parse_sets",
+           "parse_method_sets",
            "Executor", "LocalExecutor", "queue_run", "SequentialRun", "Diverged", "capture_hidden_states",
            "ConfigError", "UnknownMethodError"]

@@ -46,7 +46,8 @@ Measured (2026-11-29 and 11-30, this 2-core CPU SHARED by 3-9 one-thread process
         --data counterfact:../shared/data/counterfact/counterfact-edit.json
     python -m benchmarks.bench_editors --methods METHOD --n-edits 10 --batch-sizes 100 --threads 1 \
         --data counterfact:../shared/data/counterfact/counterfact-edit.json     # one process per method
-    ... --methods adaedit --set adaedit.r=100 ...;  ... --methods rect,prune --set rect.base=memit --set prune.base=memit ...
+    ... --methods adaedit --set adaedit.r=100 ...
+    ... --methods rect,prune --set rect.base=memit --set prune.base=memit ...
 
     CPU-s per edit (median)    single   batch 10   batch 100 (ratio to single)   rel_immediate (1 / 10 / 100)
     memit (layers 4-8)          6.36      5.66       6.43 (1.01)                  0.8 / 0.8 / 0.60
@@ -79,17 +80,18 @@ What batch 100 shows:
 
 Peak memory growth during an edit (RSS over the memory before it) stayed under 330 MB everywhere (batch 100: RECT on
 ROME +327 MB, PRUNE on ROME +299, AdaEdit +204, MEMIT +195, PRUNE on MEMIT +191, RECT on MEMIT +174, MOSE +165,
-AdaEdit r=100 +145, AlphaEdit +64, EMMET +37; PMET +229). Target optimisation is most of every edit: MEMIT single 10.8
-of 12.9 wall s (z) vs 2.1 s (five layer solves, keys included); MOSE 66 of 70 s (four targets per edit: the three
-candidate layers of its selection rule and the top layer); at batch 100 the z share is 90-99% for every
-locate-then-edit editor. So a batch of 100 costs 0.73-1.01 of what 100 single edits cost on this CPU (0.90 for
-MEMIT on the quiet machine; RECT / PRUNE on ROME, which does not batch, 1.08-1.16), not "far less": the batched solve saves little because it was never the cost, and the per-fact optimisation is
-compute-bound (batching 10 or 50 facts' prompts into one forward+backward took 1.12x / 1.23x the time per fact of one
-fact alone, 1 thread). A batched target optimisation would pay off on a GPU, where one fact's prompts leave most of
-the device idle. Statistics, from an empty cache: layers 4-8 (MEMIT family) in 80.5 s wall / 43 CPU-s
-including the context templates; MOSE's extra layer 3 in 77 s wall / 15 CPU-s (at load 9); every later editor of
-the run that needed no new layer loaded them in under 0.03 s (``setup_s``; AlphaEdit's 4 CPU-s of setup are its
-null-space projectors, RECT's 6 CPU-s its ROME base's context templates).
+AdaEdit r=100 +145, AlphaEdit +64, EMMET +37; PMET +229). Target optimisation is most of every edit: MEMIT single
+10.8 of 12.9 wall s (z) vs 2.1 s (five layer solves, keys included); MOSE 66 of 70 s (four targets per edit: the
+three candidate layers of its selection rule and the top layer); at batch 100 the z share is 90-99% for every
+locate-then-edit editor. So a batch of 100 costs 0.73-1.01 of what 100 single edits cost on this CPU (0.90 for MEMIT
+on the quiet machine; RECT / PRUNE on ROME, which does not batch, 1.08-1.16), not "far less": the batched solve
+saves little because it was never the cost, and the per-fact optimisation is compute-bound (batching 10 or 50 facts'
+prompts into one forward+backward took 1.12x / 1.23x the time per fact of one fact alone, 1 thread). A batched
+target optimisation would pay off on a GPU, where one fact's prompts leave most of the device idle. Statistics, from
+an empty cache: layers 4-8 (MEMIT family) in 80.5 s wall / 43 CPU-s including the context templates; MOSE's extra
+layer 3 in 77 s wall / 15 CPU-s (at load 9); every later editor of the run that needed no new layer loaded them in
+under 0.03 s (``setup_s``; AlphaEdit's 4 CPU-s of setup are its null-space projectors, RECT's 6 CPU-s its ROME
+base's context templates).
 """
 from __future__ import annotations
 
@@ -193,7 +195,8 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
         for bs in batch_sizes:
             # n_edits requests in steps of bs; a batch larger than n_edits is timed as ONE step of bs requests
             requests = pool[:max(n_edits, bs)]
-            cls, cfg, preset_version = _method_config(method, lm, (overrides or {}).get(method), use_preset)
+            fields_ = (overrides or {}).get(method) or {}
+            cls, cfg, preset_version = _method_config(method, lm, fields_, use_preset)
             editor = cls(lm, cfg, cache_dir=cache_dir, seed=seed)
             t0, c0 = time.perf_counter(), time.process_time()
             editor.prepare()
@@ -242,7 +245,7 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                     undo(lm.model)
             rows.append({
                 "method": method, "batch_size": bs, "n_edits": len(requests), "preset_version": preset_version,
-                "overrides": ",".join(f"{k}={v}" for k, v in sorted(((overrides or {}).get(method) or {}).items())),
+                "overrides": ",".join(f"{k}={v}" for k, v in sorted(fields_.items())),
                 "setup_s": setup_s, "setup_cpu_s": setup_cpu_s,
                 "median_s": statistics.median(per_req_s), "min_s": min(per_req_s), "max_s": max(per_req_s),
                 "median_cpu_s": statistics.median(per_req_cpu),
@@ -284,19 +287,14 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             get_editor_class(method)
         except UnknownMethodError as exc:
             ap.error(str(exc))
+    from app.engine import parse_method_sets
     from editors.base import ConfigError, make_config
-    overrides: dict[str, dict[str, str]] = {}
-    for pair in args.sets:
-        key, sep, value = pair.partition("=")
-        method, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name or method not in methods:
-            ap.error(f"--set expects METHOD.KEY=VALUE for a method of --methods, got {pair!r}")
-        overrides.setdefault(method, {})[name] = value
-    for method, fields_ in overrides.items():
-        try:  # names and values checked now (against the defaults; the preset is merged in run_bench)
+    try:
+        overrides = parse_method_sets(args.sets, methods)
+        for method, fields_ in overrides.items():  # names and values checked now (the preset is merged later)
             make_config(get_editor_class(method).config_cls, fields_, method=method)
-        except ConfigError as exc:
-            ap.error(str(exc))
+    except ConfigError as exc:
+        ap.error(str(exc))
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:

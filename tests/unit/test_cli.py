@@ -191,8 +191,11 @@ def test_threads_option(tmp_path, capsys, monkeypatch):
     import torch
     old = torch.get_num_threads()
     seen = {}
-    monkeypatch.setitem(__import__("app.cli", fromlist=["COMMANDS"]).COMMANDS, "study",
-                        lambda args: seen.setdefault("threads", torch.get_num_threads()) and 0)
+
+    def study(args):
+        seen["threads"] = torch.get_num_threads()
+        return 0
+    monkeypatch.setitem(__import__("app.cli", fromlist=["COMMANDS"]).COMMANDS, "study", study)
     try:
         code, _, err = run_cli(capsys, "study", "collapse", "--threads", 0, "--runs-dir", tmp_path)
         assert code == 2 and "--threads must be at least 1, got 0" in err
@@ -204,3 +207,11 @@ def test_threads_option(tmp_path, capsys, monkeypatch):
         assert code == 2 and "unknown method" in err  # the option parses for `run` too
     finally:
         torch.set_num_threads(old)
+
+
+def test_study_set_must_name_a_method(tmp_path, capsys):
+    """The study's ``--set`` takes METHOD.KEY=VALUE; anything else is a usage error before anything runs."""
+    for bad in ("mose", "lam=50", "mose.=50"):
+        code, _, err = run_cli(capsys, "study", "collapse", "--set", bad, "--runs-dir", tmp_path)
+        assert code == 2 and f"--set expects METHOD.KEY=VALUE, got {bad!r}" in err and "Traceback" not in err
+    assert not (tmp_path / "runs.sqlite").exists()
