@@ -2,6 +2,7 @@
 show, export, methods."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_llama):
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama.model.save_pretrained(path)
+    # a copy: save_pretrained fills in config fields (dtype, architectures) that the session model's fingerprint
+    # covers, and later tests that compute statistics on it would then refuse it as edited
+    copy.deepcopy(tiny_llama.model).save_pretrained(path)
     tiny_llama.tokenizer.save_pretrained(path)
     return str(path)
 
