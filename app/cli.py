@@ -430,7 +430,8 @@ def cmd_bench(args) -> int:
             rc = mod.main()
         finally:
             sys.argv = saved
-    return int(rc or 0)
+    # bench_editors.main returns its table (a DataFrame) for notebook use; an int is an exit status
+    return rc if isinstance(rc, int) else EXIT_OK
 
 
 # ---- study (app/study.py) --------------------------------------------------------------------------------
