@@ -34,6 +34,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from .base import EditResult
+from .fields import help_meta
 from .memit import memit_solve
 from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
 from .registry import register
@@ -136,10 +137,6 @@ def topk_magnitude(delta: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 # =================================================================================================================
 # config
 # =================================================================================================================
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class AdaEditConfig(MultiLayerConfig):
     """Config of ``adaedit``. The perturbation uses PMET's FFN-only settings (EasyEdit hparams/PMET/llama-7b.yaml:
@@ -150,37 +147,37 @@ class AdaEditConfig(MultiLayerConfig):
 
     version: ClassVar[int] = 1
 
-    v_num_grad_steps: int = field(default=25, metadata=_help(
+    v_num_grad_steps: int = field(default=25, metadata=help_meta(
         "Adam steps of the FFN-only target optimisation (section 4.1; EasyEdit PMET llama-7b: 20, ROME / MEMIT "
         "Llama3-8B: 25). 25 with the wider clamp below."))
-    v_lr: float = field(default=0.5, metadata=_help(
+    v_lr: float = field(default=0.5, metadata=help_meta(
         "Adam learning rate of the FFN-only target optimisation (EasyEdit PMET llama-7b: 0.5)."))
-    clamp_norm_factor: float = field(default=4.0, metadata=_help(
+    clamp_norm_factor: float = field(default=4.0, metadata=help_meta(
         "||δ|| <= clamp_norm_factor · ||mlp_out_init|| (EasyEdit PMET llama-7b: 1; ROME, whose target is also the "
         "MLP output: 4). On SmolLM2-135M, 1 leaves hard facts out of reach: for 'The official currency of Japan is "
         "the' -> 'euro' the target probability stayed at 0.02 with ||δ|| pinned to the clamp, while with 4 it "
         "reached 0.985 and the SRFusion edit succeeded (reliability and generality 1)."))
-    mom2_update_weight: float = field(default=15000.0, metadata=_help(
+    mom2_update_weight: float = field(default=15000.0, metadata=help_meta(
         "λ in Δ = R* K1ᵀ (λC + K1 K1ᵀ)⁻¹ (section 4.1 / Appendix C.1 Eq. 6: C0 = λ·E[k kᵀ]; PMET/MEMIT: 15000)."))
-    spread: str = field(default="sqrt", metadata=_help(
+    spread: str = field(default="sqrt", metadata=help_meta(
         "How the residual R* is spread over the edit layers ('we need to spread the residual delta weights to all "
         "target layers ... the same as MEMIT or PMET'): 'sqrt' (PMET, FFN-only targets: R / sqrt(L - i)) or "
         "'linear' (MEMIT: R / (L - i))."))
-    sparsify: str = field(default="sr", metadata=_help(
+    sparsify: str = field(default="sr", metadata=help_meta(
         "Fusion of each layer's Δ: 'sr' = SRFusion (Eq. 2-4, AdaEdit); 'random_drop' = DR and 'topk_magnitude' = "
         "Top-k% (the strategies of section 3.1 / Fig. 4b and 5, rate keep_fraction); 'none' = vanilla (PMET-FFN)."))
-    r: int = field(default=4, metadata=_help(
+    r: int = field(default=4, metadata=help_meta(
         "SRFusion rank: singular triples kept (Eq. 2). Δ of a batch of n edits has rank <= n (Observation 3.4), so "
         "any r >= batch size keeps every triple; 4 covers batches up to 4 and truncates larger ones."))
-    k: float = field(default=0.45, metadata=_help(
+    k: float = field(default=0.45, metadata=help_meta(
         "SRFusion hard threshold T_k: entries kept per singular vector (Eq. 2 step 2). A value >= 1 is a count "
         "(the same k for u_i and v_i, clipped to their lengths); a value in (0, 1) is a fraction of each vector's "
         "length. Default 0.45: a rank-1 Δ̂ then has 0.45² ≈ 20% non-zero entries, the density at which the paper "
         "finds the perturbation still fully effective (Observation 3.2, Fig. 4b)."))
-    keep_fraction: float = field(default=0.2, metadata=_help(
+    keep_fraction: float = field(default=0.2, metadata=help_meta(
         "Rate of 'random_drop' / 'topk_magnitude': fraction of Δ's entries kept (section 3.1: 'only retaining 20% "
         "of parameters does not hurt')."))
-    dr_rescale: bool = field(default=False, metadata=_help(
+    dr_rescale: bool = field(default=False, metadata=help_meta(
         "'random_drop' only: divide the kept entries by keep_fraction (DARE, Yu et al. 2024). The paper sets the "
         "dropped entries to zero and mentions no rescaling: off by default."))
 

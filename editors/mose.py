@@ -57,6 +57,7 @@ import torch
 
 from . import common
 from .base import EditError, Editor, EditResult
+from .fields import help_meta
 from .multilayer import MultiLayerConfig, _z_summary, check_layers
 from .registry import register
 from .requests import EditRequest
@@ -144,10 +145,6 @@ def edit_layers_around(l_star: int, neighbours: int, n_layers: int) -> tuple[int
 # =================================================================================================================
 # config
 # =================================================================================================================
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class MOSEConfig(MultiLayerConfig):
     """Config of ``mose`` (closed form of mose.txt section 5).
@@ -160,37 +157,37 @@ class MOSEConfig(MultiLayerConfig):
 
     version: ClassVar[int] = 1
 
-    lam: float = field(default=300.0, metadata=_help(
+    lam: float = field(default=300.0, metadata=help_meta(
         "λ of Eq. 16-18: weight of preserving the outputs of the preserved keys K0 against writing the edit. C0 is "
         "E[k kᵀ] (normalised by its token count), so λ counts 'average preserved keys' per edit. λ → ∞ gives R = I "
         "(nothing changes); λ → 0 the unregularised Procrustes rotation (ill-posed for one edit). The paper gives no "
         "value. On SmolLM2-135M (layers 4-6, five CounterFact edits) every edit succeeded for λ <= 1000 and some "
         "failed from λ = 3000 on; the preserved outputs changed by 3-5% per edit at λ = 300 and 2-4% at 1000 (info "
         "'preserve_change'). 300 keeps a margin of 10x below the failures."))
-    layer_selection: str = field(default="score", metadata=_help(
+    layer_selection: str = field(default="score", metadata=help_meta(
         "'score': the paper's rule (Eq. 21-22): optimise the FFN-output target at every layer of "
         "candidate_layers, pick l* = argmin ||V_E - W K_E||_F / (||W||_2 ||k||) and edit l* with its neighbours. "
         "'fixed': edit exactly `layers` (the predefined-layer ablation of section 6.4)."))
-    candidate_layers: tuple[int, ...] = field(default=(4, 5, 6), metadata=_help(
+    candidate_layers: tuple[int, ...] = field(default=(4, 5, 6), metadata=help_meta(
         "Layers scored by Eq. 22 when layer_selection='score'. Each costs one target optimisation per edit (plus "
         "one for the top edit layer when it is not a candidate): the paper scores every layer; 4-6 around ROME's "
         "layer 5 on SmolLM2-135M keeps an edit at ~3-4x ROME's cost on a CPU."))
-    neighbours: int = field(default=1, metadata=_help(
+    neighbours: int = field(default=1, metadata=help_meta(
         "Layers edited on each side of l* (section 5.2: 'we modify that layer along with its two adjacent layers' "
         "= 1; 0 = the single selected layer of the section 6.4 ablation). Clipped at the first / last layer."))
-    layers: tuple[int, ...] = field(default=(4, 5, 6), metadata=_help(
+    layers: tuple[int, ...] = field(default=(4, 5, 6), metadata=help_meta(
         "Edit layers when layer_selection='fixed' (strictly ascending; the target lives at the last one). The "
         "public MOSE code's fixed lists are three adjacent layers (Llama3-8B [19,20,21]); 4-6 here."))
-    v_num_grad_steps: int = field(default=25, metadata=_help(
+    v_num_grad_steps: int = field(default=25, metadata=help_meta(
         "Adam steps of the FFN-output target optimisation (Eq. 24; ROME Llama3-8B hparams: 25)."))
-    v_lr: float = field(default=0.5, metadata=_help(
+    v_lr: float = field(default=0.5, metadata=help_meta(
         "Adam learning rate of the target optimisation (ROME Llama3-8B hparams: 0.5; METHODS.md 13)."))
-    v_weight_decay: float = field(default=1e-3, metadata=_help(
+    v_weight_decay: float = field(default=1e-3, metadata=help_meta(
         "Weight of the reference's decay term ||δ|| / ||v_init||² in the target loss (ROME hparams: 1e-3)."))
-    clamp_norm_factor: float = field(default=4.0, metadata=_help(
+    clamp_norm_factor: float = field(default=4.0, metadata=help_meta(
         "||δ|| <= clamp_norm_factor · ||v_init|| after every step (ROME hparams: 4). A rotation keeps ||W k||, so "
         "only the direction of a much longer target can be reached."))
-    spread: str = field(default="linear", metadata=_help(
+    spread: str = field(default="linear", metadata=help_meta(
         "How the remaining residual is shared by the edit layers still to come: 'linear' (MEMIT: r / (m - i)) or "
         "'sqrt' (PMET: r / sqrt(m - i))."))
 

@@ -38,6 +38,7 @@ import torch
 
 from . import common
 from .base import EditError, Editor, EditorConfig, EditResult
+from .fields import help_meta
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -263,45 +264,41 @@ def key_second_moments(lm, layers: Sequence[int], requests: Sequence[EditRequest
 # =================================================================================================================
 # the abstract editor
 # =================================================================================================================
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class MultiLayerConfig(EditorConfig):
     """Fields every MEMIT-family method shares (not registered itself). Defaults: MEMIT's Llama3-8B hparams mapped
     to SmolLM2-135M (guides METHODS.md section 13) with v_lr 0.5 (see its help); each method overrides what
     differs."""
 
-    layers: tuple[int, ...] = field(default=(4, 5, 6, 7, 8), metadata=_help(
+    layers: tuple[int, ...] = field(default=(4, 5, 6, 7, 8), metadata=help_meta(
         "Edit layers (0-based, strictly ascending): the MLP output projection (down_proj / c_proj) of each is "
         "changed; the targets z live at the last one. MEMIT/AlphaEdit Llama3-8B use [4..8] of 32 layers "
         "(jianghoucheng/AlphaEdit hparams); METHODS.md section 13 keeps [4..8] for SmolLM2-135M's 30 layers."))
-    v_num_grad_steps: int = field(default=25, metadata=_help(
+    v_num_grad_steps: int = field(default=25, metadata=help_meta(
         "Adam steps of the target optimisation (METHODS.md 0.4; 25 in the Llama3-8B MEMIT/AlphaEdit hparams)."))
-    v_lr: float = field(default=0.5, metadata=_help(
+    v_lr: float = field(default=0.5, metadata=help_meta(
         "Adam learning rate of the target optimisation. AlphaEdit's Llama3-8B MEMIT/AlphaEdit hparams use 0.1; on "
         "SmolLM2-135M 0.1 leaves z short of the target after 25 steps (mean target probability 0.32 on CounterFact "
         "0-2), 0.5 (EasyEdit llama3.2-3b MEMIT, ROME) reaches 0.97-0.98 within the clamp."))
-    v_weight_decay: float = field(default=0.5, metadata=_help(
+    v_weight_decay: float = field(default=0.5, metadata=help_meta(
         "Weight of the reference's decay term ||delta|| / ||z_init||^2 in the target loss (MEMIT hparams: 0.5)."))
-    clamp_norm_factor: float = field(default=0.75, metadata=_help(
+    clamp_norm_factor: float = field(default=0.75, metadata=help_meta(
         "||delta|| <= clamp_norm_factor * ||z_init|| after every step (MEMIT Llama3-8B / GPT-J: 0.75)."))
-    kl_factor: float = field(default=0.0625, metadata=_help(
+    kl_factor: float = field(default=0.0625, metadata=help_meta(
         "Weight of KL(p_now || p_init) on '{subject} is a' in the target loss (MEMIT hparams: 0.0625)."))
-    v_loss_layer: int = field(default=-1, metadata=_help(
+    v_loss_layer: int = field(default=-1, metadata=help_meta(
         "Layer whose output gives the logits of the target loss; -1 = the last layer (v_loss_layer 31 for "
         "Llama3-8B, 29 for SmolLM2-135M)."))
-    early_stop_loss: float = field(default=5e-2, metadata=_help(
+    early_stop_loss: float = field(default=5e-2, metadata=help_meta(
         "The target optimisation stops once its loss is below this (memit compute_z: 5e-2)."))
-    context_templates: str = field(default="memit", metadata=_help(
+    context_templates: str = field(default="memit", metadata=help_meta(
         "Context-template spec (editors.common.context_template_groups): 'memit' = '{}' plus 5 sampled prefixes "
         "of 10 tokens in a second group (memit_main.py get_context_templates); 'rome' = 21 templates; or "
         "'length:n_gen,...'. Keys are averaged within each group, then over groups (memit compute_ks)."))
-    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=_help(
+    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=help_meta(
         "Tokens of the covariance sample C = E[k kᵀ] per layer (METHODS.md 0.1; the reference uses 100k Wikipedia "
         "articles, unreachable here). Computed once on the unedited model in prepare() and cached on disk."))
-    corpus: str = field(default="builtin", metadata=_help(
+    corpus: str = field(default="builtin", metadata=help_meta(
         "Covariance corpus: 'builtin' (Python's documentation prose, always present) or the path of a UTF-8 "
         "text file (editors.common.layer_covariances)."))
 

@@ -29,16 +29,13 @@ import torch
 
 from . import common
 from .base import EditError, Editor, EditorConfig, EditResult, finite_or_raise, relative_norm
+from .fields import help_meta
 from .registry import register
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
 
 VALUE_KEYS = ("mean", "prompt")
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
@@ -49,50 +46,50 @@ class ROMEConfig(EditorConfig):
 
     version = 2
 
-    layer: int = field(default=5, metadata=_help(
+    layer: int = field(default=5, metadata=help_meta(
         "Decoder layer whose MLP output projection (down_proj / c_proj) is edited (0-based). ROME edits one early-"
         "middle MLP found by causal tracing (GPT-2 XL: 17 of 48; Llama-3-8B: 5 of 32). 5 of SmolLM2's 30 layers "
         "(METHODS.md 13) gave the best reliability/locality trade-off among layers 3-8 on the built-in facts."))
-    v_num_grad_steps: int = field(default=20, metadata=_help(
+    v_num_grad_steps: int = field(default=20, metadata=help_meta(
         "Most forward passes of the v* optimisation (ROME v_num_grad_steps: 20 for GPT-2 XL, 25 for Llama-3-8B; "
         "the last pass only measures). It usually stops earlier, at loss < early_stop_loss."))
-    v_lr: float = field(default=0.5, metadata=_help("Adam learning rate of the v* optimisation (ROME v_lr 0.5)."))
-    v_weight_decay: float = field(default=1e-3, metadata=_help(
+    v_lr: float = field(default=0.5, metadata=help_meta("Adam learning rate of the v* optimisation (ROME v_lr 0.5)."))
+    v_weight_decay: float = field(default=1e-3, metadata=help_meta(
         "Weight of ||delta|| / ||v_init||^2 in the v* loss (ROME v_weight_decay: 0.5 GPT-2 XL, 1e-3 Llama-3-8B)."))
-    clamp_norm_factor: float = field(default=4.0, metadata=_help(
+    clamp_norm_factor: float = field(default=4.0, metadata=help_meta(
         "After each step ||delta|| is clamped to clamp_norm_factor * ||v_init|| (ROME clamp_norm_factor 4)."))
-    kl_factor: float = field(default=0.0625, metadata=_help(
+    kl_factor: float = field(default=0.0625, metadata=help_meta(
         "Weight of KL(p_now || p_init) at the subject's last token of '{subject} is a' (ROME kl_factor 0.0625): "
         "keeps the subject's other properties (essence drift)."))
-    v_loss_layer: int = field(default=-1, metadata=_help(
+    v_loss_layer: int = field(default=-1, metadata=help_meta(
         "Layer whose output gives the logits of the v* loss through the final norm and unembedding (ROME "
         "v_loss_layer = n_layers - 1); -1 means the last layer."))
-    early_stop_loss: float = field(default=5e-2, metadata=_help(
+    early_stop_loss: float = field(default=5e-2, metadata=help_meta(
         "The v* optimisation stops once its loss (nll + kl + weight decay) is below this (ROME compute_v: 5e-2)."))
-    early_stop_prob: float = field(default=0.95, metadata=_help(
+    early_stop_prob: float = field(default=0.95, metadata=help_meta(
         "The v* optimisation also stops once the mean target probability over the rewriting prompts (geometric "
         "mean over target tokens) reaches this; 0 disables it. Not in ROME: on SmolLM2 the KL term alone often "
         "stays above early_stop_loss, so without it most edits ran all steps; measured on CounterFact it halves "
         "the steps at unchanged reliability (see editors/presets/rome.yaml)."))
-    mom2_adjustment: bool = field(default=False, metadata=_help(
+    mom2_adjustment: bool = field(default=False, metadata=help_meta(
         "Use u = C^{-1} k* (ROME paper Eq. 2, C = E[k kᵀ] over a text corpus) instead of u = k*. The Llama ROME "
         "hparams (AlphaEdit Llama3-8B.json, EasyEdit llama3.2-3b.yaml) turn it off; see the preset for SmolLM2."))
-    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=_help(
+    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=help_meta(
         "Tokens of the covariance sample when mom2_adjustment is on (ROME: 100k Wikipedia articles; here a "
         "smaller offline corpus, editors.common.layer_covariances)."))
-    corpus: str = field(default="builtin", metadata=_help(
+    corpus: str = field(default="builtin", metadata=help_meta(
         "Covariance corpus: 'builtin' (the English prose of Python's pydoc topics, always available offline) or the "
         "path of a UTF-8 text file."))
-    context_templates: str = field(default="rome", metadata=_help(
+    context_templates: str = field(default="rome", metadata=help_meta(
         "Context templates averaged for k* and used as rewriting prompts for v* (editors.common."
         "context_template_groups): 'rome' = '{}' + 10 sampled prefixes of 5 tokens + 10 of 10 tokens (ROME / "
         "EasyEdit ROME, 21 prompts), 'memit' = '{}' + 5 of 10 tokens (6 prompts, about 3x faster), or "
         "'length:n_gen,...'. k* is their plain mean (ROME compute_u)."))
-    value_key: str = field(default="prompt", metadata=_help(
+    value_key: str = field(default="prompt", metadata=help_meta(
         "Key the closed form writes v* for: 'prompt' = the key of the un-prefixed prompt (kmeng01/rome and "
         "EasyEdit compute_v's right vector; the default: it makes the edited prompt itself say the target); "
         "'mean' = the template-averaged k* (ROME paper Eq. 2, (W+ΔW)k* = v*)."))
-    fast: bool = field(default=True, metadata=_help(
+    fast: bool = field(default=True, metadata=help_meta(
         "Compute v* with the cached, subject-aligned forward of editors.common (same numbers as the plain "
         "forward up to float rounding, several times faster); False runs the plain reference loop."))
 
