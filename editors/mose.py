@@ -10,14 +10,14 @@ the MLP output projection ``W`` (canonical ``[d, d_ff]``) of an edit layer is LE
     R = U Vᵀ                                                         (Eq. 20, orthogonal Procrustes)
 
 ``K0`` enters only through ``C0``, the cached second moment ``E[k kᵀ]`` of the layer's keys on the unedited model
-(:func:`editors.common.layer_covariances`, normalised by its token count, so λ weighs "one average preserved key"
+(:func:`editors.stats.layer_covariances`, normalised by its token count, so λ weighs "one average preserved key"
 against one edit). ``W`` is the CURRENT weight (sequential editing: ``W_t = R_t W_{t-1}``); the solve is float64.
 Because ``R`` is orthogonal, ``W' = R W`` has exactly the singular values of ``W``: its Frobenius norm and condition
 number never change (Eq. 5-14). The result carries ``R`` as ``factors[param]`` (``[d, d]``, canonical).
 
 Keys ``K_E`` and targets ``V_E`` (Appendix A: "the method of Meng et al. 2022, 2023"): ``k*`` is the input of the
 MLP output projection at the subject's last token, averaged over context templates (MEMIT ``compute_ks``); the
-target is optimised at the FFN OUTPUT of the edit layer (:func:`editors.common.compute_target_values`,
+target is optimised at the FFN OUTPUT of the edit layer (:func:`editors.targets.compute_target_values`,
 ``site="mlp_out"``, Eq. 24).
 
 Layer selection (section 5.2, Eq. 21-22), ``layer_selection="score"`` (default): for every candidate layer ``l`` the
@@ -55,12 +55,15 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from . import common
 from .base import EditError, Editor, EditResult
 from .fields import help_meta
-from .multilayer import MultiLayerConfig, _z_summary, check_layers
+from .keys import compute_keys, current_values
+from .multilayer import MultiLayerConfig, check_layers, spread_residual
 from .registry import register
 from .requests import EditRequest
+from .stats import layer_covariances
+from .targets import compute_target_values, target_value_summary
+from .templates import context_template_groups
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +246,9 @@ class MOSEEditor(Editor):
             return
         cfg = self.config
         layers = self.possible_layers()
-        self.C = common.layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
+        self.C = layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                           cache_dir=self.cache_dir, dtype=torch.float64)
-        self.templates = common.context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
+        self.templates = context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
                                                         cache_dir=self.cache_dir)
         self._prepared = True
 
@@ -253,7 +256,7 @@ class MOSEEditor(Editor):
     def _targets(self, requests: Sequence[EditRequest], layer: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(Z, init, z_info)`` at the FFN output of ``layer`` (``[n, d]`` each)."""
         flat = [t for g in self.templates for t in g]
-        Z, info = common.compute_target_values(self.lm, requests, layer, site="mlp_out", templates=flat,
+        Z, info = compute_target_values(self.lm, requests, layer, site="mlp_out", templates=flat,
                                                **self.config.z_kwargs())
         return Z.detach(), info.pop("init").detach(), info
 
@@ -275,7 +278,7 @@ class MOSEEditor(Editor):
             for layer in cfg.candidate_layers:
                 targets[layer] = self._targets(requests, layer)
                 Z = targets[layer][0]
-                K = common.compute_keys(self.lm, layer, requests, self.templates).T  # [d_ff, n]
+                K = compute_keys(self.lm, layer, requests, self.templates).T  # [d_ff, n]
                 W = spec.to_canonical(params[spec.mlp_out_weight(layer)].detach())
                 scores[str(layer)] = layer_score(W, K, Z.T)
                 strength[str(layer)] = float(K.double().norm())
@@ -289,7 +292,7 @@ class MOSEEditor(Editor):
         if top not in targets:
             targets[top] = self._targets(requests, top)
         Z, init, z_info = targets[top]
-        info["z"] = _z_summary(z_info)
+        info["z"] = target_value_summary(z_info)
         info["target_layer"] = top
 
         # every target optimisation (the candidate layers' too), from the per-request times z recorded
@@ -312,12 +315,12 @@ class MOSEEditor(Editor):
         factors: dict[str, torch.Tensor] = {}
         per_layer: dict[str, dict] = {}
         try:
-            z = common.current_values(self.lm, top, requests, site="residual") + delta  # [n, d]
+            z = current_values(self.lm, top, requests, site="residual") + delta  # [n, d]
             for i, layer in enumerate(layers):
-                K = common.compute_keys(self.lm, layer, requests, self.templates).T.double()  # [d_ff, n]
-                cur = common.current_values(self.lm, top, requests, site="residual")
+                K = compute_keys(self.lm, layer, requests, self.templates).T.double()  # [d_ff, n]
+                cur = current_values(self.lm, top, requests, site="residual")
                 r_total = (z - cur).T.double()  # [d, n]
-                r = common.spread_residual(r_total, i, len(layers), cfg.spread)
+                r = spread_residual(r_total, i, len(layers), cfg.spread)
                 p = params[names[layer]]
                 W = spec.to_canonical(p.detach()).double()
                 V = W @ K + r

@@ -36,10 +36,13 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from . import common
 from .base import EditError, Editor, EditorConfig, EditResult
 from .fields import help_meta
+from .keys import compute_keys, current_values
 from .requests import EditRequest
+from .stats import DEFAULT_MOM2_TOKENS, layer_covariances
+from .targets import compute_target_values, target_value_summary
+from .templates import as_template_groups, context_template_groups, parse_template_spec
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,24 @@ class MultiLayerOutput:
     info: dict[str, Any]
 
 
+def spread_residual(R: torch.Tensor, i: int, n_layers: int, mode: str = "linear") -> torch.Tensor:
+    """The share of residual ``R`` (``[n, d]`` or ``[d, n]``) that layer ``i`` of ``n_layers`` edited layers takes.
+
+    MEMIT (memit_main.py): ``R / (n_layers - i)`` ("linear": the remaining residual is split evenly over the layers
+    still to edit); PMET: ``R / sqrt(n_layers - i)`` ("sqrt").
+    """
+    if not 0 <= i < n_layers:
+        raise ValueError(f"layer position {i} out of range for {n_layers} layers")
+    remaining = n_layers - i
+    if mode == "linear":
+        return R / remaining
+    if mode == "sqrt":
+        return R / math.sqrt(remaining)
+    raise ValueError(f"unknown spread mode {mode!r}; valid: linear, sqrt")
+
+
+
+
 def check_layers(layers: Sequence[int], n_model_layers: int | None = None) -> tuple[int, ...]:
     """Validate edit layers: non-empty, strictly ascending, non-negative (and < ``n_model_layers`` when given)."""
     out = tuple(int(x) for x in layers)
@@ -106,7 +127,8 @@ def check_layers(layers: Sequence[int], n_model_layers: int | None = None) -> tu
     if any(b <= a for a, b in zip(out, out[1:])):
         raise ValueError(f"layers must be strictly ascending (the targets live at the last one), got {out}")
     if n_model_layers is not None and out[-1] >= n_model_layers:
-        raise ValueError(f"layer {out[-1]} out of range: the model has {n_model_layers} layers (0..{n_model_layers - 1})")
+        raise ValueError(f"layer {out[-1]} out of range: the model has {n_model_layers} layers "
+                         f"(0..{n_model_layers - 1})")
     return out
 
 
@@ -135,7 +157,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
         templates: context-template groups (``[["{}"], [...]]``) or a flat list: keys are averaged within groups
             then over groups; the z optimisation uses them all, flattened.
         solve_dtype: dtype of ``K``, ``R`` and ``C`` handed to the solve.
-        z_kwargs: keyword arguments of :func:`editors.common.compute_target_values` (steps, lr, weight_decay,
+        z_kwargs: keyword arguments of :func:`editors.targets.compute_target_values` (steps, lr, weight_decay,
             clamp_norm_factor, kl_factor, loss_layer, early_stop_loss, ...).
         Z: precomputed targets ``[n, d]`` (skips the z optimisation; tests and methods that reuse targets).
         final_residual: also measure the residual left at the target site after every layer was updated.
@@ -154,15 +176,15 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     layers = check_layers(layers, spec.n_layers)
     L = layers[-1]
     n = len(requests)
-    groups = common._as_groups(templates)
+    groups = as_template_groups(templates)
     flat = [t for g in groups for t in g]
     info: dict[str, Any] = {"n_requests": n, "edit_layers": list(layers), "target_layer": L, "site": site,
                             "spread": spread}
 
     t0 = time.perf_counter()
     if Z is None:
-        Z, z_info = common.compute_target_values(lm, requests, L, site=site, templates=flat, **dict(z_kwargs or {}))
-        info["z"] = _z_summary(z_info)
+        Z, z_info = compute_target_values(lm, requests, L, site=site, templates=flat, **dict(z_kwargs or {}))
+        info["z"] = target_value_summary(z_info)
         # top-level means, named as ROME's info (benchmarks/bench_editors.py reads these)
         info["target_prob"] = info["z"].get("target_prob_mean")
         info["steps"] = info["z"].get("steps_mean")
@@ -184,10 +206,10 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     t1 = time.perf_counter()
     try:
         for i, layer in enumerate(layers):
-            K = common.compute_keys(lm, layer, requests, groups).T  # [d_ff, n]
-            cur = common.current_values(lm, L, requests, site=site).T  # [d, n], bare prompt (MEMIT cur_zs)
+            K = compute_keys(lm, layer, requests, groups).T  # [d_ff, n]
+            cur = current_values(lm, L, requests, site=site).T  # [d, n], bare prompt (MEMIT cur_zs)
             R_total = Z.T - cur
-            R = common.spread_residual(R_total, i, len(layers), spread)
+            R = spread_residual(R_total, i, len(layers), spread)
             W = spec.to_canonical(params[names[layer]].detach())
             C = covariances.get(layer) if covariances is not None else None
             state = LayerState(layer=layer, position=i, n_edit_layers=len(layers), W=W,
@@ -222,7 +244,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
             log.debug("layer %d: residual %.4g, delta %.4g", layer, per_layer[str(layer)]["residual_norm"],
                       per_layer[str(layer)]["delta_norm"])
         if final_residual:
-            cur = common.current_values(lm, L, requests, site=site).T
+            cur = current_values(lm, L, requests, site=site).T
             info["residual_final"] = _mean_col_norm(Z.T - cur)
             info["residual_initial"] = per_layer[str(layers[0])]["residual_norm"]
     finally:
@@ -234,29 +256,15 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     return MultiLayerOutput(deltas=deltas, canonical=canonical, keys=keys, Z=Z, info=info)
 
 
-def _z_summary(z_info: Mapping[str, Any]) -> dict[str, Any]:
-    """Means of the z optimisation's per-request records (plus the lists themselves when short)."""
-    out: dict[str, Any] = {}
-    for k in ("steps", "loss", "nll", "kl", "target_prob", "delta_norm", "init_norm", "seconds"):
-        vals = list(z_info.get(k, []))
-        if vals:
-            out[f"{k}_mean"] = float(sum(vals) / len(vals))
-            if k == "target_prob":
-                out["target_prob_min"] = float(min(vals))
-            if len(vals) <= 16:
-                out[k] = [float(v) for v in vals]
-    return out
-
-
 @torch.no_grad()
 def key_second_moments(lm, layers: Sequence[int], requests: Sequence[EditRequest], templates=("{}",),
                        dtype: torch.dtype = torch.float64) -> dict[int, torch.Tensor]:
     """``{layer: K Kᵀ}`` ``[d_ff, d_ff]`` of the requests' keys on the model as it is now (MEMIT_seq / AlphaEdit
     accumulate these after each applied batch: ``cache_c += K Kᵀ`` with K recomputed on the edited model)."""
-    groups = common._as_groups(templates)
+    groups = as_template_groups(templates)
     out = {}
     for layer in layers:
-        K = common.compute_keys(lm, layer, list(requests), groups).T.to(dtype)
+        K = compute_keys(lm, layer, list(requests), groups).T.to(dtype)
         out[int(layer)] = K @ K.T
     return out
 
@@ -292,15 +300,15 @@ class MultiLayerConfig(EditorConfig):
     early_stop_loss: float = field(default=5e-2, metadata=help_meta(
         "The target optimisation stops once its loss is below this (memit compute_z: 5e-2)."))
     context_templates: str = field(default="memit", metadata=help_meta(
-        "Context-template spec (editors.common.context_template_groups): 'memit' = '{}' plus 5 sampled prefixes "
+        "Context-template spec (editors.templates.context_template_groups): 'memit' = '{}' plus 5 sampled prefixes "
         "of 10 tokens in a second group (memit_main.py get_context_templates); 'rome' = 21 templates; or "
         "'length:n_gen,...'. Keys are averaged within each group, then over groups (memit compute_ks)."))
-    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=help_meta(
+    mom2_n_tokens: int = field(default=DEFAULT_MOM2_TOKENS, metadata=help_meta(
         "Tokens of the covariance sample C = E[k kᵀ] per layer (METHODS.md 0.1; the reference uses 100k Wikipedia "
         "articles, unreachable here). Computed once on the unedited model in prepare() and cached on disk."))
     corpus: str = field(default="builtin", metadata=help_meta(
         "Covariance corpus: 'builtin' (Python's documentation prose, always present) or the path of a UTF-8 "
-        "text file (editors.common.layer_covariances)."))
+        "text file (editors.stats.layer_covariances)."))
 
     def validate(self) -> None:
         check_layers(self.layers)
@@ -314,10 +322,10 @@ class MultiLayerConfig(EditorConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mom2_n_tokens < 1:
             raise ValueError(f"mom2_n_tokens must be >= 1, got {self.mom2_n_tokens}")
-        common._parse_template_spec(self.context_templates)
+        parse_template_spec(self.context_templates)
 
     def z_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`editors.common.compute_target_values`."""
+        """Keyword arguments of :func:`editors.targets.compute_target_values`."""
         return {"steps": self.v_num_grad_steps, "lr": self.v_lr, "weight_decay": self.v_weight_decay,
                 "clamp_norm_factor": self.clamp_norm_factor, "kl_factor": self.kl_factor,
                 "loss_layer": None if self.v_loss_layer < 0 else self.v_loss_layer,
@@ -371,10 +379,10 @@ class MultiLayerEditor(Editor):
             raise EditError(f"{self.name}: {exc}") from exc
         t0 = time.perf_counter()
         if self.needs_covariance:
-            self.C = common.layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
+            self.C = layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                               cache_dir=self.cache_dir, dtype=torch.float64)
         self.seconds_covariance = time.perf_counter() - t0
-        self.templates = common.context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
+        self.templates = context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
                                                         cache_dir=self.cache_dir)
         self.prepare_method()
         self._prepared = True

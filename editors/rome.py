@@ -16,7 +16,7 @@ and rephrases gained 2-3 nats. Several requests in one call are edited one after
 updated model (each sees the previous ones, as ROME's sequential use does); the model is restored at the end and the
 sum of the rank-one updates is returned.
 
-The expensive step is v*; see :mod:`editors.common` for how it is computed quickly.
+The expensive step is v*; see :mod:`editors.targets` for how it is computed quickly.
 """
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ from typing import Sequence
 
 import torch
 
-from . import common
 from .base import EditError, Editor, EditorConfig, EditResult, finite_or_raise, relative_norm
 from .fields import help_meta
+from .keys import compute_keys
 from .registry import register
 from .requests import EditRequest
+from .stats import DEFAULT_MOM2_TOKENS, float64_device, layer_covariance
+from .targets import compute_target_values
+from .templates import context_templates, parse_template_spec
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +77,14 @@ class ROMEConfig(EditorConfig):
     mom2_adjustment: bool = field(default=False, metadata=help_meta(
         "Use u = C^{-1} k* (ROME paper Eq. 2, C = E[k kᵀ] over a text corpus) instead of u = k*. The Llama ROME "
         "hparams (AlphaEdit Llama3-8B.json, EasyEdit llama3.2-3b.yaml) turn it off; see the preset for SmolLM2."))
-    mom2_n_tokens: int = field(default=common.DEFAULT_MOM2_TOKENS, metadata=help_meta(
+    mom2_n_tokens: int = field(default=DEFAULT_MOM2_TOKENS, metadata=help_meta(
         "Tokens of the covariance sample when mom2_adjustment is on (ROME: 100k Wikipedia articles; here a "
-        "smaller offline corpus, editors.common.layer_covariances)."))
+        "smaller offline corpus, editors.stats.layer_covariances)."))
     corpus: str = field(default="builtin", metadata=help_meta(
         "Covariance corpus: 'builtin' (the English prose of Python's pydoc topics, always available offline) or the "
         "path of a UTF-8 text file."))
     context_templates: str = field(default="rome", metadata=help_meta(
-        "Context templates averaged for k* and used as rewriting prompts for v* (editors.common."
+        "Context templates averaged for k* and used as rewriting prompts for v* (editors.templates."
         "context_template_groups): 'rome' = '{}' + 10 sampled prefixes of 5 tokens + 10 of 10 tokens (ROME / "
         "EasyEdit ROME, 21 prompts), 'memit' = '{}' + 5 of 10 tokens (6 prompts, about 3x faster), or "
         "'length:n_gen,...'. k* is their plain mean (ROME compute_u)."))
@@ -90,7 +93,7 @@ class ROMEConfig(EditorConfig):
         "EasyEdit compute_v's right vector; the default: it makes the edited prompt itself say the target); "
         "'mean' = the template-averaged k* (ROME paper Eq. 2, (W+ΔW)k* = v*)."))
     fast: bool = field(default=True, metadata=help_meta(
-        "Compute v* with the cached, subject-aligned forward of editors.common (same numbers as the plain "
+        "Compute v* with the cached, subject-aligned forward of editors.targets (same numbers as the plain "
         "forward up to float rounding, several times faster); False runs the plain reference loop."))
 
     def validate(self) -> None:
@@ -110,7 +113,7 @@ class ROMEConfig(EditorConfig):
             raise ValueError("mom2_n_tokens must be >= 1")
         if self.value_key not in VALUE_KEYS:
             raise ValueError(f"value_key must be one of {', '.join(VALUE_KEYS)}, got {self.value_key!r}")
-        common._parse_template_spec(self.context_templates)
+        parse_template_spec(self.context_templates)
 
 
 @register
@@ -133,10 +136,10 @@ class ROMEEditor(Editor):
         if cfg.layer >= self.spec.n_layers:
             raise EditError(f"rome: layer {cfg.layer} does not exist (the model has {self.spec.n_layers} layers)")
         if self.templates is None:
-            self.templates = common.context_templates(self.lm, self.seed, cfg.context_templates,
+            self.templates = context_templates(self.lm, self.seed, cfg.context_templates,
                                                       cache_dir=self.cache_dir)
         if cfg.mom2_adjustment and self._C_lu is None:
-            C = common.layer_covariance(self.lm, cfg.layer, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
+            C = layer_covariance(self.lm, cfg.layer, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                         cache_dir=self.cache_dir, dtype=torch.float64)
             self._C_lu = torch.linalg.lu_factor(C)
 
@@ -193,17 +196,17 @@ class ROMEEditor(Editor):
         """ΔW for one request on the model as it is now, ``[d_out, d_in]`` canonical, plus diagnostics."""
         cfg: ROMEConfig = self.config  # type: ignore[assignment]
         t0 = time.perf_counter()
-        k_star = common.compute_keys(self.lm, cfg.layer, [req], self.templates)[0]  # [d_ff]
+        k_star = compute_keys(self.lm, cfg.layer, [req], self.templates)[0]  # [d_ff]
         t_keys = time.perf_counter() - t0
-        Z, zinfo = common.compute_target_values(
+        Z, zinfo = compute_target_values(
             self.lm, [req], cfg.layer, site="mlp_out", templates=self.templates, steps=cfg.v_num_grad_steps,
             lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, clamp_norm_factor=cfg.clamp_norm_factor,
             kl_factor=cfg.kl_factor, loss_layer=cfg.v_loss_layer, early_stop_loss=cfg.early_stop_loss,
             early_stop_prob=cfg.early_stop_prob or None, fast=cfg.fast)
         v_star = Z[0]  # [d]
         t_values = zinfo["seconds"][0]
-        k = k_star if cfg.value_key == "mean" else common.compute_keys(self.lm, cfg.layer, [req], ["{}"])[0]
-        dev = common.float64_device(self.lm.device)
+        k = k_star if cfg.value_key == "mean" else compute_keys(self.lm, cfg.layer, [req], ["{}"])[0]
+        dev = float64_device(self.lm.device)
         with torch.no_grad():
             W = self.spec.to_canonical(param.detach()).to(dev, torch.float64)  # [d_out, d_in]
             k64, ks64 = k.to(dev, torch.float64), k_star.to(dev, torch.float64)

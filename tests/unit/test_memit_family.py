@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from editors import common
 from editors.alphaedit import AlphaEditEditor, alphaedit_solve, null_space
 from editors.base import EditError, apply_result, make_config
 from editors.emmet import EMMETEditor, emmet_solve
+from editors.keys import compute_keys, current_values
 from editors.memit import MEMITEditor, memit_solve
-from editors.multilayer import LayerState, check_layers, key_second_moments, multilayer_update
+from editors.multilayer import LayerState, check_layers, key_second_moments, multilayer_update, spread_residual
 from editors.pmet import PMETEditor
 from editors.requests import make_request
 
@@ -176,7 +176,7 @@ def test_spread_hands_each_layer_its_share(tiny_llama, spread):
     / sqrt(n - i) ("sqrt", PMET)."""
     lm = tiny_llama
     layers = (0, 1, 3)
-    cur = common.current_values(lm, 3, REQS, site="mlp_out").T
+    cur = current_values(lm, 3, REQS, site="mlp_out").T
     Z = (cur.T + 1.0).detach()  # residual = 1 everywhere
     seen = {}
 
@@ -196,7 +196,7 @@ def test_spread_hands_each_layer_its_share(tiny_llama, spread):
 def test_multilayer_update_applies_in_call_and_restores_on_error(tiny_llama):
     lm = tiny_llama
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    Z = common.current_values(lm, 2, REQS).detach() + 0.5
+    Z = current_values(lm, 2, REQS).detach() + 0.5
     seen_w = {}
 
     def solve(K, R, state):
@@ -221,7 +221,7 @@ def test_multilayer_update_applies_in_call_and_restores_on_error(tiny_llama):
 
 
 def test_bad_solve_shape_is_an_edit_error(tiny_llama):
-    Z = common.current_values(tiny_llama, 1, REQS[:1]).detach()
+    Z = current_values(tiny_llama, 1, REQS[:1]).detach()
     with pytest.raises(EditError, match="shape"):
         multilayer_update(tiny_llama, REQS[:1], (1,), lambda K, R, s: R @ K.T[:, :3], Z=Z)
 
@@ -258,7 +258,7 @@ def test_memit_seq_state_lives_on_the_instance(tiny_llama):
 
 def test_key_second_moments_match_keys(tiny_llama):
     M = key_second_moments(tiny_llama, [1], REQS, [["{}"]])
-    K = common.compute_keys(tiny_llama, 1, REQS).T.double()
+    K = compute_keys(tiny_llama, 1, REQS).T.double()
     assert torch.allclose(M[1], K @ K.T, rtol=1e-6)
 
 
@@ -298,3 +298,21 @@ def test_emmet_editor_meets_its_targets_on_one_layer(tiny_llama):
     res = ed.edit(REQS)
     assert res.info["residual_final"] < 1e-3 * res.info["residual_initial"]
     assert res.info["layers"]["2"]["fit_error"] < 1e-6
+
+
+def test_spread_residual():
+    R = torch.ones(3, 4)
+    torch.testing.assert_close(spread_residual(R, 0, 5), R / 5)
+    torch.testing.assert_close(spread_residual(R, 4, 5), R)
+    torch.testing.assert_close(spread_residual(R, 1, 5, mode="sqrt"), R / 2)
+    # linear spreading with the residual recomputed after each layer adds up to the whole residual
+    left, total = R.clone(), torch.zeros_like(R)
+    for i in range(5):
+        part = spread_residual(left, i, 5)
+        total += part
+        left = left - part
+    torch.testing.assert_close(total, R)
+    with pytest.raises(ValueError):
+        spread_residual(R, 5, 5)
+    with pytest.raises(ValueError, match="unknown spread mode"):
+        spread_residual(R, 0, 5, mode="cube")

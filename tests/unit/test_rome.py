@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import common
 from editors.base import ConfigError, apply_result, make_config
+from editors.keys import compute_keys
 from editors.presets import load_preset
 from editors.registry import get_editor_class
 from editors.requests import make_request
 from editors.rome import ROMEConfig, ROMEEditor
+from editors.stats import layer_covariance
 from editors.testing import tiny_model
 
 REQ = make_request(source="test_rome", record=0, case_id="eiffel",
@@ -110,7 +111,7 @@ def test_closed_form_writes_v_star_for_k_star(lm, tmp_path):
     v = result.artifacts["values"][0].double()
     torch.testing.assert_close((W + D) @ k + b, v, rtol=1e-4, atol=1e-4)
     # and k* is the template-averaged key of the unedited model
-    k_ref = common.compute_keys(lm, 1, [REQ], editor.templates)[0]
+    k_ref = compute_keys(lm, 1, [REQ], editor.templates)[0]
     torch.testing.assert_close(result.artifacts["keys"][0], k_ref)
 
 
@@ -132,9 +133,9 @@ def test_mom2_adjustment_and_prompt_key(lm, tmp_path):
         v = result.artifacts["values"][0].double()
         torch.testing.assert_close((W + D) @ k + b, v, rtol=1e-4, atol=1e-4)
         if overrides["value_key"] == "prompt":
-            torch.testing.assert_close(result.artifacts["keys"][0], common.compute_keys(lm, 1, [REQ], ["{}"])[0])
+            torch.testing.assert_close(result.artifacts["keys"][0], compute_keys(lm, 1, [REQ], ["{}"])[0])
         else:
-            C = common.layer_covariance(lm, 1, n_tokens=2048, cache_dir=str(tmp_path / "cache"),
+            C = layer_covariance(lm, 1, n_tokens=2048, cache_dir=str(tmp_path / "cache"),
                                         dtype=torch.float64)
             u = torch.linalg.solve(C, k)
             # every column of ΔW is parallel to C^{-1}k*
