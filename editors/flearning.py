@@ -8,9 +8,9 @@ Fig. 1a and Table 1).
 
 No public code exists (guides METHODS.md section 12); both variants of the paper are offered by ``mode``: full
 fine-tuning of the chosen weight matrices ('ft', F-Learning_FT) or a peft LoRA adapter over them ('lora',
-F-Learning_LoRA; τ_old is the merged product B A · alpha/r). Both fine-tunings use the loop and loss of
-:mod:`editors.ft` (:func:`editors.lora.finetune`); the model is restored exactly after each. Every request needs a
-``target_true`` (the old fact); a request without one raises :class:`EditError`.
+F-Learning_LoRA; τ_old is the merged product B A · alpha/r). Both fine-tunings use the loop and loss of the
+fine-tuning family (:func:`editors.finetune.finetune`); the model is restored exactly after each. Every request
+needs a ``target_true`` (the old fact); a request without one raises :class:`EditError`.
 """
 from __future__ import annotations
 
@@ -19,42 +19,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 from .base import EditorConfig, EditResult
-from .ft import _FineTuneEditor, _FTCommon
-from .lora import _LoRAFields, delta_info, encode_old, finetune, seeded
+from .finetune import FineTuneEditor, TwoTaskConfig
 from .registry import register
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
 
-MODES = ("ft", "lora")
-
 
 @dataclass
-class _TwoTaskFields(EditorConfig):
-    """Fields of the methods that fine-tune on old and new facts separately (flearning, geoedit)."""
-
-    mode: str = field(default="ft", metadata={"help": (
-        "'ft': full fine-tuning of the chosen weight matrices (the paper's _FT rows, geoedit.txt Table 1); "
-        "'lora': a peft LoRA adapter over them, merged into B A · alpha/r (the _LoRA rows; rank / alpha / dropout "
-        "below, lr = lora_lr).")})
-    lora_lr: float = field(default=5e-3, metadata={"help": (
-        "Adam learning rate in mode 'lora' (as the 'lora' editor: B starts at zero and 25 epochs are few).")})
-    old_num_steps: int | None = field(default=None, metadata={"help": (
-        "Epochs of the fine-tuning on the OLD facts (target_true); None = num_steps. The paper trains both for 3 "
-        "epochs of a large dataset (geoedit.txt Appendix C); here the old facts are usually already known, so "
-        "that fine-tuning stops early at early_stop_loss anyway.")})
-
-    def _validate_two(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not self.lora_lr > 0:
-            raise ValueError(f"lora_lr must be > 0, got {self.lora_lr}")
-        if self.old_num_steps is not None and self.old_num_steps < 1:
-            raise ValueError(f"old_num_steps must be >= 1 or None, got {self.old_num_steps}")
-
-
-@dataclass
-class FLearningConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
+class FLearningConfig(TwoTaskConfig):
     """Config of ``flearning``: the loop of ``ft`` twice (old facts, then new facts from θ0 − λ τ_old).
 
     Defaults: those of ``ft`` (layer 20 of SmolLM2-135M's MLP output projection, FT-M, 25 epochs, lr 5e-4, batch 1)
@@ -71,14 +44,12 @@ class FLearningConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
 
     def validate(self) -> None:
         super().validate()
-        self._validate_lora()
-        self._validate_two()
         if self.forget_lambda < 0:
             raise ValueError(f"forget_lambda must be >= 0, got {self.forget_lambda}")
 
 
 @register
-class FLearningEditor(_FineTuneEditor):
+class FLearningEditor(FineTuneEditor):
     """F-Learning (Ni et al. 2024): forget the old facts by subtracting λ τ_old, then fine-tune on the new ones."""
 
     name: ClassVar[str] = "flearning"
@@ -86,17 +57,16 @@ class FLearningEditor(_FineTuneEditor):
     summary: ClassVar[str] = "F-Learning: θ0 − λ·τ_old (FT on target_true), then FT on target_new (full or LoRA)"
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started, names = self._begin_edit(requests)
+        started, names = self.begin_edit(requests)
         cfg = self.config
-        old = [encode_old(self, r) for r in requests]
-        new = [self._encode(r) for r in requests]
-        lora = cfg.lora_settings() if cfg.mode == "lora" else None
-        lr = cfg.lora_lr if lora is not None else cfg.lr
-        t_old = seeded(self, finetune, self, names, old, lora=lora, lr=lr, num_steps=cfg.old_num_steps)
+        old = [self.encode_old(r) for r in requests]
+        new = [self.encode(r) for r in requests]
+        lora, lr = cfg.adapter_and_lr()
+        t_old = self.fit(names, old, lora=lora, lr=lr, num_steps=cfg.old_num_steps)
         forget = {n: -cfg.forget_lambda * t_old.deltas[n] for n in names}
-        t_new = seeded(self, finetune, self, names, new, lora=lora, lr=lr, start=forget)
+        t_new = self.fit(names, new, lora=lora, lr=lr, start=forget)
         deltas = {n: (forget[n] + t_new.deltas[n]).contiguous() for n in names}
-        info = {**delta_info(self, deltas), "n_requests": len(requests),
+        info = {**self.delta_info(deltas), "n_requests": len(requests),
                 "old": {k: v for k, v in t_old.stats.items() if k != "loss_curve"},
                 "new": {k: v for k, v in t_new.stats.items() if k != "loss_curve"},
                 "tau_old_norm": {n: t_old.deltas[n].norm().item() for n in names}}

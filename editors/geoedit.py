@@ -4,7 +4,7 @@ Steps (all on the chosen weight matrices; default the MLP output projection of t
 
 1. Task vectors (Eq. 4-6): τ_old = FT(θ0; D_old) − θ0 (prompt -> target_true) and τ_new = FT(θ0; D_new) − θ0
    (prompt -> target_new), two SEPARATE fine-tunings from θ0 (full fine-tuning or a peft LoRA adapter, ``mode``),
-   with the loop and loss of :mod:`editors.ft` (:func:`editors.lora.finetune`).
+   with the loop and loss of the fine-tuning family (:func:`editors.finetune.finetune`).
 2. Neurons (``neuron_axis``): the paper's θ_i ∈ R^{d_n} with d_n = 4096 on LLaMA-7B = d_model, i.e. one FFN
    (inner) neuron with its residual-stream-facing weights. Default 'auto': a COLUMN of an output projection
    (canonical ``[d_out, d_in]``; module 'mlp_out' / 'attn_out': the weights of one intermediate unit into the residual
@@ -48,9 +48,7 @@ import torch
 from torch import nn
 
 from .base import EditError, EditorConfig, EditResult
-from .flearning import _TwoTaskFields
-from .ft import _Example, _FineTuneEditor, _FTCommon
-from .lora import _LoRAFields, delta_info, encode_old, finetune, seeded
+from .finetune import Example, FineTuneEditor, TwoTaskConfig, pad_examples
 from .registry import register
 from .requests import EditRequest
 
@@ -62,7 +60,7 @@ ALIGNED, ORTHOGONAL, CONFLICTING = 0, 1, 2
 
 
 @dataclass
-class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
+class GeoEditConfig(TwoTaskConfig):
     """Config of ``geoedit``.
 
     Fine-tuning defaults as ``ft`` (FT-M of SmolLM2-135M's MLP output projection) but at layer 24, batches of 4 at
@@ -155,8 +153,6 @@ class GeoEditConfig(_FTCommon, _LoRAFields, _TwoTaskFields):
 
     def validate(self) -> None:
         super().validate()
-        self._validate_lora()
-        self._validate_two()
         if self.neuron_axis not in NEURON_AXES:
             raise ValueError(f"neuron_axis must be one of {', '.join(NEURON_AXES)}, got {self.neuron_axis!r}")
         if not 0 <= self.importance_decay < 1:
@@ -266,7 +262,7 @@ def minmax(v: np.ndarray) -> np.ndarray:
 # the editor
 # ---------------------------------------------------------------------------------------------------------------
 @register
-class GeoEditEditor(_FineTuneEditor):
+class GeoEditEditor(FineTuneEditor):
     """GeoEdit (Feng et al. 2025): direction-aware fusion of old- and new-fact task vectors in an AE latent space."""
 
     name: ClassVar[str] = "geoedit"
@@ -275,27 +271,16 @@ class GeoEditEditor(_FineTuneEditor):
                               "orthogonal skip, conflicting forget-then-learn (Eq. 11), importance-weighted")
 
     # ---- KL consistency (Eq. 9) --------------------------------------------------------------------------------
-    def _answer_logprobs(self, weights: Mapping[str, torch.Tensor], examples: Sequence[_Example]) -> torch.Tensor:
+    def _answer_logprobs(self, weights: Mapping[str, torch.Tensor], examples: Sequence[Example]) -> torch.Tensor:
         """log-softmax of the model with ``weights`` (param name -> full weight, param layout) substituted, at
         every answer position of ``examples``: ``[n_tokens, vocab]``."""
-        tok = self.tok
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        width = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        rows, cols = [], []
-        for r, e in enumerate(examples):
-            ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[r, :len(e.input_ids)] = 1
-            rows.extend([r] * len(e.positions))
-            cols.extend(e.positions)
-        dev = self.lm.device
+        ids, mask, rows, cols = pad_examples(self.tok, examples, self.lm.device)
         logits = torch.func.functional_call(self.model, dict(weights),
-                                            kwargs={"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}).logits
-        return torch.log_softmax(logits[torch.tensor(rows), torch.tensor(cols)].float(), dim=-1)
+                                            kwargs={"input_ids": ids, "attention_mask": mask}).logits
+        return torch.log_softmax(logits[rows, cols].float(), dim=-1)
 
     def _train_ae(self, tau: dict[str, dict[str, torch.Tensor]], neurons: dict[str, dict[str, torch.Tensor]],
-                  examples: dict[str, list[_Example]], names: list[str], scale: float
+                  examples: dict[str, list[Example]], names: list[str], scale: float
                   ) -> tuple[TaskVectorAE, list[float], list[float]]:
         """Eq. 9 on the (scaled) neuron vectors of τ_old and τ_new of every matrix. Returns the AE (eval mode), the
         MSE curve and the KL values."""
@@ -345,16 +330,15 @@ class GeoEditEditor(_FineTuneEditor):
         return ae, mse_curve, kl_values
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:
-        started, names = self._begin_edit(requests)
+        started, names = self.begin_edit(requests)
         cfg, spec = self.config, self.spec
         axis = cfg.resolved_axis()
-        examples = {"old": [encode_old(self, r) for r in requests], "new": [self._encode(r) for r in requests]}
-        lora = cfg.lora_settings() if cfg.mode == "lora" else None
-        lr = cfg.lora_lr if lora is not None else cfg.lr
+        examples = {"old": [self.encode_old(r) for r in requests], "new": [self.encode(r) for r in requests]}
+        lora, lr = cfg.adapter_and_lr()
         # step 1 + importance: two separate fine-tunings from θ0 (Eq. 5-6, 12-13)
-        runs = {t: seeded(self, finetune, self, names, examples[t], lora=lora, lr=lr,
-                          importance_decay=cfg.importance_decay, importance_axis=axis,
-                          num_steps=cfg.old_num_steps if t == "old" else None) for t in ("old", "new")}
+        runs = {t: self.fit(names, examples[t], lora=lora, lr=lr, importance_decay=cfg.importance_decay,
+                            importance_axis=axis, num_steps=cfg.old_num_steps if t == "old" else None)
+                for t in ("old", "new")}
         tau = {t: runs[t].deltas for t in runs}
         neurons = {t: {n: to_neurons(spec.to_canonical(tau[t][n]).double(), axis) for n in names} for t in tau}
         shapes = {neurons["old"][n].shape[1] for n in names}
@@ -370,7 +354,7 @@ class GeoEditEditor(_FineTuneEditor):
             raise EditError(f"{self.name}: both fine-tunings left the weights unchanged (losses already below "
                             f"early_stop_loss={cfg.early_stop_loss}?)")
         # step 2: auto-encoder (Eq. 7-9), seeded
-        ae, mse_curve, kl_values = seeded(self, self._train_ae, tau, neurons, examples, names, scale)
+        ae, mse_curve, kl_values = self.seeded(self._train_ae, tau, neurons, examples, names, scale)
         with torch.no_grad():
             h = {t: ae.encode(rows[t].float() / scale) for t in rows}
             recon = {t: float((ae.decode(h[t]).double() * scale - rows[t]).norm() / rows[t].norm().clamp_min(1e-30))
@@ -396,7 +380,7 @@ class GeoEditEditor(_FineTuneEditor):
             deltas[n] = spec.to_param_layout(W).contiguous()
             start += count
         counts = {c: int((cls == i).sum()) for i, c in enumerate(("aligned", "orthogonal", "conflicting"))}
-        info = {**delta_info(self, deltas), "n_requests": len(requests), "n_neurons": int(raw.shape[0]),
+        info = {**self.delta_info(deltas), "n_requests": len(requests), "n_neurons": int(raw.shape[0]),
                 "class_counts": counts, "ae_recon_rel_error": recon,
                 "ae_mse_initial": mse_curve[0] if mse_curve else math.nan,
                 "ae_mse_final": mse_curve[-1] if mse_curve else math.nan,
