@@ -13,6 +13,12 @@ Sources understood by :func:`load_requests`:
 * a plain ``PATH`` (``.json``, ``.jsonl`` or ``.csv``) in any of the layouts above or in the project's own schema
   (the fields of :meth:`EditRequest.to_dict`), detected from the first record's keys.
 
+How a file is read is split in two, each a small registry: a *reader* per file type (:func:`register_reader`:
+``.json``, ``.jsonl``, ``.csv``) turns the text into raw records, whatever their layout; a *layout* per record
+layout (:func:`register_layout`: ``schema``, ``counterfact``, ``zsre``, ``counterfact-rome``) detects itself from
+the first record's keys and builds the requests. A new data set is one more registered layout (its ``prefix`` makes
+``"<prefix>:PATH"`` a source); a new file type one more reader.
+
 Every request is built by :func:`editors.requests.make_request`. A malformed record raises
 :class:`~editors.requests.RequestError` naming the file, the record (index, and case_id when it has one) and the
 field; no record is ever dropped silently. Problems with the file as a whole (not found, not JSON, wrong extension,
@@ -30,17 +36,14 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .requests import EditRequest, RequestError, make_request
 
 log = logging.getLogger(__name__)
 
-#: the source prefixes :func:`load_requests` understands (besides a plain path)
-SOURCE_PREFIXES = ("builtin", "counterfact:", "zsre:")
-#: file extensions a plain path or an upload may have
-FILE_EXTENSIONS = (".json", ".jsonl", ".csv")
 #: fields of the project's own schema (= EditRequest.to_dict())
 SCHEMA_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true", "rephrase_prompts",
                  "locality_prompts", "locality_answers", "relation")
@@ -58,7 +61,6 @@ FMT_COUNTERFACT = "counterfact"  # EasyEdit / MEND layout
 FMT_ROME = "counterfact-rome"  # ROME's original layout
 FMT_ZSRE = "zsre"
 FMT_SCHEMA = "schema"  # the project's own
-FORMATS = (FMT_COUNTERFACT, FMT_ROME, FMT_ZSRE, FMT_SCHEMA)
 
 
 class DataSourceError(ValueError):
@@ -67,6 +69,100 @@ class DataSourceError(ValueError):
 
 class DataFileNotFoundError(DataSourceError, FileNotFoundError):
     """The named data file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two registries: readers (file types) and layouts (data sets)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as a reader found it: a label for messages, the record, whether list fields are ``" | "``-joined
+    strings (CSV cells)."""
+
+    label: str
+    record: Any
+    csv_lists: bool = False
+
+
+#: a reader: ``(text of the whole file, its name for messages, n or None) -> the first n raw records``
+Reader = Callable[[str, str, "int | None"], list[RawRecord]]
+#: a layout's builder: ``(record, index in the file, label, file name, csv_lists) -> EditRequest``
+Builder = Callable[[dict, int, str, str, bool], EditRequest]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One record layout (one data set's file format).
+
+    Attributes:
+        name: the value of :func:`detect_format` for its records.
+        title: how messages name it ("zsRE (MEND layout)"); layouts of one data set share a title.
+        prefix: the source prefix it is read under (``"zsre"`` for ``"zsre:PATH"``), or None for plain paths only.
+        detect: whether a record with these keys is in this layout. The layout registered last is tried first
+            (register the general ones first: the project's schema is registered before every data set), messages
+            list them in registration order.
+        build: the builder of a request from one record.
+    """
+
+    name: str
+    title: str
+    prefix: str | None
+    detect: Callable[[frozenset[str]], bool]
+    build: Builder
+
+
+_READERS: dict[str, Reader] = {}
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_reader(extension: str) -> Callable[[Reader], Reader]:
+    """Decorator: ``reader`` reads files ending in ``extension`` (".json"), whatever their record layout."""
+    ext = extension.lower()
+
+    def add(reader: Reader) -> Reader:
+        if ext in _READERS and _READERS[ext] is not reader:
+            raise ValueError(f"a reader for {ext} files is already registered")
+        _READERS[ext] = reader
+        return reader
+
+    return add
+
+
+def register_layout(name: str, *, title: str, detect: Callable[[frozenset[str]], bool],
+                    prefix: str | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: ``build`` builds requests from records of layout ``name`` (see :class:`Layout`)."""
+
+    def add(build: Builder) -> Builder:
+        if name in _LAYOUTS and _LAYOUTS[name].build is not build:
+            raise ValueError(f"record layout {name!r} is already registered")
+        _LAYOUTS[name] = Layout(name, title, prefix, detect, build)
+        return build
+
+    return add
+
+
+def layouts() -> list[Layout]:
+    """Every registered layout, in registration order (the most general first; detection tries them backwards)."""
+    return list(_LAYOUTS.values())
+
+
+def source_prefixes() -> tuple[str, ...]:
+    """The source prefixes :func:`load_requests` understands besides a plain path: ``builtin`` and one
+    ``"<prefix>:"`` per data set with a prefix."""
+    return ("builtin",) + tuple(f"{p}:" for p in _unique(lay.prefix for lay in layouts() if lay.prefix))
+
+
+def file_extensions() -> tuple[str, ...]:
+    """The file extensions a plain path or an upload may have (one per registered reader)."""
+    return tuple(_READERS)
+
+
+def _unique(items: Iterable) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _prefix_layouts(prefix: str) -> tuple[str, ...]:
+    return tuple(sorted(lay.name for lay in layouts() if lay.prefix == prefix))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,10 +185,10 @@ def load_requests(source: str, n: int | None = None, *, skip_invalid: bool = Fal
     source = source.strip()
     if source == "builtin":
         return builtin_requests()[:n] if n is not None else builtin_requests()
-    if source.startswith("counterfact:"):
-        return load_counterfact(source[len("counterfact:"):], n=n, skip_invalid=skip_invalid)
-    if source.startswith("zsre:"):
-        return load_zsre(source[len("zsre:"):], n=n, skip_invalid=skip_invalid)
+    for prefix in source_prefixes()[1:]:
+        if source.startswith(prefix):
+            return _load_path(source[len(prefix):], n=n, formats=_prefix_layouts(prefix[:-1]),
+                              skip_invalid=skip_invalid)
     prefix = re.match(r"^([A-Za-z][\w.-]*):(?![/\\])", source)
     if prefix and len(prefix.group(1)) > 1 and not os.path.exists(source):
         raise DataSourceError(f"unknown data source prefix {prefix.group(1) + ':'!r} in {source!r}; "
@@ -103,13 +199,13 @@ def load_requests(source: str, n: int | None = None, *, skip_invalid: bool = Fal
 def load_counterfact(path: str, n: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
     """CounterFact records (EasyEdit / MEND layout or ROME's original layout, detected per file)."""
     _check_n(n)
-    return _load_path(path, n=n, formats=(FMT_COUNTERFACT, FMT_ROME), skip_invalid=skip_invalid)
+    return _load_path(path, n=n, formats=_prefix_layouts("counterfact"), skip_invalid=skip_invalid)
 
 
 def load_zsre(path: str, n: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
     """zsRE records in the MEND layout; the subject must occur in the question ``src``."""
     _check_n(n)
-    return _load_path(path, n=n, formats=(FMT_ZSRE,), skip_invalid=skip_invalid)
+    return _load_path(path, n=n, formats=_prefix_layouts("zsre"), skip_invalid=skip_invalid)
 
 
 def load_user_edits(path: str, n: int | None = None) -> list[EditRequest]:
@@ -122,28 +218,62 @@ def load_user_edits(path: str, n: int | None = None) -> list[EditRequest]:
     return _load_path(path, n=n, formats=(FMT_SCHEMA,))
 
 
-def parse_user_edits_bytes(data: bytes, filename: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                           n: int | None = None) -> list[EditRequest]:
-    """Parse an uploaded file (JSON / JSONL / CSV only; nothing is ever unpickled or executed).
+def parse_bytes(data: bytes, filename: str, n: int | None = None) -> list[EditRequest]:
+    """Requests from a file's bytes (JSON / JSONL / CSV only; nothing is ever unpickled or executed).
 
     The layout (project schema, CounterFact, zsRE) is detected as for a plain path. ``filename`` only chooses the
-    parser by its extension and names the upload in error messages.
+    reader by its extension and names the file in error messages. No size limit: see
+    :func:`parse_user_edits_bytes` for uploads.
 
     Raises:
-        DataSourceError: not bytes, over ``max_bytes``, an extension other than .json / .jsonl / .csv, not UTF-8,
-            not valid JSON.
+        DataSourceError: not bytes, an extension other than .json / .jsonl / .csv, not UTF-8, not valid JSON.
         RequestError: a malformed record.
     """
     _check_n(n)
     name = os.path.basename(str(filename or "")) or "upload"
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DataSourceError(f"{name}: expected the file's bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > max_bytes:
-        raise DataSourceError(f"{name}: {len(data):,} bytes is over the limit of {max_bytes:,} bytes")
     ext = _extension(name)
-    text = _decode(data, name)
-    return _parse_text(text, name, ext, n=n, formats=None)
+    return _parse_text(_decode(bytes(data), name), name, ext, n=n, formats=None)
+
+
+def parse_user_edits_bytes(data: bytes, filename: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                           n: int | None = None) -> list[EditRequest]:
+    """An uploaded file: :func:`parse_bytes` after refusing more than ``max_bytes``.
+
+    Raises:
+        DataSourceError: over ``max_bytes``, or as :func:`parse_bytes`.
+        RequestError: a malformed record.
+    """
+    _check_n(n)
+    name = os.path.basename(str(filename or "")) or "upload"
+    size = len(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+    if size > max_bytes:
+        raise DataSourceError(f"{name}: {size:,} bytes is over the limit of {max_bytes:,} bytes")
+    return parse_bytes(data, filename, n)
+
+
+def request_from_dict(record: Mapping[str, Any], source: str = "request", *, label: str | None = None,
+                      default_case_id: str = "0") -> EditRequest:
+    """One request from a dict in the project's schema (the fields of :meth:`EditRequest.to_dict`), validated
+    exactly as a record of a file in that schema.
+
+    Args:
+        source: names the origin in error messages (a file name, "playground", ...).
+        label: names the record in error messages; default: its case_id, else ``default_case_id``.
+        default_case_id: the case_id of a record without one.
+
+    Raises:
+        RequestError: a missing / empty / mistyped field, or a subject absent from the prompt.
+    """
+    rec = dict(record) if isinstance(record, Mapping) else record
+    if not isinstance(rec, dict):
+        raise RequestError(source, label or default_case_id, "(record)",
+                           f"expected a JSON object, got {type(rec).__name__}")
+    if label is None:
+        cid = rec.get("case_id")
+        label = default_case_id if cid is None or str(cid).strip() == "" else str(cid)
+    return _build_schema(rec, -1, label, source, False, default_case_id=default_case_id)
 
 
 def write_user_edits(path: str, requests: Iterable[EditRequest]) -> None:
@@ -213,26 +343,19 @@ def builtin_probes() -> list[tuple[str, str]]:
 
 
 def detect_format(record: dict) -> str | None:
-    """Which record layout ``record`` is in (one of :data:`FORMATS`), from its keys; ``None`` if none fits."""
+    """Which record layout ``record`` is in (a registered layout's name), from its keys; ``None`` if none fits."""
     if not isinstance(record, dict):
         return None
-    keys = set(record)
-    if "requested_rewrite" in keys:
-        return FMT_ROME
-    if "src" in keys and keys & {"alt", "answers", "loc", "rephrase"}:
-        return FMT_ZSRE
-    if keys & {"ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth"}:
-        return FMT_COUNTERFACT
-    if keys & {"prompt", "subject", "target_new"}:
-        return FMT_SCHEMA
-    return None
+    keys = frozenset(record)
+    return next((lay.name for lay in reversed(layouts()) if lay.detect(keys)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# files and text
+# files and text: the readers
 # ---------------------------------------------------------------------------------------------------------------
 def _valid_sources() -> str:
-    return "builtin, counterfact:PATH, zsre:PATH, or a PATH to a " + " / ".join(FILE_EXTENSIONS) + " file"
+    prefixed = "".join(f"{p}PATH, " for p in source_prefixes()[1:])
+    return f"builtin, {prefixed}or a PATH to a " + " / ".join(file_extensions()) + " file"
 
 
 def _check_n(n) -> None:
@@ -244,10 +367,10 @@ def _check_n(n) -> None:
 
 def _extension(name: str) -> str:
     lower = str(name).lower()
-    for ext in (".jsonl", ".json", ".csv"):
+    for ext in sorted(_READERS, key=len, reverse=True):  # ".jsonl" before ".json"
         if lower.endswith(ext):
             return ext
-    raise DataSourceError(f"{name}: unsupported file type; expected one of {', '.join(FILE_EXTENSIONS)}")
+    raise DataSourceError(f"{name}: unsupported file type; expected one of {', '.join(file_extensions())}")
 
 
 def _decode(data: bytes, name: str) -> str:
@@ -290,16 +413,8 @@ def _parse_text(text: str, name: str, ext: str, *, n: int | None, formats: Seque
                 skip_invalid: bool = False) -> list[EditRequest]:
     """Records of ``text`` (a whole file) -> requests. ``formats`` restricts the accepted layouts."""
     if skip_invalid:  # n counts valid records: read everything, cut after building
-        return _build_all(_raw_records(text, name, ext, None), name, formats, skip_invalid=True, n=n)
-    return _build_all(_raw_records(text, name, ext, n), name, formats)
-
-
-def _raw_records(text: str, name: str, ext: str, n: int | None) -> list[_Raw]:
-    if ext == ".csv":
-        return _csv_records(text, name, n)
-    if ext == ".jsonl" or _looks_like_jsonl(text):
-        return _jsonl_records(text, name, n)
-    return _json_records(text, name, n)
+        return _build_all(_READERS[ext](text, name, None), name, formats, skip_invalid=True, n=n)
+    return _build_all(_READERS[ext](text, name, n), name, formats)
 
 
 def _looks_like_jsonl(text: str) -> bool:
@@ -318,11 +433,11 @@ def _looks_like_jsonl(text: str) -> bool:
         return False
 
 
-#: a raw record: (label for messages, the record, whether list fields are " | "-joined strings)
-_Raw = tuple[str, Any, bool]
-
-
-def _json_records(text: str, name: str, n: int | None) -> list[_Raw]:
+@register_reader(".json")
+def _json_records(text: str, name: str, n: int | None) -> list[RawRecord]:
+    """A JSON list of records, ``{"requests": [...]}``, one record, or (as some EasyEdit dumps) JSON Lines."""
+    if _looks_like_jsonl(text):
+        return _jsonl_records(text, name, n)
     obj = _loads_json(text, name)
     if isinstance(obj, dict) and isinstance(obj.get("requests"), list):
         obj = obj["requests"]
@@ -332,11 +447,13 @@ def _json_records(text: str, name: str, n: int | None) -> list[_Raw]:
         raise DataSourceError(f"{name}: expected a JSON list of records, got {type(obj).__name__}")
     if n is not None:
         obj = obj[:n]
-    return [(str(i), rec, False) for i, rec in enumerate(obj)]
+    return [RawRecord(str(i), rec) for i, rec in enumerate(obj)]
 
 
-def _jsonl_records(text: str, name: str, n: int | None) -> list[_Raw]:
-    out: list[_Raw] = []
+@register_reader(".jsonl")
+def _jsonl_records(text: str, name: str, n: int | None) -> list[RawRecord]:
+    """One JSON record a line (blank lines skipped)."""
+    out: list[RawRecord] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if n is not None and len(out) >= n:
             break
@@ -350,11 +467,14 @@ def _jsonl_records(text: str, name: str, n: int | None) -> list[_Raw]:
                                                       f"at column {exc.colno}") from exc
         except RecursionError as exc:
             raise RequestError(name, label, "(json)", f"line {lineno} is nested too deeply") from exc
-        out.append((label, rec, False))
+        out.append(RawRecord(label, rec))
     return out
 
 
-def _csv_records(text: str, name: str, n: int | None) -> list[_Raw]:
+@register_reader(".csv")
+def _csv_records(text: str, name: str, n: int | None) -> list[RawRecord]:
+    """A header row naming the columns (prompt, subject, target_new required), one record a row; list fields
+    hold ``" | "``-joined items."""
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -369,7 +489,7 @@ def _csv_records(text: str, name: str, n: int | None) -> list[_Raw]:
     dup = sorted({h for h in header if header.count(h) > 1 and h})
     if dup:
         raise RequestError(name, "header", dup[0], "column appears more than once")
-    out: list[_Raw] = []
+    out: list[RawRecord] = []
     try:
         for row in reader:
             if n is not None and len(out) >= n:
@@ -380,7 +500,7 @@ def _csv_records(text: str, name: str, n: int | None) -> list[_Raw]:
             if len(row) > len(header):
                 raise RequestError(name, label, "(row)", f"{len(row)} cells but the header has {len(header)} columns")
             rec = {h: cell for h, cell in zip(header, row) if h}
-            out.append((label, rec, True))
+            out.append(RawRecord(label, rec, True))
     except csv.Error as exc:
         raise DataSourceError(f"{name}: not valid CSV at line {reader.line_num}: {exc}") from exc
     return out
@@ -389,21 +509,21 @@ def _csv_records(text: str, name: str, n: int | None) -> list[_Raw]:
 # ---------------------------------------------------------------------------------------------------------------
 # records -> requests
 # ---------------------------------------------------------------------------------------------------------------
-def _build_all(raw: list[_Raw], name: str, formats: Sequence[str] | None, *, skip_invalid: bool = False,
+def _build_all(raw: list[RawRecord], name: str, formats: Sequence[str] | None, *, skip_invalid: bool = False,
                n: int | None = None) -> list[EditRequest]:
     """Build every raw record with the builder of the layout detected from the first record (a file has one
     layout; a later record in another layout fails on its missing fields)."""
-    first = next(((label, rec) for label, rec, _ in raw if isinstance(rec, dict)), None)
+    first = next((r for r in raw if isinstance(r.record, dict)), None)
     if first is None:
         if raw and not skip_invalid:
-            label, rec, _ = raw[0]
+            label, rec = raw[0].label, raw[0].record
             raise RequestError(name, label, "(record)", f"expected a JSON object, got {type(rec).__name__}")
         return []
-    fmt = _file_format(first[1], _record_label(first[0], first[1]), name, formats)
-    builder = _BUILDERS[fmt]
+    fmt = _file_format(first.record, _record_label(first.label, first.record), name, formats)
+    builder = _LAYOUTS[fmt].build
     out: list[EditRequest] = []
     seen: dict[str, str] = {}
-    for i, (label, rec, csv_lists) in enumerate(raw):
+    for i, (label, rec, csv_lists) in enumerate((r.label, r.record, r.csv_lists) for r in raw):
         if n is not None and len(out) >= n:
             break
         try:
@@ -426,9 +546,11 @@ def _build_all(raw: list[_Raw], name: str, formats: Sequence[str] | None, *, ski
 def _file_format(rec: dict, label: str, name: str, formats: Sequence[str] | None) -> str:
     fmt = detect_format(rec)
     if fmt is None:
+        titles = _unique(lay.title for lay in layouts())
+        expected = ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]
         raise RequestError(name, label, "(record)",
-                           f"unrecognised record layout (keys: {', '.join(sorted(rec)) or 'none'}); expected the "
-                           "project's schema, CounterFact (EasyEdit or ROME layout) or zsRE (MEND layout)")
+                           f"unrecognised record layout (keys: {', '.join(sorted(rec)) or 'none'}); expected "
+                           f"{expected}")
     if formats is not None and fmt not in formats:
         raise RequestError(name, label, "(record)",
                            f"looks like {fmt!r} records, but {' or '.join(repr(f) for f in formats)} records were "
@@ -452,10 +574,11 @@ def _required(rec: dict, key: str, name: str, label: str):
     return rec[key]
 
 
-def _case_id(rec: dict, index: int, name: str, label: str) -> str:
+def _case_id(rec: dict, index: int, name: str, label: str, default: str | None = None) -> str:
+    """The record's case_id as a string; without one, ``default`` or the record's index in its file."""
     cid = rec.get("case_id")
     if cid is None or (isinstance(cid, str) and not cid.strip()):
-        return str(index)
+        return str(index) if default is None else default
     if isinstance(cid, bool) or not isinstance(cid, (str, int)):
         raise RequestError(name, label, "case_id", f"expected a string or an integer, got {type(cid).__name__}")
     return str(cid).strip()
@@ -503,7 +626,13 @@ def _plain_str(rec: dict, key: str, name: str, label: str, default: str = "") ->
     return value
 
 
-def _build_schema(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+# ---------------------------------------------------------------------------------------------------------------
+# the layouts, the most general first (detection tries the last registered first)
+# ---------------------------------------------------------------------------------------------------------------
+@register_layout(FMT_SCHEMA, title="the project's schema",
+                 detect=lambda keys: bool(keys & {"prompt", "subject", "target_new"}))
+def _build_schema(rec: dict, index: int, label: str, name: str, csv_lists: bool, *,
+                  default_case_id: str | None = None) -> EditRequest:
     unknown = [k for k in rec if k not in SCHEMA_FIELDS]
     if unknown:
         log.warning("%s: record %s: ignoring unknown field(s) %s (valid: %s)", name, label, ", ".join(unknown),
@@ -511,7 +640,7 @@ def _build_schema(rec: dict, index: int, label: str, name: str, csv_lists: bool)
     for key in ("prompt", "subject", "target_new"):
         _required(rec, key, name, label)
     return make_request(
-        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        source=name, record=label, case_id=_case_id(rec, index, name, label, default_case_id),
         prompt=rec["prompt"], subject=rec["subject"], target_new=rec["target_new"],
         target_true=_plain_str(rec, "target_true", name, label),
         rephrase_prompts=_string_list(rec.get("rephrase_prompts"), name, label, "rephrase_prompts", csv_lists),
@@ -521,6 +650,9 @@ def _build_schema(rec: dict, index: int, label: str, name: str, csv_lists: bool)
     )
 
 
+@register_layout(FMT_COUNTERFACT, title="CounterFact (EasyEdit or ROME layout)", prefix="counterfact",
+                 detect=lambda keys: bool(keys & {"ground_truth", "rephrase_prompt", "locality_prompt",
+                                                  "locality_ground_truth"}))
 def _build_counterfact(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
     for key in ("prompt", "subject", "target_new", "ground_truth"):
         _required(rec, key, name, label)
@@ -538,6 +670,31 @@ def _build_counterfact(rec: dict, index: int, label: str, name: str, csv_lists: 
     )
 
 
+@register_layout(FMT_ZSRE, title="zsRE (MEND layout)", prefix="zsre",
+                 detect=lambda keys: "src" in keys and bool(keys & {"alt", "answers", "loc", "rephrase"}))
+def _build_zsre(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
+    for key in ("subject", "src", "alt"):
+        _required(rec, key, name, label)
+    answers = _string_list(rec.get("answers"), name, label, "answers", csv_lists)
+    loc = rec.get("loc")
+    loc_ans = rec.get("loc_ans")
+    if (loc is None) != (loc_ans is None):
+        missing = "loc_ans" if loc_ans is None else "loc"
+        raise RequestError(name, label, missing, "missing (loc and loc_ans come together)")
+    return make_request(
+        source=name, record=label, case_id=_case_id(rec, index, name, label),
+        prompt=_text_or_str_field(rec["src"], name, label, "src"), subject=rec["subject"],
+        target_new=_text_or_str_field(rec["alt"], name, label, "alt"),
+        target_true=answers[0] if answers else "",
+        rephrase_prompts=_string_list(rec.get("rephrase"), name, label, "rephrase", csv_lists),
+        locality_prompts=_string_list(loc, name, label, "loc", csv_lists),
+        locality_answers=_string_list(loc_ans, name, label, "loc_ans", csv_lists),
+        relation=_plain_str(rec, "relation", name, label),
+    )
+
+
+@register_layout(FMT_ROME, title="CounterFact (EasyEdit or ROME layout)", prefix="counterfact",
+                 detect=lambda keys: "requested_rewrite" in keys)
 def _build_rome(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
     rw = _required(rec, "requested_rewrite", name, label)
     if not isinstance(rw, dict):
@@ -571,35 +728,16 @@ def _build_rome(rec: dict, index: int, label: str, name: str, csv_lists: bool) -
     )
 
 
-def _build_zsre(rec: dict, index: int, label: str, name: str, csv_lists: bool) -> EditRequest:
-    for key in ("subject", "src", "alt"):
-        _required(rec, key, name, label)
-    answers = _string_list(rec.get("answers"), name, label, "answers", csv_lists)
-    loc = rec.get("loc")
-    loc_ans = rec.get("loc_ans")
-    if (loc is None) != (loc_ans is None):
-        missing = "loc_ans" if loc_ans is None else "loc"
-        raise RequestError(name, label, missing, "missing (loc and loc_ans come together)")
-    return make_request(
-        source=name, record=label, case_id=_case_id(rec, index, name, label),
-        prompt=_text_or_str_field(rec["src"], name, label, "src"), subject=rec["subject"],
-        target_new=_text_or_str_field(rec["alt"], name, label, "alt"),
-        target_true=answers[0] if answers else "",
-        rephrase_prompts=_string_list(rec.get("rephrase"), name, label, "rephrase", csv_lists),
-        locality_prompts=_string_list(loc, name, label, "loc", csv_lists),
-        locality_answers=_string_list(loc_ans, name, label, "loc_ans", csv_lists),
-        relation=_plain_str(rec, "relation", name, label),
-    )
+#: the source prefixes :func:`load_requests` understands (besides a plain path)
+SOURCE_PREFIXES = source_prefixes()
+#: file extensions a plain path or an upload may have
+FILE_EXTENSIONS = file_extensions()
+#: the record layouts (values of :func:`detect_format`), in registration order
+FORMATS = tuple(_LAYOUTS)
 
 
-_BUILDERS: dict[str, Callable[[dict, int, str, str, bool], EditRequest]] = {
-    FMT_SCHEMA: _build_schema,
-    FMT_COUNTERFACT: _build_counterfact,
-    FMT_ROME: _build_rome,
-    FMT_ZSRE: _build_zsre,
-}
-
-
-__all__ = ["load_requests", "load_counterfact", "load_zsre", "load_user_edits", "parse_user_edits_bytes",
-           "write_user_edits", "requests_to_csv", "builtin_requests", "builtin_probes", "detect_format",
-           "DataSourceError", "DataFileNotFoundError", "SOURCE_PREFIXES", "FORMATS"]
+__all__ = ["load_requests", "load_counterfact", "load_zsre", "load_user_edits", "parse_bytes", "parse_user_edits_bytes",
+           "request_from_dict", "write_user_edits", "requests_to_csv", "builtin_requests", "builtin_probes",
+           "detect_format", "register_reader", "register_layout", "layouts", "source_prefixes", "file_extensions",
+           "Layout", "RawRecord", "DataSourceError", "DataFileNotFoundError", "SOURCE_PREFIXES", "FILE_EXTENSIONS",
+           "FORMATS"]

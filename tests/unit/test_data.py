@@ -6,9 +6,10 @@ import re
 
 import pytest
 
+from editors import data
 from editors.data import (DataFileNotFoundError, DataSourceError, builtin_probes, builtin_requests, detect_format,
-                          load_counterfact, load_requests, load_user_edits, load_zsre, parse_user_edits_bytes,
-                          requests_to_csv, write_user_edits)
+                          load_counterfact, load_requests, load_user_edits, load_zsre, parse_bytes,
+                          parse_user_edits_bytes, request_from_dict, requests_to_csv, write_user_edits)
 from editors.requests import EditRequest, RequestError
 from tests.conftest import shared_path
 
@@ -322,6 +323,78 @@ def test_parse_user_edits_bytes_refuses_unsafe_input():
     with pytest.raises(RequestError) as info:
         parse_user_edits_bytes(json.dumps([dict(OWN, subject="Peru")]).encode(), "/tmp/up/mine.json")
     assert info.value.source == "mine.json" and info.value.field_name == "subject"
+
+
+def test_parse_bytes_has_no_size_limit_and_the_same_checks():
+    blob = json.dumps([OWN] + [dict(OWN, case_id=f"u-{i}") for i in range(2, 40)]).encode()
+    assert len(parse_bytes(blob, "mine.json")) == 39 and len(blob) > 1000
+    with pytest.raises(DataSourceError, match="over the limit"):
+        parse_user_edits_bytes(blob, "mine.json", max_bytes=1000)
+    with pytest.raises(DataSourceError, match="unsupported file type"):
+        parse_bytes(blob, "mine.pkl")
+    with pytest.raises(DataSourceError, match="expected the file's bytes"):
+        parse_bytes("[]", "x.json")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one request from a dict (the playground's form)
+# ---------------------------------------------------------------------------------------------------------------
+def test_request_from_dict_is_the_schema_loader():
+    assert request_from_dict(OWN) == load_user_edits_from(OWN)
+    req = request_from_dict({k: v for k, v in OWN.items() if k != "case_id"}, "playground", default_case_id="pg")
+    assert req.case_id == "pg" and req.rephrase_prompts == tuple(OWN["rephrase_prompts"])
+    with pytest.raises(RequestError) as info:
+        request_from_dict(dict(OWN, prompt=""), "playground")
+    assert str(info.value) == "playground: record u-1: field 'prompt': empty"
+    with pytest.raises(RequestError, match="record edit: field 'subject'"):
+        request_from_dict(dict(OWN, subject="Peru"), "playground", label="edit")
+    with pytest.raises(RequestError, match=r"field 'rephrase_prompts\[0\]': expected a string"):
+        request_from_dict(dict(OWN, rephrase_prompts=[3]), "playground")
+
+
+def load_user_edits_from(record: dict) -> EditRequest:
+    (req,) = parse_bytes(json.dumps([record]).encode(), "one.json")
+    return req
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registries: readers are independent of the layout, a new layout is one registration
+# ---------------------------------------------------------------------------------------------------------------
+def test_every_reader_gives_the_same_requests_for_one_layout(tmp_path):
+    records = [CF, dict(CF, case_id=8, subject="Eiffel", target_new="Lyon")]
+    as_json = load_requests(write_json(tmp_path, "cf.json", records))
+    as_jsonl = load_requests(write_jsonl(tmp_path, "cf.jsonl", records))
+    path = tmp_path / "cf.csv"
+    header = list(CF)
+    lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    as_csv = load_requests("counterfact:" + str(path))
+    assert as_json == as_jsonl == as_csv and len(as_json) == 2
+    assert data.file_extensions() == (".json", ".jsonl", ".csv")
+    assert [lay.name for lay in data.layouts()] == ["schema", "counterfact", "zsre", "counterfact-rome"]
+
+
+def test_a_registered_layout_is_a_new_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_LAYOUTS", dict(data._LAYOUTS))
+
+    @data.register_layout("trivia", title="Trivia QA", prefix="trivia", detect=lambda keys: "question" in keys)
+    def _build_trivia(rec, index, label, name, csv_lists):
+        return data.make_request(source=name, record=label, case_id=str(index), prompt=rec["question"],
+                                 subject=rec["topic"], target_new=rec["answer"])
+
+    path = write_json(tmp_path, "t.json", [{"question": "Who wrote Hamlet? It was", "topic": "Hamlet",
+                                            "answer": "Marlowe"}])
+    (req,) = load_requests("trivia:" + path)
+    assert req.subject == "Hamlet" and req.target_new == "Marlowe"
+    assert detect_format({"question": "x"}) == "trivia" and "trivia:" in data.source_prefixes()
+    with pytest.raises(RequestError, match="'trivia' records were expected"):
+        load_requests("trivia:" + write_json(tmp_path, "own.json", [OWN]))
+    with pytest.raises(DataSourceError, match="trivia:PATH"):
+        load_requests("wikidata:facts.json")
+    with pytest.raises(RequestError, match="or Trivia QA"):
+        load_requests(write_json(tmp_path, "odd.json", [{"foo": 1}]))
+    with pytest.raises(ValueError, match="already registered"):
+        data.register_layout("trivia", title="x", detect=lambda keys: False)(lambda *a: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
