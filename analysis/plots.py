@@ -1,9 +1,9 @@
 """Plotly figures from the analysis DataFrames (compute once, plot separately: scikit-learn's Display idea).
 
 Every function takes a DataFrame produced by this package plus VISUAL arguments only (which column to colour by,
-log axes, titles); none computes a diagnostic. Colours: one per method, the same everywhere (``method_color``;
-the palette and order match the app's figures), other categories (layers, checkpoints, groups) take the palette in
-order of appearance.
+log axes, titles); none computes a diagnostic. Colours: one per method, the same everywhere (``method_color``, in
+the registry's method order; the app's figures use it too), other categories (layers, checkpoints, groups) take the
+palette in order of appearance.
 """
 from __future__ import annotations
 
@@ -19,17 +19,23 @@ from plotly.subplots import make_subplots
 #: colour-blind-friendly (Okabe-Ito, then Tableau 10)
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000",
            "#4E79A7", "#F28E2B", "#59A14F", "#B07AA1", "#76B7B2", "#EDC948", "#FF9DA7", "#9C755F")
-METHOD_ORDER = ("rome", "ft", "ft-c", "memit", "pmet", "emmet", "alphaedit", "rect", "prune", "adaedit", "mose",
-                "lora", "flearning", "geoedit", "malmen", "agrade")
 TEMPLATE = "plotly_white"
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
+def method_order() -> list[str]:
+    """The registered methods in table / figure order (:func:`editors.registry.methods_in_order`)."""
+    from editors.registry import methods_in_order  # imports the editors (and torch) only when a figure needs it
+    return methods_in_order()
+
+
 def method_color(method: str | None) -> str:
-    """The colour of a method, stable across figures, sessions and processes."""
+    """The colour of a method, stable across figures, sessions and processes: a registered method takes the palette
+    by its place in :func:`method_order`, any other name a colour from its hash."""
     m = (method or "").lower()
-    if m in METHOD_ORDER:
-        return PALETTE[METHOD_ORDER.index(m) % len(PALETTE)]
+    order = method_order()
+    if m in order:
+        return PALETTE[order.index(m) % len(PALETTE)]
     return PALETTE[int(hashlib.sha1(m.encode()).hexdigest(), 16) % len(PALETTE)]
 
 
@@ -317,4 +323,4 @@ def weights_figure(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, x:
 
 
 __all__ = ["method_color", "curve_figure", "histogram_figure", "heatmap_figure", "scatter_with_marginals",
-           "spectrum_figure", "weights_figure", "PALETTE", "METHOD_ORDER"]
+           "spectrum_figure", "weights_figure", "PALETTE", "method_order"]

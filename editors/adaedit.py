@@ -200,7 +200,8 @@ class AdaEditConfig(MultiLayerConfig):
 # =================================================================================================================
 # the editor
 # =================================================================================================================
-@register
+@register(family="constrained", collapse_study=True, order=100,
+          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 class AdaEditEditor(MultiLayerEditor):
     """AdaEdit: PMET-FFN perturbation per layer, fused by SRFusion (SVD, top-r, hard-threshold, renormalise)."""
 

@@ -29,7 +29,6 @@ from typing import ClassVar
 
 import torch
 
-from .base import Editor
 from .hypernet import HyperNet, HypernetConfig, HypernetEditor, Prediction, regularised_solve_op, solve_shift
 from .registry import register
 
@@ -71,8 +70,9 @@ def orthogonalise(G: torch.Tensor, G_prev: torch.Tensor) -> torch.Tensor:
     return G - ((G * G_prev).sum() / denom) * G_prev
 
 
-@register
-class AGRADE(HypernetEditor, Editor):
+# tiny: edits with an UNTRAINED (seeded, freshly initialised) net (allow_untrained), rank 8, the last two layers
+@register(family="hypernetwork", order=160, tiny={"allow_untrained": True, "rank": 8, "layers": (2, 3)})
+class AGRADEEditor(HypernetEditor):
     name: ClassVar[str] = "agrade"
     config_cls: ClassVar[type] = AGRADEConfig
     summary: ClassVar[str] = ("AGRADE: MALMEN-style hypernetwork with adjustment coefficients, gradients "
@@ -102,19 +102,19 @@ class AGRADE(HypernetEditor, Editor):
         if not torch.is_grad_enabled():
             layers = self._layers
             extras = {
-                "H": {str(l): H.detach().cpu() for l, H in zip(layers, K)},
-                "G_before": {str(l): r.detach().cpu() for l, r in zip(layers, raw)},
-                "G_after": {str(l): g.detach().cpu() for l, g in zip(layers, G)},
-                "M_eigvals": {str(l): (torch.linalg.eigvalsh((H @ H.T).double())
+                "H": {str(layer): H.detach().cpu() for layer, H in zip(layers, K)},
+                "G_before": {str(layer): r.detach().cpu() for layer, r in zip(layers, raw)},
+                "G_after": {str(layer): g.detach().cpu() for layer, g in zip(layers, G)},
+                "M_eigvals": {str(layer): (torch.linalg.eigvalsh((H @ H.T).double())
                                        + (torch.exp(net.lamda[m].double()) if cfg.regularise else 0.0)
-                                       ).float().cpu() for m, (l, H) in enumerate(zip(layers, K))},
-                "M_diag": {str(l): ((H * H).sum(0) + (torch.exp(net.lamda[m]) if cfg.regularise else 0.0)
-                                    ).detach().cpu() for m, (l, H) in enumerate(zip(layers, K))},
+                                       ).float().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
+                "M_diag": {str(layer): ((H * H).sum(0) + (torch.exp(net.lamda[m]) if cfg.regularise else 0.0)
+                                    ).detach().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
                 "cos_prev": cos,
             }
             if cfg.artifact_matrices:
-                extras["HtG_before"] = {str(l): (H.T @ r).detach().cpu() for l, H, r in zip(layers, K, raw)}
-                extras["HtG_after"] = {str(l): (H.T @ g).detach().cpu() for l, H, g in zip(layers, K, G)}
+                extras["HtG_before"] = {str(layer): (H.T @ r).detach().cpu() for layer, H, r in zip(layers, K, raw)}
+                extras["HtG_after"] = {str(layer): (H.T @ g).detach().cpu() for layer, H, g in zip(layers, K, G)}
         return Prediction(K=list(K), D=G, deltas=deltas, extras=extras)
 
     @property

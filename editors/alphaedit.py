@@ -149,7 +149,9 @@ class AlphaEditConfig(MultiLayerConfig):
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
 
 
-@register
+# tiny: the null space of the directions holding at most 5% of the tiny model's key energy (rule 'energy')
+@register(family="constrained", collapse_study=True, order=70,
+          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "nullspace_threshold": 0.05})
 class AlphaEditEditor(MultiLayerEditor):
     """AlphaEdit (Fang et al. 2025): MEMIT's targets with the update projected onto the preserved keys' null space."""
 

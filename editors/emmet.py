@@ -94,7 +94,8 @@ class EMMETConfig(MultiLayerConfig):
             raise ValueError("emmet_lambda and update_norm_lambda must be >= 0")
 
 
-@register
+@register(family="locate-then-edit", order=60,
+          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 class EMMETEditor(MultiLayerEditor):
     """EMMET (Gupta et al. 2024): equality-constrained batched edit, ΔW = R D⁻¹ Kᵀ C'⁻¹."""
 

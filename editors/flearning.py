@@ -48,7 +48,7 @@ class FLearningConfig(TwoTaskConfig):
             raise ValueError(f"forget_lambda must be >= 0, got {self.forget_lambda}")
 
 
-@register
+@register(family="fine-tuning", order=130, tiny={"layers": (1,), "num_steps": 2, "batch_size": 2})
 class FLearningEditor(FineTuneEditor):
     """F-Learning (Ni et al. 2024): forget the old facts by subtracting λ τ_old, then fine-tune on the new ones."""
 

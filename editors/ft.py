@@ -93,7 +93,7 @@ class FTCConfig(FineTuneConfig):
 
 
 
-@register
+@register(family="fine-tuning", order=20, tiny={"layers": (1,), "num_steps": 3})
 class FTEditor(FineTuneEditor):
     """Plain fine-tuning: FT-L (rome's last-prompt-token loss) or FT-M (teacher-forced target loss)."""
 
@@ -102,7 +102,7 @@ class FTEditor(FineTuneEditor):
     summary: ClassVar[str] = "Fine-tuning of one weight per layer (FT-L / FT-M by 'objective'); Adam, 25 epochs"
 
 
-@register
+@register(family="fine-tuning", order=30, tiny={"layers": (1,), "num_steps": 3, "batch_size": 2})
 class FTCEditor(FineTuneEditor):
     """Constrained fine-tuning (Zhu et al. 2020; ROME's FT+L): W stays in an L∞ box of half-width epsilon."""
 

@@ -261,7 +261,8 @@ def minmax(v: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # the editor
 # ---------------------------------------------------------------------------------------------------------------
-@register
+@register(family="fine-tuning", order=140,
+          tiny={"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
 class GeoEditEditor(FineTuneEditor):
     """GeoEdit (Feng et al. 2025): direction-aware fusion of old- and new-fact task vectors in an AE latent space."""
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import EditError, EditorConfig
+from .base import EditError, Editor, EditorConfig
 from .cache import cache_root
 from .hooks import Trace
 from .models import LoadedModel
@@ -383,11 +383,8 @@ class Prediction:
     extras: dict[str, Any]
 
 
-class HypernetEditor:
-    """Mixin with what MALMEN and AGRADE share; subclasses implement :meth:`predict` and :meth:`hyper_loss`.
-
-    Used together with :class:`editors.base.Editor` (``class MALMEN(HypernetEditor, Editor)``).
-    """
+class HypernetEditor(Editor):
+    """The editor base of MALMEN and AGRADE; subclasses implement :meth:`predict` and :meth:`hyper_loss`."""
 
     def _net(self, require_trained: bool = True):
         return build_hypernet(self.lm, self.name, self.config, seed=self.seed, cache_dir=self.cache_dir,

@@ -46,7 +46,7 @@ class LoRAConfig(AdapterConfig):
         "full fine-tuning's 5e-4 barely moves ΔW = B A · alpha/r; 10x keeps the step count of 'ft'.")})
 
 
-@register
+@register(family="fine-tuning", order=120, tiny={"layers": (1,), "num_steps": 3})
 class LoRAEditor(FineTuneEditor):
     """LoRA (Hu et al. 2021) through peft; the merged product B A · alpha/r is the returned delta."""
 

@@ -19,7 +19,6 @@ from typing import ClassVar
 
 import torch
 
-from .base import Editor
 from .hypernet import HyperNet, HypernetConfig, HypernetEditor, Prediction, solve_shift
 from .registry import register
 
@@ -38,8 +37,9 @@ def value_shifts(net: HyperNet, K: torch.Tensor, grad: torch.Tensor, m: int) -> 
     return coeff * g_tilde
 
 
-@register
-class MALMEN(HypernetEditor, Editor):
+# tiny: edits with an UNTRAINED (seeded, freshly initialised) net (allow_untrained), rank 8, the last two layers
+@register(family="hypernetwork", order=150, tiny={"allow_untrained": True, "rank": 8, "layers": (2, 3)})
+class MALMENEditor(HypernetEditor):
     name: ClassVar[str] = "malmen"
     config_cls: ClassVar[type] = MALMENConfig
     summary: ClassVar[str] = ("MALMEN: a trained hypernetwork turns [key; value-gradient] pairs into value shifts, "

@@ -70,7 +70,8 @@ class MEMITConfig(MultiLayerConfig):
             raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
 
 
-@register
+@register(family="locate-then-edit", collapse_study=True, order=40,
+          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 class MEMITEditor(MultiLayerEditor):
     """MEMIT (Meng et al. 2023): batched multi-layer least-squares edit of the MLP output projections."""
 

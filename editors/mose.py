@@ -212,7 +212,8 @@ class MOSEConfig(MultiLayerConfig):
 # =================================================================================================================
 # the editor
 # =================================================================================================================
-@register
+@register(family="multiplicative", collapse_study=True, order=110,
+          tiny={"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 class MOSEEditor(Editor):
     """MOSE (closed form): W <- R W with R orthogonal (Procrustes, Eq. 17-20), layers chosen by Eq. 22."""
 

@@ -53,7 +53,8 @@ class PMETConfig(MultiLayerConfig):
             raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
 
 
-@register
+@register(family="locate-then-edit", order=50,
+          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 class PMETEditor(MultiLayerEditor):
     """PMET (Li et al. 2024), FFN-only: MLP-output targets, square-root spread, MEMIT's solve."""
 

@@ -93,7 +93,9 @@ class PRUNEConfig(WrappedConfig):
             raise ValueError(f"log_base must be > 1, got {self.log_base}")
 
 
-@register
+# tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
+@register(family="constrained", collapse_study=True, order=90,
+          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
 class PRUNEEditor(WrappedEditor):
     """PRUNE: the base method's update, with the accumulated edit's singular values above σ_max(W0) restrained."""
 

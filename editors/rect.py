@@ -62,7 +62,9 @@ class RECTConfig(WrappedConfig):
             raise ValueError(f"eps must be >= 0, got {self.eps}")
 
 
-@register
+# tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
+@register(family="constrained", collapse_study=True, order=80,
+          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
 class RECTEditor(WrappedEditor):
     """RECT: the base method's ΔW, keeping only the top keep_fraction of entries by |ΔW / W|."""
 

@@ -116,7 +116,8 @@ class ROMEConfig(EditorConfig):
         parse_template_spec(self.context_templates)
 
 
-@register
+@register(family="locate-then-edit", collapse_study=True, order=10,
+          tiny={"layer": 1, "v_num_grad_steps": 2, "mom2_n_tokens": 2000})
 class ROMEEditor(Editor):
     """Rank-one edit of one MLP output projection per request (see the module docstring)."""
 

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from editors.agrade import AGRADE, AGRADEConfig, adjustment_coefficients, orthogonalise
+from editors.agrade import AGRADEConfig, AGRADEEditor, adjustment_coefficients, orthogonalise
 from editors.base import EditError, make_config
 from editors.hypernet import RunningMeanStd, build_hypernet, regularised_solve_op, solve_shift
-from editors.malmen import MALMEN, MALMENConfig
+from editors.malmen import MALMENConfig, MALMENEditor
 from tests.conftest import shared_path
 from tests.unit.test_contract import REQUESTS
 
@@ -80,7 +80,7 @@ def test_running_mean_std_matches_batch_statistics():
 
 def test_agrade_artifacts_and_projection(tiny_llama, tmp_path):
     cfg = make_config(AGRADEConfig, {**TINY, "allow_untrained": True, "artifact_matrices": True}, method="agrade")
-    res = AGRADE(tiny_llama, cfg, cache_dir=str(tmp_path)).edit(list(REQUESTS))
+    res = AGRADEEditor(tiny_llama, cfg, cache_dir=str(tmp_path)).edit(list(REQUESTS))
     before, after = res.artifacts["HtG_before"], res.artifacts["HtG_after"]
     assert set(before) == set(after) == {"2", "3"}
     assert torch.equal(before["2"], after["2"])  # the first module has no previous module
@@ -100,7 +100,8 @@ def test_agrade_artifacts_and_projection(tiny_llama, tmp_path):
     assert torch.allclose(lhs, after["3"].double(), atol=1e-6 * after["3"].abs().max().item() + 1e-12)
 
 
-@pytest.mark.parametrize("cls,cfg_cls,name", [(AGRADE, AGRADEConfig, "agrade"), (MALMEN, MALMENConfig, "malmen")])
+@pytest.mark.parametrize("cls,cfg_cls,name", [(AGRADEEditor, AGRADEConfig, "agrade"),
+                                              (MALMENEditor, MALMENConfig, "malmen")])
 def test_untrained_hypernetwork_is_a_clear_error(tiny_llama, tmp_path, cls, cfg_cls, name):
     ed = cls(tiny_llama, make_config(cfg_cls, TINY, method=name), cache_dir=str(tmp_path))
     with pytest.raises(EditError) as err:
@@ -111,10 +112,10 @@ def test_untrained_hypernetwork_is_a_clear_error(tiny_llama, tmp_path, cls, cfg_
 
 
 @pytest.mark.parametrize("cls,cfg_cls,name,ablation", [
-    (AGRADE, AGRADEConfig, "agrade", {}),
-    (AGRADE, AGRADEConfig, "agrade", {"use_c": False, "regularise": False}),
-    (AGRADE, AGRADEConfig, "agrade", {"weight_projection": False, "gradient_projection": False}),
-    (MALMEN, MALMENConfig, "malmen", {}),
+    (AGRADEEditor, AGRADEConfig, "agrade", {}),
+    (AGRADEEditor, AGRADEConfig, "agrade", {"use_c": False, "regularise": False}),
+    (AGRADEEditor, AGRADEConfig, "agrade", {"weight_projection": False, "gradient_projection": False}),
+    (MALMENEditor, MALMENConfig, "malmen", {}),
 ], ids=["full", "no_c-no_reg", "no_wproj-no_gproj", "malmen"])
 def test_training_reduces_the_training_loss(tiny_llama, tmp_path, cls, cfg_cls, name, ablation):
     cfg = make_config(cfg_cls, {**TINY, "meta_lr": 1e-2, "allow_untrained": True, **ablation}, method=name)
@@ -147,7 +148,7 @@ def test_train_job_checkpoints_resumes_and_is_found(tiny_llama, tmp_path):
                            progress=False)
     assert again["resumed_from"] == 2 and again["step"] == 3 and len(again["history"]) == 3
     # a later edit with the same model and config finds the checkpoint (allow_untrained is not part of the key)
-    res = AGRADE(tiny_llama, make_config(AGRADEConfig, ov, method="agrade"), cache_dir=str(tmp_path)).edit(
+    res = AGRADEEditor(tiny_llama, make_config(AGRADEConfig, ov, method="agrade"), cache_dir=str(tmp_path)).edit(
         list(REQUESTS))
     assert res.info["trained"] is True and res.info["trained_steps"] == 3
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())

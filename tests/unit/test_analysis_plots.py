@@ -10,8 +10,17 @@ from analysis.collapse import detect_collapse
 from analysis.curves import metric_curves
 from analysis.hidden import project
 from analysis.importance import neuron_magnitude_frame
-from analysis.plots import (curve_figure, heatmap_figure, histogram_figure, method_color, scatter_with_marginals,
-                            spectrum_figure, weights_figure)
+from analysis.plots import (
+    PALETTE,
+    curve_figure,
+    heatmap_figure,
+    histogram_figure,
+    method_color,
+    method_order,
+    scatter_with_marginals,
+    spectrum_figure,
+    weights_figure,
+)
 from analysis.weights import spectrum_frame, weight_stats_frame
 
 
@@ -30,6 +39,14 @@ def curves():
 def test_method_colours_are_stable():
     assert method_color("memit") == method_color("MEMIT") != method_color("rome")
     assert method_color("some-new-method") == method_color("some-new-method")
+
+
+def test_method_colours_follow_the_registry_order():
+    from editors.registry import methods_in_order
+    order = method_order()
+    assert order == methods_in_order() and order[0] == "rome"
+    n = min(len(order), len(PALETTE))
+    assert [method_color(m) for m in order[:n]] == list(PALETTE[:n])  # one palette colour each, in order
 
 
 def test_curve_figure_lines_bands_and_markers():

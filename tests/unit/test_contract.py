@@ -12,8 +12,10 @@ seconds. Each row is checked for:
 * the same seed giving identical deltas and factors; every number finite;
 * the method's own invariant from :data:`INVARIANTS` (ft-c stays in its box, ROME is rank one, ...).
 
-A method whose module does not exist yet is skipped with "not implemented yet". A new method adds rows here (both
-architectures), its small-size overrides, and its invariant.
+The table derives from the registry: every method a module under ``editors/`` registers gets one row per
+architecture, with the small-size overrides it registered (``@register(..., tiny={...})``; none = its defaults).
+A new method adds its own invariant to :data:`INVARIANTS` (a row without one is skipped, and says so) and, where its
+code paths differ by config, rows to :data:`EXTRA_ROWS`.
 """
 from __future__ import annotations
 
@@ -25,40 +27,27 @@ import torch
 
 from editors.base import ConfigError, Editor, EditorConfig, EditResult, apply_result, make_config
 from editors.models import LoadedModel
-from editors.registry import _METHOD_MODULES, available_methods, get_editor_class
+from editors.registry import (
+    FAMILIES,
+    available_methods,
+    collapse_study_methods,
+    get_editor_class,
+    method_info,
+    methods_in_order,
+)
 from editors.requests import EditRequest, make_request
 from editors.testing import tiny_model
 
 ARCHS = ("llama", "gpt2")
 
-# Per-method overrides that make an edit on a 4-layer tiny model take seconds. Layers must exist in 4 layers.
-# Methods that need covariance statistics compute them on the tiny model from the default corpus: once their config
-# exists, add a small size here (e.g. {"mom2_n_tokens": 2000}) so the row stays fast. Methods not implemented yet
-# have an empty entry: fill it in together with the method (an unknown key fails the row loudly).
-OVERRIDES: dict[str, dict] = {
-    "ft": {"layers": (1,), "num_steps": 3},
-    "ft-c": {"layers": (1,), "num_steps": 3, "batch_size": 2},
-    "rome": {"layer": 1, "v_num_grad_steps": 2, "mom2_n_tokens": 2000},
-    # MEMIT family (editors/multilayer.py): two layers, a 2000-token covariance sample, 2 target-optimisation steps
-    "memit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    "pmet": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    "emmet": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    # the null space: the directions holding at most 5% of the tiny model's key energy (default rule 'energy')
-    "alphaedit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "nullspace_threshold": 0.05},
-    # wrappers post-process a tiny MEMIT (their default base is rome; switch once rome has a fast tiny row)
-    "rect": {"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}},
-    "prune": {"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}},
-    "adaedit": {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    "mose": {"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2},
-    # fine-tuning family (editors/lora.py, flearning.py, geoedit.py): one layer, a few epochs, a tiny auto-encoder run
-    "lora": {"layers": (1,), "num_steps": 3},
-    "flearning": {"layers": (1,), "num_steps": 2, "batch_size": 2},
-    "geoedit": {"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10},
-    # hypernetworks: the contract rows edit with an UNTRAINED (seeded, freshly initialised) net via allow_untrained
-    # (contract-only flag; training is covered by tests/unit/test_agrade.py), rank 8, the last two layers
-    "malmen": {"allow_untrained": True, "rank": 8, "layers": (2, 3)},
-    "agrade": {"allow_untrained": True, "rank": 8, "layers": (2, 3)},
-}
+#: every method the project ships, in table order (tests may register throw-away editors of their own: not rows)
+SHIPPED = [m for m in methods_in_order() if method_info(m).module.startswith("editors.")]
+
+
+def _tiny(method: str) -> dict:
+    """The method's registered small-size overrides for the 4-layer tiny models."""
+    return dict(method_info(method).tiny)
+
 
 # Extra rows beyond the (method x arch) grid: variants whose code paths differ.
 EXTRA_ROWS: list[tuple[str, str, dict]] = [
@@ -80,9 +69,14 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("adaedit", "gpt2", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "sparsify": "random_drop"}),
 ]
 
-# How many of REQUESTS each method edits in one call (a method that edits batches lists 2 to exercise batching).
-N_REQUESTS: dict[str, int] = {"ft": 2, "ft-c": 2, "memit": 2, "pmet": 2, "emmet": 2, "alphaedit": 2, "mose": 2, "adaedit": 2,
-                              "lora": 2, "flearning": 2, "geoedit": 2, "malmen": 2, "agrade": 2}
+# How many of REQUESTS a method edits in one call: 2 (to exercise batching) except the methods listed here, whose rows
+# edit one request (ROME's invariant is a rank-one update; the wrappers' rows post-process one edit).
+ONE_REQUEST = ("rome", "rect", "prune")
+
+
+def _n_requests(method: str) -> int:
+    return 1 if method in ONE_REQUEST else 2
+
 
 REQUESTS: tuple[EditRequest, ...] = (
     make_request(source="test_contract", record=0, case_id="eiffel",
@@ -95,12 +89,12 @@ REQUESTS: tuple[EditRequest, ...] = (
                  target_new="English", target_true="French"),
 )
 
-ROWS = [(m, a, OVERRIDES[m]) for m in _METHOD_MODULES for a in ARCHS] + EXTRA_ROWS
+ROWS = [(m, a, _tiny(m)) for m in SHIPPED for a in ARCHS] + EXTRA_ROWS
 
 
 def _row_id(row: tuple[str, str, dict]) -> str:
     method, arch, ov = row
-    extra = ",".join(f"{k}={v}" for k, v in ov.items() if k not in OVERRIDES.get(method, {}))
+    extra = ",".join(f"{k}={v}" for k, v in ov.items() if k not in _tiny(method))
     return f"{method}-{arch}" + (f"[{extra}]" if extra else "")
 
 
@@ -356,7 +350,7 @@ def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
     snap = _snapshot(lm)
     flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
     training = lm.model.training
-    requests = list(REQUESTS[:N_REQUESTS.get(method, 1)])
+    requests = list(REQUESTS[:_n_requests(method)])
 
     cfg = make_config(cls.config_cls, overrides, method=method)
     editor = cls(lm, cfg, seed=123)
@@ -378,12 +372,25 @@ def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
 # ---------------------------------------------------------------------------------------------------------------
 def test_table_covers_every_registered_method():
     in_table = {(m, a) for m, a, _ in ROWS}
-    # every method the project ships (tests may register throw-away editors of their own; those are not rows)
     shipped = {m for m in available_methods() if get_editor_class(m).__module__.startswith("editors.")}
-    for method in set(_METHOD_MODULES) | shipped:
+    assert shipped == set(SHIPPED) and len(SHIPPED) == len(set(SHIPPED))
+    for method in shipped:
         for arch in ARCHS:
             assert (method, arch) in in_table, f"no contract row for ({method}, {arch})"
-    assert set(OVERRIDES) >= set(_METHOD_MODULES)
+    assert {m for m, _, _ in EXTRA_ROWS} <= shipped, "an extra row names a method nobody registers"
+    assert set(INVARIANTS) <= shipped, "an invariant names a method nobody registers"
+
+
+def test_registry_metadata():
+    """Every shipped method names its family and is listed once in table order; the collapse-study defaults are
+    shipped methods in that order."""
+    for method in SHIPPED:
+        info = method_info(method)
+        assert info.family in FAMILIES, f"{method}: family {info.family!r} is not one of {FAMILIES}"
+        assert info.editor_cls is get_editor_class(method) and info.name == method
+    study = collapse_study_methods()
+    assert study and set(study) <= set(SHIPPED)
+    assert study == [m for m in SHIPPED if method_info(m).collapse_study]
 
 
 # ---------------------------------------------------------------------------------------------------------------
