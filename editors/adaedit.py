@@ -154,9 +154,7 @@ class AdaEditConfig(MultiLayerConfig):
         "Adam learning rate of the FFN-only target optimisation (EasyEdit PMET llama-7b: 0.5)."))
     clamp_norm_factor: float = field(default=4.0, metadata=help_meta(
         "||δ|| <= clamp_norm_factor · ||mlp_out_init|| (EasyEdit PMET llama-7b: 1; ROME, whose target is also the "
-        "MLP output: 4). On SmolLM2-135M, 1 leaves hard facts out of reach: for 'The official currency of Japan is "
-        "the' -> 'euro' the target probability stayed at 0.02 with ||δ|| pinned to the clamp, while with 4 it "
-        "reached 0.985 and the SRFusion edit succeeded (reliability and generality 1)."))
+        "MLP output: 4). 4, because on SmolLM2-135M 1 leaves hard facts out of reach (docs/DEFAULTS.md)."))
     mom2_update_weight: float = field(default=15000.0, metadata=help_meta(
         "λ in Δ = R* K1ᵀ (λC + K1 K1ᵀ)⁻¹ (section 4.1 / Appendix C.1 Eq. 6: C0 = λ·E[k kᵀ]; PMET/MEMIT: 15000)."))
     spread: str = field(default="sqrt", metadata=help_meta(

@@ -121,9 +121,8 @@ class AlphaEditConfig(MultiLayerConfig):
     nullspace_threshold: float = field(default=0.1, metadata={"help": (
         "Threshold of the null-space rule (see nullspace_rule). The reference (absolute rule) uses 2e-2 for "
         "Llama3-8B, GPT-J and GPT-2 XL. Default 0.1 with the energy rule: the null space may carry at most 10% of "
-        "the preserved keys' energy trace(C); on SmolLM2-135M layers 4-8 that is 739/821/843/821/875 of 1536 dims "
-        "(the reference's absolute 2e-2 would give 1291/1248/1225/1189/1100 dims holding 35/28/25/24/17% of the "
-        "energy), and built-in edits still succeed.")})
+        "the preserved keys' energy trace(C) (its size on SmolLM2-135M, and what the absolute 2e-2 would keep: "
+        "docs/DEFAULTS.md).")})
     nullspace_rule: str = field(default="energy", metadata={"help": (
         "'absolute': eigenvalue s < threshold (AlphaEdit get_project); 'relative': s < threshold · s_max; "
         "'energy': the smallest eigen-directions that together hold at most threshold · trace(C). An absolute "

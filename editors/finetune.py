@@ -56,8 +56,7 @@ class FineTuneConfig(EditorConfig):
     layers: tuple[int, ...] = field(default=(20,), metadata={"help": (
         "Decoder layers whose weights are fine-tuned (0-based). Default 20 of SmolLM2-135M's 30 layers: layer 21 "
         "of 32 in the Llama FT hparams (EasyEdit llama-7b, AlphaEdit Llama3-8B), i.e. ~2/3 depth (guides "
-        "METHODS.md section 13); with the other defaults it made 4 of 4 test counterfactuals succeed on SmolLM2. "
-        "Other models need their own value (e.g. via a preset).")})
+        "METHODS.md section 13). Other models need their own value (e.g. via a preset).")})
     module: str = field(default="mlp_out", metadata={"help": (
         "Which weights of each layer are trained: 'mlp_out' (the MLP output projection, down_proj / c_proj; rome "
         "and EasyEdit FT), 'mlp_in' (every MLP input projection: gate_proj and up_proj, or c_fc), 'attn_out' (the "

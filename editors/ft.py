@@ -57,11 +57,7 @@ class FTCConfig(FineTuneConfig):
     """Config of ``ft-c``: fine-tuning inside an L∞ box around the original weights (Zhu et al. 2020, ROME's FT+L).
 
     rome hparams/FT/gpt2-xl_constr.json: layer 0, 25 steps, lr 5e-4, epsilon 5e-4 (lr = epsilon). Kept here: layer 0,
-    25 steps, lr = epsilon. Changed: epsilon 2e-3, because 5e-4 is too tight on SmolLM2-135M: measured on four
-    counterfactual edits (Eiffel Tower -> Rome, Danielle Darrieux -> English, Michael Jordan -> baseball,
-    Louvre -> Buenos Aires), epsilon 5e-4 edited 1 of 4 at layer 0 and 0 of 4 at layer 20, epsilon 1e-3 at layer 0
-    2 of 4, epsilon 2e-3 at layer 0 all 4 (teacher-forced reliability 1.0, "The capital of France is" still
-    continued with Paris); ||delta||_F ~ 1.8 against ~4-9 for unconstrained ``ft``.
+    25 steps, lr = epsilon. Changed: epsilon 2e-3, because 5e-4 is too tight on SmolLM2-135M (docs/DEFAULTS.md).
     Zhu et al. fine-tune with the ordinary LM loss on the new fact, which is the 'target_new' objective (the default
     here); rome's FT+L used 'prompt_last'.
     """
@@ -70,9 +66,8 @@ class FTCConfig(FineTuneConfig):
 
     layers: tuple[int, ...] = field(default=(0,), metadata={"help": (
         "Decoder layers whose weights are fine-tuned (0-based). Layer 0 as rome's FT+L (hparams/FT/"
-        "gpt2-xl_constr.json). On SmolLM2-135M layer 0 needs a smaller box than layer 20 for the same edit "
-        "(epsilon 2e-3 there succeeded on 4 of 4 test edits; layer 20 needed 5e-3), at ~1.5-2x the time per step "
-        "(the backward pass runs through every layer).")})
+        "gpt2-xl_constr.json). An early layer needs a smaller box than a late one for the same edit, but each step "
+        "costs more (the backward pass runs through every layer); docs/DEFAULTS.md.")})
     lr: float = field(default=2e-3, metadata={"help": (
         "Adam learning rate. Equal to epsilon as in rome's gpt2-xl_constr (both 5e-4): Adam moves each entry by "
         "about lr per step, so entries reach the faces of the box in a step or two and the budget is used.")})
@@ -80,8 +75,8 @@ class FTCConfig(FineTuneConfig):
         "Half-width of the elementwise (L∞) box: after every Adam step W is clamped into [W0 - epsilon, "
         "W0 + epsilon] (Zhu et al. 2020; rome gpt2-xl_constr 5e-4, gpt-j 5e-5). 2e-3 on SmolLM2-135M: it gives "
         "the same Frobenius budget as rome's GPT-2 XL setting (epsilon * sqrt(#entries): 2e-3 * sqrt(1536*576) = "
-        "1.9 vs 5e-4 * sqrt(6400*1600) = 1.6), ~1.3% of a typical |W| entry (0.15); 5e-4 and 1e-3 left most "
-        "test edits unmade.")})
+        "1.9 vs 5e-4 * sqrt(6400*1600) = 1.6), ~1.3% of a typical |W| entry (0.15); smaller boxes: "
+        "docs/DEFAULTS.md.")})
 
     def validate(self) -> None:
         super().validate()

@@ -74,10 +74,9 @@ class GeoEditConfig(TwoTaskConfig):
     version: ClassVar[int] = 3
 
     layers: tuple[int, ...] = field(default=(24,), metadata={"help": (
-        "Decoder layers whose weights are fine-tuned (0-based). Default 24 of SmolLM2-135M's 30 (version 3), "
-        "measured on 4 built-in facts: τ_new alone at layers 5-20 and 4-8 changed 'The capital of France is' to "
-        "'Tehran'; at 24 it kept Paris, and there the raw FFN-neuron angles concentrate near 90° (92% within "
-        "85-95°) while the latent ones spread out (3.5%), the paper's Fig. 3.")})
+        "Decoder layers whose weights are fine-tuned (0-based). Default 24 of SmolLM2-135M's 30 (version 3): there "
+        "the new-fact task vector leaves unrelated facts alone and the raw FFN-neuron angles concentrate near 90° "
+        "as in the paper's Fig. 3 (docs/DEFAULTS.md).")})
     neuron_axis: str = field(default="auto", metadata={"help": (
         "What one neuron θ_i ∈ R^{d_n} of Eq. 10-12 is, in the canonical [d_out, d_in] matrix: 'in' = a COLUMN "
         "(one input unit with all its outgoing weights, d_n = d_out), 'out' = a ROW (one output unit with its "
@@ -91,13 +90,12 @@ class GeoEditConfig(TwoTaskConfig):
         "which differ between old and new targets.")})
     num_steps: int = field(default=20, metadata={"help": (
         "Epochs (cap) of each fine-tuning, old and new facts (the paper: 3 epochs over thousands of facts, "
-        "geoedit.txt Appendix C). With batch 4 and lr 2e-3 four SmolLM2 facts reach the early-stop loss in ~10 "
-        "epochs; 20 leaves margin.")})
+        "geoedit.txt Appendix C). A cap: with batch 4 and lr 2e-3 a few facts reach early_stop_loss in about "
+        "half of it.")})
     lr: float = field(default=2e-3, metadata={"help": (
         "Adam learning rate of both fine-tunings (full mode; 'lora_lr' in LoRA mode). 4x ft's 5e-4 because a batch "
         "of 4 takes one step per epoch where ft (batch 1) takes four; GeoEdit keeps only an importance-weighted part "
-        "of τ_new (β <= 1), so τ_new must have learnt the new facts with margin. 5e-4 with batch 4 needed ~25 "
-        "epochs to reach loss 0.05 on four facts.")})
+        "of τ_new (β <= 1), so τ_new must have learnt the new facts with margin.")})
     batch_size: int = field(default=4, metadata={"help": (
         "Requests per Adam step (the paper: batch 4 with 4 accumulation steps, geoedit.txt Appendix C).")})
     importance_decay: float = field(default=0.85, metadata={"help": (
@@ -113,10 +111,9 @@ class GeoEditConfig(TwoTaskConfig):
         "Hidden width of the 2-layer encoder / decoder MLPs. None = d_n // 2 (288 for d_n = 576), the paper's "
         "4096 -> 2048 -> 512 ratio; with d_n = 576 the AE has ~0.4M parameters, cheap on a shared CPU.")})
     ae_steps: int = field(default=300, metadata={"help": (
-        "Adam steps of the auto-encoder (the paper trains it ~2.5 min on 7B task vectors, Sec. 5.4). 300 minibatch "
-        "steps over the ~3000 neuron vectors of one SmolLM2 down_proj take ~2 s; 1500 lowered the relative "
-        "reconstruction error only from ~0.5/0.35 to ~0.47/0.27 (old/new) on four facts (Adam's sign-like updates "
-        "make τ close to full rank, so a 72-d code cannot reconstruct it exactly).")})
+        "Adam steps of the auto-encoder (the paper trains it ~2.5 min on 7B task vectors, Sec. 5.4). More steps "
+        "barely lower the reconstruction error: Adam's sign-like updates make τ close to full rank, so a 72-d code "
+        "cannot reconstruct it exactly (docs/DEFAULTS.md).")})
     ae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the auto-encoder."})
     ae_batch_size: int = field(default=128, metadata={"help": "Rows per auto-encoder step (MSE part)."})
     ae_kl_weight: float = field(default=0.5, metadata={"help": (
@@ -142,11 +139,8 @@ class GeoEditConfig(TwoTaskConfig):
     fusion: str = field(default="fixed", metadata={"help": (
         "'importance': α, β from the min-max-normalised EMA importance (Eq. 11-13, the paper's full method). "
         "'fixed': the paper's '+MW' variant (Table 2), the same fixed_alpha / fixed_beta for every neuron. Default "
-        "'fixed' on SmolLM2-135M, measured: with 'importance' a batch edit of 4 built-in facts reached reliability "
-        "0.125 (Adam spreads τ_new evenly over all 1536 down_proj columns, uncorrelated with importance, while the "
-        "min-max β is heavy-tailed, median 0.07 of the max, so β-weighting keeps ~10% of the edit; twice that "
-        "already turned 'The capital of France is' into 'Tehran': the important neurons are the generally active "
-        "ones); with 'fixed' at layer 24: reliability 1.0, generality 0.875, locality 0.75, Paris kept.")})
+        "'fixed' on SmolLM2-135M: the min-max importance β is heavy-tailed while Adam spreads τ_new evenly over "
+        "the neurons, so β-weighting keeps only a small part of the edit (docs/DEFAULTS.md).")})
     fixed_alpha: float = field(default=0.3, metadata={"help": (
         "α of fusion 'fixed' (+MW); 0.3 found by grid search in the paper (Sec. 5.2).")})
     fixed_beta: float = field(default=1.0, metadata={"help": "β of fusion 'fixed' (+MW); 1 as the paper."})

@@ -56,10 +56,8 @@ class MEMITConfig(MultiLayerConfig):
         "λ: weight of the preserved-key covariance C in (λC + KKᵀ)⁻¹ (MEMIT Eq. 14; memit hparams "
         "mom2_update_weight: GPT-J and Llama3-8B 15000, GPT-2 XL 20000). C is normalised by its token count, so λ "
         "plays the role of the number of preserved keys: larger = smaller, more conservative updates. For one "
-        "request a layer writes s/(λ+s) of its share, s = kᵀC⁻¹k. On SmolLM2-135M subject keys have s ≈ 5e3-2.4e4 "
-        "at layers 4-8; with λ 15000 the five layers write ~60% of the target residual (CounterFact 0-1), 5000: "
-        "~83%, 1500: ~95%; all three give reliability 1.0 with 'The capital of France is' -> Paris intact, so the "
-        "paper's 15000 is kept.")})
+        "request a layer writes s/(λ+s) of its share, s = kᵀC⁻¹k (values of s and of the share on SmolLM2-135M: "
+        "docs/DEFAULTS.md).")})
     sequential: bool = field(default=False, metadata={"help": (
         "MEMIT_seq (AlphaEdit repo memit/memit_seq_main.py): add the accumulated K_p K_pᵀ of every earlier batch "
         "of this run to the solve, updated after each applied batch with keys recomputed on the edited model.")})

@@ -164,9 +164,8 @@ class MOSEConfig(MultiLayerConfig):
         "λ of Eq. 16-18: weight of preserving the outputs of the preserved keys K0 against writing the edit. C0 is "
         "E[k kᵀ] (normalised by its token count), so λ counts 'average preserved keys' per edit. λ → ∞ gives R = I "
         "(nothing changes); λ → 0 the unregularised Procrustes rotation (ill-posed for one edit). The paper gives no "
-        "value. On SmolLM2-135M (layers 4-6, five CounterFact edits) every edit succeeded for λ <= 1000 and some "
-        "failed from λ = 3000 on; the preserved outputs changed by 3-5% per edit at λ = 300 and 2-4% at 1000 (info "
-        "'preserve_change'). 300 keeps a margin of 10x below the failures."))
+        "value; 300 on SmolLM2-135M, well below the λ at which edits start to fail (docs/DEFAULTS.md). The info "
+        "'preserve_change' reports how much the preserved outputs moved."))
     layer_selection: str = field(default="score", metadata=help_meta(
         "'score': the paper's rule (Eq. 21-22): optimise the FFN-output target at every layer of "
         "candidate_layers, pick l* = argmin ||V_E - W K_E||_F / (||W||_2 ||k||) and edit l* with its neighbours. "
@@ -174,7 +173,7 @@ class MOSEConfig(MultiLayerConfig):
     candidate_layers: tuple[int, ...] = field(default=(4, 5, 6), metadata=help_meta(
         "Layers scored by Eq. 22 when layer_selection='score'. Each costs one target optimisation per edit (plus "
         "one for the top edit layer when it is not a candidate): the paper scores every layer; 4-6 around ROME's "
-        "layer 5 on SmolLM2-135M keeps an edit at ~3-4x ROME's cost on a CPU."))
+        "layer 5 on SmolLM2-135M keeps the cost of an edit to a few ROME edits."))
     neighbours: int = field(default=1, metadata=help_meta(
         "Layers edited on each side of l* (section 5.2: 'we modify that layer along with its two adjacent layers' "
         "= 1; 0 = the single selected layer of the section 6.4 ablation). Clipped at the first / last layer."))

@@ -285,9 +285,9 @@ class MultiLayerConfig(EditorConfig):
     v_num_grad_steps: int = field(default=25, metadata=help_meta(
         "Adam steps of the target optimisation (METHODS.md 0.4; 25 in the Llama3-8B MEMIT/AlphaEdit hparams)."))
     v_lr: float = field(default=0.5, metadata=help_meta(
-        "Adam learning rate of the target optimisation. AlphaEdit's Llama3-8B MEMIT/AlphaEdit hparams use 0.1; on "
-        "SmolLM2-135M 0.1 leaves z short of the target after 25 steps (mean target probability 0.32 on CounterFact "
-        "0-2), 0.5 (EasyEdit llama3.2-3b MEMIT, ROME) reaches 0.97-0.98 within the clamp."))
+        "Adam learning rate of the target optimisation. AlphaEdit's Llama3-8B MEMIT/AlphaEdit hparams use 0.1; 0.5 "
+        "as EasyEdit llama3.2-3b MEMIT and ROME, because 0.1 leaves z short of the target on SmolLM2-135M within 25 "
+        "steps (docs/DEFAULTS.md)."))
     v_weight_decay: float = field(default=0.5, metadata=help_meta(
         "Weight of the reference's decay term ||delta|| / ||z_init||^2 in the target loss (MEMIT hparams: 0.5)."))
     clamp_norm_factor: float = field(default=0.75, metadata=help_meta(

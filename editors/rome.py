@@ -51,8 +51,8 @@ class ROMEConfig(EditorConfig):
 
     layer: int = field(default=5, metadata=help_meta(
         "Decoder layer whose MLP output projection (down_proj / c_proj) is edited (0-based). ROME edits one early-"
-        "middle MLP found by causal tracing (GPT-2 XL: 17 of 48; Llama-3-8B: 5 of 32). 5 of SmolLM2's 30 layers "
-        "(METHODS.md 13) gave the best reliability/locality trade-off among layers 3-8 on the built-in facts."))
+        "middle MLP found by causal tracing (GPT-2 XL: 17 of 48; Llama-3-8B: 5 of 32); 5 of SmolLM2's 30 layers "
+        "(METHODS.md 13; how it was chosen: docs/DEFAULTS.md)."))
     v_num_grad_steps: int = field(default=20, metadata=help_meta(
         "Most forward passes of the v* optimisation (ROME v_num_grad_steps: 20 for GPT-2 XL, 25 for Llama-3-8B; "
         "the last pass only measures). It usually stops earlier, at loss < early_stop_loss."))
@@ -71,9 +71,8 @@ class ROMEConfig(EditorConfig):
         "The v* optimisation stops once its loss (nll + kl + weight decay) is below this (ROME compute_v: 5e-2)."))
     early_stop_prob: float = field(default=0.95, metadata=help_meta(
         "The v* optimisation also stops once the mean target probability over the rewriting prompts (geometric "
-        "mean over target tokens) reaches this; 0 disables it. Not in ROME: on SmolLM2 the KL term alone often "
-        "stays above early_stop_loss, so without it most edits ran all steps; measured on CounterFact it halves "
-        "the steps at unchanged reliability (see editors/presets/rome.yaml)."))
+        "mean over target tokens) reaches this; 0 disables it. Not in ROME: the KL term alone can keep the loss "
+        "above early_stop_loss after the target is reached (docs/DEFAULTS.md)."))
     mom2_adjustment: bool = field(default=False, metadata=help_meta(
         "Use u = C^{-1} k* (ROME paper Eq. 2, C = E[k kᵀ] over a text corpus) instead of u = k*. The Llama ROME "
         "hparams (AlphaEdit Llama3-8B.json, EasyEdit llama3.2-3b.yaml) turn it off; see the preset for SmolLM2."))
