@@ -10,9 +10,9 @@ A method module under ``editors/`` registers its editor with the :func:`register
 
 Nothing else needs editing: the registry finds method modules itself (it imports every module of the ``editors``
 package the first time a method is looked up), and the contract tests, the plots' method order and the study
-defaults read :func:`methods_in_order`, :func:`collapse_study_methods` and :func:`method_info`. Unknown names get an
-error that lists the valid ones and suggests near names (lm-evaluation-harness style); duplicates are rejected (peft
-``register_peft_method``).
+defaults read :func:`methods_in_order`, :func:`collapse_study_methods`, :func:`methods_in_family` and
+:func:`method_info`. Unknown names get an error that lists the valid ones and suggests near names
+(lm-evaluation-harness style); duplicates are rejected (peft ``register_peft_method``).
 """
 from __future__ import annotations
 
@@ -129,6 +129,17 @@ def collapse_study_methods() -> list[str]:
     return [m for m in methods_in_order() if _REGISTRY[m].collapse_study]
 
 
+def methods_in_family(family: str) -> list[str]:
+    """The methods of one family (e.g. "hypernetwork": the ones ``python -m app train`` trains), in table order.
+
+    Raises:
+        ValueError: ``family`` is not one of :data:`FAMILIES`.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown method family {family!r}; valid: {', '.join(FAMILIES)}")
+    return [m for m in methods_in_order() if _REGISTRY[m].family == family]
+
+
 def method_info(name: str) -> MethodInfo:
     """The registry's record of ``name`` (case-insensitive).
 
@@ -152,4 +163,4 @@ def get_editor_class(name: str) -> type[Editor]:
 
 
 __all__ = ["FAMILIES", "MethodInfo", "UnknownMethodError", "register", "discover", "available_methods",
-           "methods_in_order", "collapse_study_methods", "method_info", "get_editor_class"]
+           "methods_in_order", "collapse_study_methods", "methods_in_family", "method_info", "get_editor_class"]

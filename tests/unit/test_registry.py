@@ -24,7 +24,8 @@ class ZZProbeEditor(Editor):
 
 @pytest.fixture()
 def isolated_registry(monkeypatch):
-    """The registry as it is, restored after the test (whatever the test registers)."""
+    """The registry with every shipped method, restored after the test (whatever the test registers)."""
+    registry.discover()  # first, so that the shipped methods register into the registry that is kept
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     return registry
 
@@ -51,6 +52,11 @@ def test_order_and_collapse_study_defaults():
     assert [registry.method_info(m).order for m in ordered] == sorted(registry.method_info(m).order for m in ordered)
     assert order[:4] == ["rome", "ft", "ft-c", "memit"]
     assert registry.collapse_study_methods() == ["rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose"]
+    assert registry.methods_in_family("hypernetwork") == ["malmen", "agrade"]
+    assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit"]
+    assert registry.methods_in_family("memory") == []
+    with pytest.raises(ValueError, match="unknown method family"):
+        registry.methods_in_family("hypernet")
 
 
 def test_register_rejects_duplicates_unknown_families_and_nameless_classes(isolated_registry):
