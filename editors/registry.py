@@ -9,9 +9,9 @@ A method module under ``editors/`` registers its editor with the :func:`register
         ...
 
 Nothing else needs editing: the registry finds method modules itself (it imports every module of the ``editors``
-package the first time a method is looked up), and the contract tests, the plots' method order and the study
-defaults read :func:`methods_in_order`, :func:`collapse_study_methods`, :func:`methods_in_family` and
-:func:`method_info`. Unknown names get an error that lists the valid ones and suggests near names
+package but the test helpers the first time a method is looked up), and the contract tests, the plots' method
+order and the study defaults read :func:`methods_in_order`, :func:`collapse_study_methods`, :func:`methods_in_family`
+and :func:`method_info`. Unknown names get an error that lists the valid ones and suggests near names
 (lm-evaluation-harness style); duplicates are rejected (peft ``register_peft_method``).
 """
 from __future__ import annotations
@@ -100,15 +100,20 @@ def register(cls=None, *, family="", collapse_study=False, order=None, tiny=None
     return add(cls) if cls is not None else add
 
 
+#: modules of the package that are no method modules and that product code must not import (the test helpers)
+_NOT_SCANNED = frozenset({"testing"})
+
+
 def discover() -> None:
-    """Import every module of the ``editors`` package (a method module registers its editor when imported).
+    """Import every module of the ``editors`` package (a method module registers its editor when imported), except
+    private ones and the test helpers.
 
     Raises:
         ModuleNotFoundError: a module needs a package that is not installed (the error names it).
     """
     package = importlib.import_module(__package__)
     for mod in pkgutil.iter_modules(package.__path__):
-        if not mod.ispkg and not mod.name.startswith("_"):
+        if not mod.ispkg and not mod.name.startswith("_") and mod.name not in _NOT_SCANNED:
             importlib.import_module(f"{__package__}.{mod.name}")
 
 

@@ -45,6 +45,12 @@ def test_a_new_method_module_is_discovered_without_editing_anything(tmp_path, mo
         sys.modules.pop("editors.zz_probe_method", None)
 
 
+def test_discovery_leaves_the_test_helpers_alone(monkeypatch, isolated_registry):
+    monkeypatch.delitem(sys.modules, "editors.testing", raising=False)
+    registry.discover()
+    assert "editors.testing" not in sys.modules
+
+
 def test_order_and_collapse_study_defaults():
     order = registry.methods_in_order()
     assert sorted(order) == registry.available_methods() and len(set(order)) == len(order)
