@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, MutableMapping, Sequence
 import torch
 
 from analysis import evaluation as ev
-from editors.base import EditResult, apply_result, make_config
+from editors.base import EditResult, apply_result
+from editors.presets import build_config
 from editors.registry import get_editor_class
 from editors.requests import EditRequest, make_request
 
@@ -118,9 +119,10 @@ def explain(lm, result: EditResult, summary: str = "") -> dict[str, Any]:
 
 
 def compute_result(lm, spec: Mapping[str, Any], *, cache_dir: str | None = None, seed: int = 0) -> EditResult:
-    cls = get_editor_class(spec["method"])
-    config = make_config(cls.config_cls, dict(spec.get("overrides") or {}), method=cls.name)
-    editor = cls(lm, config, cache_dir=cache_dir, seed=seed)
+    """One edit of ``spec`` (``{"method", "overrides", "request"}``) on ``lm`` as it is now, with the config a run of
+    the method on this model would use (:func:`editors.presets.build_config`: preset, then the overrides)."""
+    config, _ = build_config(spec["method"], lm.name, spec.get("overrides"))
+    editor = get_editor_class(spec["method"])(lm, config, cache_dir=cache_dir, seed=seed)
     editor.prepare()
     return editor.edit([request_from_dict(spec["request"])])
 

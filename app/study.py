@@ -29,11 +29,13 @@ import pandas as pd
 
 from editors.registry import get_editor_class
 
-from .engine import RunConfig, run_sequential, run_summary
+from .engine import run_sequential, run_summary
+from .runconfig import RunConfig
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
+#: the methods and data of `python -m app study collapse` without --methods / --data
 DEFAULT_METHODS = ("rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose")
 DEFAULT_DATA = "counterfact:../shared/data/counterfact/counterfact-edit.json"
 

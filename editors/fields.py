@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class ConfigError(ValueError):
@@ -110,27 +110,38 @@ def coerce(value: Any, current: Any, annotation: str) -> Any:
     return s
 
 
-def coerce_fields(cls: type, changes: Mapping[str, Any], current: Any = None, *, what: str = "config field",
-                  method: str = "") -> dict[str, Any]:
-    """``changes`` to fields of the dataclass ``cls`` with every name checked and every value coerced (:func:`coerce`).
+def check_names(cls: type, names: Iterable[str], *, what: str = "config field", method: str = ""
+                ) -> dict[str, dataclasses.Field]:
+    """The fields of the dataclass ``cls``, by name, after checking that every one of ``names`` is one of them.
 
     Args:
-        current: an instance whose values give the fields' types (default: the fields' defaults).
         what: how a field is named in messages ("config field", "run field").
         method: the method the fields belong to, named in messages.
 
     Raises:
-        ConfigError: an unknown name (with near names and the valid ones) or a value of the wrong type (naming the
-            field).
+        ConfigError: an unknown name, with the near names and the valid ones.
     """
     valid = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in changes.items():
-        f = valid.get(key)
-        if f is None:
+    for key in names:
+        if key not in valid:
             owner = f" for method {method}" if method else ""
             raise ConfigError(f"unknown {what} {key!r}{owner}{did_you_mean(key, list(valid))}; "
                               f"valid fields: {', '.join(sorted(valid))}")
+    return valid
+
+
+def coerce_fields(cls: type, changes: Mapping[str, Any], current: Any = None, *, what: str = "config field",
+                  method: str = "") -> dict[str, Any]:
+    """``changes`` to fields of the dataclass ``cls`` with every name checked (:func:`check_names`) and every value
+    coerced (:func:`coerce`) to the type of the field's value in ``current`` (default: the fields' defaults).
+
+    Raises:
+        ConfigError: an unknown name, or a value of the wrong type (naming the field).
+    """
+    valid = check_names(cls, changes, what=what, method=method)
+    out = {}
+    for key, value in changes.items():
+        f = valid[key]
         now = getattr(current, key) if current is not None else field_default(f)
         try:
             out[key] = coerce(value, now, type_name(f.type))
@@ -175,4 +186,4 @@ def parse_method_sets(pairs: Sequence[str], methods: Sequence[str] | None = None
 
 
 __all__ = ["ConfigError", "help_meta", "type_name", "field_default", "field_help", "did_you_mean", "coerce",
-           "coerce_fields", "parse_sets", "parse_method_sets"]
+           "check_names", "coerce_fields", "parse_sets", "parse_method_sets"]

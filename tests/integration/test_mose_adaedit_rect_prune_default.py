@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from analysis import evaluation as ev
-from app.engine import RunConfig, resolve_method_config
 from editors.base import apply_result
+from editors.presets import build_config
 from editors.registry import available_methods, get_editor_class
 from editors.requests import make_request
 
@@ -49,7 +49,7 @@ def test_edit_succeeds_keeps_france_and_undoes(clean_default_lm, method):
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
     cls = get_editor_class(method)
-    config, _ = resolve_method_config(RunConfig(method=method), lm.name)
+    config, _ = build_config(method, lm.name)
     editor = cls(lm, config, seed=0)
     editor.prepare()
     result = editor.edit([req])
