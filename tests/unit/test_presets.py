@@ -13,12 +13,12 @@ from editors.registry import UnknownMethodError, get_editor_class
 
 @pytest.fixture()
 def rome_preset(monkeypatch):
-    """A preset of rome for the model "tiny-preset" whose values differ from the defaults (the shipped ones equal
-    them)."""
+    """A preset of rome for the models "tiny-preset" and "tiny-llama" (the tiny test model's name) whose values differ
+    from the defaults (the shipped ones equal them)."""
     real = presets.load_preset
 
     def load(method, model_name="default"):
-        if method == "rome" and os.path.basename(model_name) == "tiny-preset":
+        if method == "rome" and os.path.basename(model_name) in ("tiny-preset", "tiny-llama"):
             return presets.Preset(method="rome", model="tiny-preset", version=7,
                                   config={"layer": 2, "v_lr": 0.1, "context_templates": "memit"})
         return real(method, model_name)
@@ -68,3 +68,18 @@ def test_errors_name_the_method_and_field():
         build_config("rome", "default", {"layr": 3})
     with pytest.raises(ConfigError, match="config field 'layer' of rome"):
         build_config("rome", "default", {"layer": "five"})
+
+
+def test_a_run_and_the_playground_edit_with_the_same_config(rome_preset, tiny_llama):
+    """The Playground's edit (app.playground.compute_result) and a run of the same method on the same model use one
+    config: preset, then the same overrides."""
+    from app.playground import compute_result
+    from app.runconfig import RunConfig
+    overrides = {"v_num_grad_steps": "2"}
+    run_cfg, version = RunConfig(model=tiny_llama.name, method="rome", method_overrides=overrides).method_config()
+    request = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
+               "target_new": "Rome", "target_true": "Paris"}
+    result = compute_result(tiny_llama, {"method": "rome", "overrides": overrides, "request": request})
+    assert version == 7 and (run_cfg.layer, run_cfg.v_num_grad_steps) == (2, 2)
+    assert result.config == run_cfg.to_dict()
+    assert list(result.deltas) == [tiny_llama.spec.mlp_out_weight(2)]  # the preset's layer, not the default
