@@ -17,6 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: top-level packages, lowest layer first; a module may import its own layer and those below it
 LAYERS = (("editors",), ("analysis",), ("app",), ("pages", "benchmarks"))
+#: product code: it may not use the test helpers (tests/, editors.testing); benchmarks may
+PRODUCT = ("editors", "analysis", "app", "pages")
 
 
 def _imports(path):
@@ -93,7 +95,8 @@ def test_imports_by_name_respect_the_layers(folder):
         for name in _imports_by_name(path):
             top = name.split(".")[0]
             layer = _layer(top)
-            if (layer is not None and layer > own) or (top == "tests" or name == "editors.testing"):
+            test_helper = top == "tests" or name == "editors.testing"
+            if (layer is not None and layer > own) or (folder in PRODUCT and test_helper):
                 bad.append((os.path.relpath(path, ROOT), name))
     assert not bad, f"upward import by name: {bad}"
 
