@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     ap.add_argument("--data", default="builtin", help="editors.data source: builtin, counterfact:PATH, zsre:PATH")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's target: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--cache-dir", default=None, help="cache folder (an empty one times the statistics)")
     ap.add_argument("--per-step", action="store_true", help="also print every step")
     ap.add_argument("--csv", default=None, help="write the summary table to this CSV file")
