@@ -594,7 +594,7 @@ def run_sequential(config: RunConfig | Mapping[str, Any], store: RunStore | None
             ``seconds_per_edit`` / ``metrics`` / ``retention`` means.
         should_cancel: polled before every step; True stops the run as ``cancelled`` (rows kept). A store-side
             :meth:`RunStore.request_cancel` works the same way (for other processes).
-        run_id: an existing ``queued`` run to execute (as created by an executor's ``submit``).
+        run_id: an existing ``queued`` run to execute (as created by :func:`queue_run`, e.g. for the worker).
 
     Raises:
         UnknownMethodError, ConfigError: invalid config (nothing is written).

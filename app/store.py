@@ -3,7 +3,7 @@ read by the web app, the CLI and notebooks at the same time.
 
 Tables (long form, so that every plot is a filter plus a pivot):
 
-``runs``       one row per sequential run: status, the full :class:`app.engine.RunConfig` (``config_json``), the
+``runs``       one row per sequential run: status, the full :class:`app.runconfig.RunConfig` (``config_json``), the
                method config it ran with, versions, progress (``n_edits_done``), the writer's ``pid`` / ``host`` and
                its ``heartbeat``.
 ``edits``      one row per edit request: its index ``idx`` in the run, the step that made it, ``n_edits`` after
