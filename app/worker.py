@@ -163,7 +163,8 @@ class Worker:
                                   error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
 
     def _run_job(self, job: Job) -> None:
-        from .engine import RunConfig, run_sequential
+        from .engine import run_sequential
+        from .runconfig import RunConfig
         from .store import TERMINAL
         try:
             config = RunConfig.from_dict(job.payload["config"])
