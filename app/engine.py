@@ -574,7 +574,7 @@ def _collapse_to_rows(df, n_edits: int, step: int) -> list[dict]:
     return rows
 
 
-def _new_run_fields(config: RunConfig, method_config: EditorConfig, preset_version: str | None) -> dict:
+def _new_run_fields(config: RunConfig, method_config: EditorConfig, preset_version: int | None) -> dict:
     return {"method": get_editor_class(config.method).name, "model": config.model, "data_source": config.data,
             "config": config.to_dict(), "method_config": method_config.to_dict(), "preset_version": preset_version,
             "package_versions": package_versions(), "n_edits_planned": config.n_edits, "label": config.label or None,
