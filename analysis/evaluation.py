@@ -182,7 +182,8 @@ def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], referenc
                 acc.setdefault((r.case_id, metric, TF), []).append(new[i].token_acc)
             if true is not None and i in true:
                 acc.setdefault((r.case_id, metric, MARGIN), []).append(float(new[i].logprob > true[i].logprob))
-        rows.extend({"case_id": c, "metric": m, "protocol": p, "value": sum(v) / len(v)} for (c, m, p), v in acc.items())
+        rows.extend({"case_id": c, "metric": m, "protocol": p, "value": sum(v) / len(v)}
+                    for (c, m, p), v in acc.items())
     if GEN in protocols:
         texts = greedy_continuations(lm, [p for _, _, p in items], max_new_tokens=gen_tokens)
         acc = {}

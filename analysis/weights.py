@@ -25,8 +25,9 @@ Singular values, three ways (``method``):
   value (an upper bound that is accurate when the bottom of the spectrum is a soft edge, as for weight matrices and
   random matrices, and loose when the smallest singular values are isolated and tiny); the nuclear norm Σσ and the
   effective rank from stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of tr(G^{1/2}) and
-  tr(G^{1/2} log G^{1/2}), with the exactly known tr G = ‖W‖_F² as a control variate (within ~0.2% on 600×2000 test matrices). A rank-r update
-  with r below the number of steps is resolved exactly (Lanczos terminates on an invariant subspace). Measured on a
+  tr(G^{1/2} log G^{1/2}), with the exactly known tr G = ‖W‖_F² as a control variate (within ~0.2% on 600×2000 test
+  matrices). A rank-r update with r below the number of steps is resolved exactly (Lanczos terminates on an
+  invariant subspace). Measured on a
   600×2000 matrix (tests/unit/test_analysis_weights.py): σ_max exact to 1e-15, σ_min and cond to 1e-7 for a
   random-like spectrum, but 20% off for a spectrum with log-spaced singular values (isolated, tiny σ_min).
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from .jobs import Job, JobError, JobQueue, device_key
 from .settings import upload_limit_bytes
-from .store import RunStore, TERMINAL
+from .store import TERMINAL, RunStore
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,12 +134,13 @@ def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, device: str = "auto",
                start_worker: bool = True) -> tuple[str, str]:
-    """Validate a run config (dict of :class:`app.engine.RunConfig` fields), create its ``queued`` run row and its job;
-    returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
+    """Validate a run config (dict of :class:`app.runconfig.RunConfig` fields), create its ``queued`` run row and its
+    job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
     from editors.base import ConfigError
     from editors.registry import UnknownMethodError
 
-    from .engine import RunConfig, queue_run
+    from .engine import queue_run
+    from .runconfig import RunConfig
     cfg = dict(config)
     cfg["runs_dir"] = store.runs_dir
     cfg.setdefault("device", None if device_key(device) == "auto" else device_key(device))
@@ -158,12 +159,12 @@ def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: st
                       start_worker: bool = True) -> str:
     """Queue a playground edit (see :func:`app.playground.playground_edit` for the payload; its ``stack_jobs`` lists
     the jobs of the edits under this one, which :func:`playground_state` reads to rebuild the stack after a reload)."""
-    from editors.base import ConfigError, make_config
-    from editors.registry import UnknownMethodError, get_editor_class
+    from editors.base import ConfigError
+    from editors.presets import build_config
+    from editors.registry import UnknownMethodError
     from editors.requests import RequestError, make_request
     try:
-        cls = get_editor_class(payload["method"])
-        make_config(cls.config_cls, dict(payload.get("overrides") or {}), method=cls.name)
+        build_config(payload["method"], str(payload.get("model", "default")), payload.get("overrides"))
         r = payload["request"]
         make_request(source="playground", record="edit", case_id="playground",
                      **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r})

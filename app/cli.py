@@ -9,7 +9,9 @@ Commands::
     methods  methods, their summaries and config fields (help, defaults)
     cancel   ask a running run to stop after its current step
     delete   remove a run and its rows
-    bench    the editor benchmarks (benchmarks/bench_editors.py)
+    bench    the editor benchmark (``python -m benchmarks.bench_editors`` in a subprocess; arguments passed on)
+    study    reproduction studies (app/study.py)
+    train    hypernetwork training of malmen / agrade (app/train.py)
 
 Exit codes: 0 done (a run that finished or diverged: the status says which), 1 a run failed, 2 invalid input
 (unknown method / field, bad data file, bad model), 130 interrupted.
@@ -129,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model. A method already finished with the same settings is not run again.")
     p.add_argument("study", choices=("collapse",), help="which study")
     p.add_argument("--n", type=int, default=200, help="sequential edits per method (default 200)")
-    p.add_argument("--methods", default="rome,memit,alphaedit,rect,prune,adaedit,mose",
-                   help="comma-separated methods (default: rome,memit,alphaedit,rect,prune,adaedit,mose)")
-    p.add_argument("--data", default="counterfact:../shared/data/counterfact/counterfact-edit.json",
-                   help="request source (default: counterfact:../shared/data/counterfact/counterfact-edit.json)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: the study's methods, app.study.DEFAULT_METHODS)")
+    p.add_argument("--data", default=None,
+                   help="request source (default: the CounterFact edit split, app.study.DEFAULT_DATA)")
     _add_runs_dir(p)
     p.add_argument("--eval-every", type=int, default=None,
                    help="checkpoint every K edits (default: N // 10); the last edit always is one")
@@ -146,8 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: the table of the latest matching run of each method (any status)")
     p.add_argument("--json", action="store_true", help="print the table as JSON records (last stdout line)")
 
-    from .train import add_train_parser  # train (app/train.py): malmen / agrade hypernetworks
-    add_train_parser(sub)
+    # ---- train (app/train.py) ----------------------------------------------------------------------------
+    from .train import HYPERNET_METHODS  # light: the trainer's heavy imports happen when it runs
+    p = sub.add_parser("train", help="train the hypernetwork of malmen / agrade (resumable; checkpoints in the cache)",
+                       description="Train (or resume) the hypernetwork of a hypernetwork-based method. Checkpoints go "
+                                   "to <cache>/hypernets/<model hash>/<method>-<config hash>/ and are found by later "
+                                   "edits with the same model and config.")
+    p.add_argument("--method", required=True, choices=HYPERNET_METHODS)
+    p.add_argument("--data", required=True, help="training records: counterfact:PATH | zsre:PATH")
+    p.add_argument("--steps", type=int, default=200, help="meta steps in total (default 200; resumes at the last "
+                                                          "checkpoint)")
+    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K steps (default 50)")
+    p.add_argument("--n-val", type=int, default=16, help="held-out records for validation (default 16)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field of the method on top of its preset (repeatable), e.g. rank=128")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -193,21 +211,28 @@ class _Progress:
             self.bar.close()
 
 
+def run_sets(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``run``'s ``--set`` strings as (run fields, method config fields): ``run.FIELD=VALUE`` sets a field of the run
+    config, any other ``KEY=VALUE`` a field of the method's config (:func:`editors.fields.parse_sets`)."""
+    from editors.fields import parse_sets
+    sets = parse_sets(pairs)
+    run_fields = {k[len("run."):]: v for k, v in sets.items() if k.startswith("run.")}
+    return run_fields, {k: v for k, v in sets.items() if not k.startswith("run.")}
+
+
 def cmd_run(args) -> int:
     from editors.base import ConfigError
+    from editors.data import DataSourceError
     from editors.models import ModelLoadError, UnsupportedModelError
     from editors.registry import UnknownMethodError
     from editors.requests import RequestError
 
-    from .engine import RunConfig, optional_attr, parse_sets, queue_run, run_sequential, run_summary
+    from .engine import queue_run, run_sequential, run_summary
+    from .runconfig import RunConfig
 
-    usage_errors: tuple[type[BaseException], ...] = (RequestError, ConfigError, ModelLoadError, UnsupportedModelError)
-    data_error = optional_attr("editors.data", "DataSourceError")
-    if data_error is not None:
-        usage_errors += (data_error,)
-
+    usage_errors = (RequestError, ConfigError, ModelLoadError, UnsupportedModelError, DataSourceError)
     try:
-        run_fields, overrides = parse_sets(args.sets)
+        run_fields, overrides = run_sets(args.sets)
         config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
                            n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
                            seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label)
@@ -295,7 +320,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .engine import collapse_summary_text, detect_collapse, run_summary
+    from analysis.collapse import collapse_summary_text, detect_collapse
+
+    from .engine import run_summary
     store, run_id = _store_and_run(args)
     run = store.get_run(run_id)
     summary = run_summary(store, run_id)
@@ -310,9 +337,7 @@ def cmd_show(args) -> int:
             general_final[m] = {"before": None if v0.empty else float(v0.iloc[0]), "after": float(v)}
     collapse_text = None
     try:
-        flagged = detect_collapse(frame)
-        if flagged is not None:
-            collapse_text = collapse_summary_text(flagged)
+        collapse_text = collapse_summary_text(detect_collapse(frame))
     except Exception as exc:  # a diagnostics failure must not hide the run
         collapse_text = f"(collapse detection failed: {type(exc).__name__}: {exc})"
     if args.json:
@@ -348,7 +373,7 @@ def cmd_show(args) -> int:
         for m, v in general_final.items():
             print(f"  {m:<32} {fmt(v['before'])} -> {fmt(v['after'])}")
     print("\ncollapse:")
-    print(textwrap.indent(collapse_text or "(analysis.collapse is not available)", "  "))
+    print(textwrap.indent(collapse_text, "  "))
     return EXIT_OK
 
 
@@ -413,36 +438,28 @@ def cmd_delete(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import importlib
-    try:
-        mod = importlib.import_module("benchmarks.bench_editors")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("benchmarks", "benchmarks.bench_editors"):
-            raise CLIError("benchmarks/bench_editors.py is not present in this checkout") from exc
-        raise
-    import inspect
-    if inspect.signature(mod.main).parameters:
-        rc = mod.main(list(args.args))
-    else:  # a main() that parses sys.argv itself
-        saved = sys.argv
-        sys.argv = ["benchmarks/bench_editors.py", *args.args]
-        try:
-            rc = mod.main()
-        finally:
-            sys.argv = saved
-    # bench_editors.main returns its table (a DataFrame) for notebook use; an int is an exit status
-    return rc if isinstance(rc, int) else EXIT_OK
+    """``python -m benchmarks.bench_editors ARGS`` in a subprocess (the application does not import the benchmarks,
+    which sit above it); its exit status is the command's. Relative paths in ARGS stay relative to this directory."""
+    import subprocess
+
+    from .settings import ROOT
+    if not os.path.isfile(os.path.join(ROOT, "benchmarks", "bench_editors.py")):
+        raise CLIError(f"benchmarks/bench_editors.py is not present in {ROOT}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench_editors", *args.args], env=env)
 
 
 # ---- study (app/study.py) --------------------------------------------------------------------------------
 def cmd_study(args) -> int:
     from editors.base import ConfigError
+    from editors.fields import parse_method_sets
     from editors.registry import UnknownMethodError
 
-    from .engine import parse_method_sets
-    from .study import collapse_study, format_table
+    from .study import DEFAULT_DATA, DEFAULT_METHODS, collapse_study, format_table
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
+    data = args.data or DEFAULT_DATA
     try:
         overrides = parse_method_sets(args.sets)
     except ConfigError as exc:
@@ -453,21 +470,44 @@ def cmd_study(args) -> int:
             print(f"[{method}] {info.get('phase')} {done}/{total}", file=sys.stderr, flush=True)
 
     try:
-        table = collapse_study(methods, args.n, args.data, args.runs_dir, eval_every=args.eval_every,
+        table = collapse_study(methods, args.n, data, args.runs_dir, eval_every=args.eval_every,
                                seed=args.seed, device=args.device, general=args.general, method_overrides=overrides,
                                report_only=args.report, progress=progress)
     except (ConfigError, UnknownMethodError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
-    print(f"collapse study: {args.n} sequential edits per method, data {args.data}, store {args.runs_dir}")
+    print(f"collapse study: {args.n} sequential edits per method, data {data}, store {args.runs_dir}")
     print(format_table(table))
     if args.json:
         print(table.to_json(orient="records"))
     return EXIT_OK
 
 
+# ---- train (app/train.py) ---------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from editors.base import ConfigError
+    from editors.fields import parse_sets
+    from editors.models import load_model
+
+    from .train import train_hypernet
+
+    try:
+        overrides = parse_sets(args.sets)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from exc
+    lm = load_model(args.model, device=args.device)
+    try:
+        out = train_hypernet(lm, args.method, overrides, args.data, steps=args.steps, eval_every=args.eval_every,
+                             n_val=args.n_val, seed=args.seed, progress=not args.no_progress)
+    except (ConfigError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    last = out["history"][-1] if out["history"] else {}
+    print(f"trained {args.method} to step {out['step']} ({out['seconds']:.0f} s of training) -> {out['path']}")
+    print(json.dumps(_json_safe(last)))
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
-            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study,
-            "train": lambda args: __import__("app.train", fromlist=["cmd_train"]).cmd_train(args)}
+            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

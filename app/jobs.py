@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from .procs import pid_alive
 from .sqlite_util import SQLiteFile, ensure_wal, where_in
 
 JOBS_DB = "jobs.sqlite"
@@ -81,22 +82,6 @@ class Job:
     @property
     def done(self) -> bool:
         return self.status in JOB_TERMINAL
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def new_job_id(kind: str) -> str:
@@ -201,7 +186,7 @@ class JobQueue(SQLiteFile):
                                 ).fetchall()
         changed = []
         for r in rows:
-            if r["host"] != self.host or r["worker_pid"] is None or _pid_alive(int(r["worker_pid"])):
+            if r["host"] != self.host or r["worker_pid"] is None or pid_alive(int(r["worker_pid"])):
                 continue
             log_tail = tail(r["log_path"])
             error = (f"the worker process (pid {r['worker_pid']}) died while running this job"

@@ -3,20 +3,16 @@
 Pages live in the top-level ``pages/`` folder and are registered here explicitly with ``st.navigation``. Edits run
 in a separate worker process (:mod:`app.worker`) started on demand; this process only reads the run store and
 queues jobs (:mod:`app.jobs`). Settings come from the environment (:mod:`app.settings`).
+
+``import app`` finds the project because it is installed (``pip install -e .``, scripts/setup.sh) or because
+``python3 -m streamlit`` puts the current directory (the repository root) on the path.
 """
 from __future__ import annotations
 
-import os
-import sys
+import streamlit as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import streamlit as st  # noqa: E402
-
-from app import settings, ui  # noqa: E402
-from app.worker import worker_alive  # noqa: E402
+from app import settings, ui
+from app.worker import worker_alive
 
 st.set_page_config(page_title="Editbench · knowledge-editing workbench", page_icon=":material/edit_note:",
                    layout="wide")

@@ -22,20 +22,20 @@ from typing import Any, Callable, Mapping, MutableMapping, Sequence
 import torch
 
 from analysis import evaluation as ev
-from editors.base import EditResult, apply_result, make_config
+from editors.base import EditResult, apply_result
+from editors.data import request_from_dict as _schema_request
+from editors.presets import build_config
 from editors.registry import get_editor_class
-from editors.requests import EditRequest, make_request
+from editors.requests import EditRequest
 
 ROLES = ("edit prompt", "paraphrase", "locality prompt")
 
 
 def request_from_dict(d: Mapping[str, Any], source: str = "playground") -> EditRequest:
-    """An :class:`EditRequest` from a JSON dict (the fields of :meth:`EditRequest.to_dict`)."""
-    return make_request(source=source, record=d.get("case_id", "edit"), case_id=d.get("case_id", "playground"),
-                        prompt=d.get("prompt"), subject=d.get("subject"), target_new=d.get("target_new"),
-                        target_true=d.get("target_true", ""), rephrase_prompts=d.get("rephrase_prompts", ()),
-                        locality_prompts=d.get("locality_prompts", ()),
-                        locality_answers=d.get("locality_answers", ()), relation=d.get("relation", ""))
+    """An :class:`EditRequest` from a JSON dict (the fields of :meth:`EditRequest.to_dict`), validated as a record of
+    an uploaded file in the project's schema (:func:`editors.data.request_from_dict`): a missing or empty field, or
+    a subject absent from the prompt, is a :class:`editors.data.RequestError` that names it."""
+    return _schema_request(d, source, label=str(d.get("case_id", "edit")), default_case_id="playground")
 
 
 def spec_key(model: str, specs: Sequence[Mapping[str, Any]]) -> str:
@@ -118,9 +118,10 @@ def explain(lm, result: EditResult, summary: str = "") -> dict[str, Any]:
 
 
 def compute_result(lm, spec: Mapping[str, Any], *, cache_dir: str | None = None, seed: int = 0) -> EditResult:
-    cls = get_editor_class(spec["method"])
-    config = make_config(cls.config_cls, dict(spec.get("overrides") or {}), method=cls.name)
-    editor = cls(lm, config, cache_dir=cache_dir, seed=seed)
+    """One edit of ``spec`` (``{"method", "overrides", "request"}``) on ``lm`` as it is now, with the config a run of
+    the method on this model would use (:func:`editors.presets.build_config`: preset, then the overrides)."""
+    config, _ = build_config(spec["method"], lm.name, spec.get("overrides"))
+    editor = get_editor_class(spec["method"])(lm, config, cache_dir=cache_dir, seed=seed)
     editor.prepare()
     return editor.edit([request_from_dict(spec["request"])])
 

@@ -1,8 +1,8 @@
 """Settings of the web app, from the environment (no heavy imports here: the web server reads it on every page).
 
 ``EDITBENCH_RUNS``        runs directory (run store ``runs.sqlite`` and job queue ``jobs.sqlite``); default ``./runs``.
-``EDITBENCH_MODELS``      extra model choices, comma separated (e.g. ``tiny-llama`` for quick demos and tests; any
-                          ``tiny-<arch>`` is a small random model from :func:`editors.testing.tiny_model`).
+``EDITBENCH_MODELS``      extra model choices, comma separated: local model directories or hub ids, loaded by
+                          :func:`editors.models.load_model` like ``default`` (the tests name a saved tiny model).
 ``EDITBENCH_DEVICE``      the worker's device key (``auto`` = CUDA when present, else CPU).
 ``EDITBENCH_NO_WORKER``   when set, the app never starts a worker itself (one is started by hand or by a test).
 ``EDITBENCH_UPLOAD_MB``   size limit of an uploaded edits file in MB (default 5).

@@ -3,7 +3,7 @@ read by the web app, the CLI and notebooks at the same time.
 
 Tables (long form, so that every plot is a filter plus a pivot):
 
-``runs``       one row per sequential run: status, the full :class:`app.engine.RunConfig` (``config_json``), the
+``runs``       one row per sequential run: status, the full :class:`app.runconfig.RunConfig` (``config_json``), the
                method config it ran with, versions, progress (``n_edits_done``), the writer's ``pid`` / ``host`` and
                its ``heartbeat``.
 ``edits``      one row per edit request: its index ``idx`` in the run, the step that made it, ``n_edits`` after
@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .procs import pid_alive
 from .sqlite_util import SQLiteFile, ensure_wal, where_in
 
 log = logging.getLogger(__name__)
@@ -176,24 +177,6 @@ def _float(value: Any) -> float | None:
         return None
     v = float(value)
     return None if math.isnan(v) else v
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    # a zombie (killed, not yet reaped by its parent) is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def encode_npz(arrays: Mapping[str, Any]) -> bytes:
@@ -358,7 +341,7 @@ class RunStore(SQLiteFile):
         dead = []
         for r in rows:
             beat = r["heartbeat"] if r["heartbeat"] is not None else r["updated"]
-            if r["host"] == self.host and r["pid"] is not None and not _pid_alive(int(r["pid"])):
+            if r["host"] == self.host and r["pid"] is not None and not pid_alive(int(r["pid"])):
                 dead.append((r["run_id"], f"the process (pid {r['pid']}) ended without finishing the run"))
             elif beat is not None and now - beat > self.stale_after:
                 dead.append((r["run_id"], f"no heartbeat for {now - beat:.0f} s"))

@@ -27,14 +27,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from editors.registry import get_editor_class
+from editors.registry import collapse_study_methods, get_editor_class
 
-from .engine import RunConfig, run_sequential, run_summary
+from .engine import run_sequential, run_summary
+from .runconfig import RunConfig
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose")
+#: the methods and data of `python -m app study collapse` without --methods / --data
+#: (the methods registered with collapse_study=True, in the registry's order)
+DEFAULT_METHODS = tuple(collapse_study_methods())
 DEFAULT_DATA = "counterfact:../shared/data/counterfact/counterfact-edit.json"
 
 TABLE_COLUMNS = ("method", "status", "n_edits", "reliability", "generality", "locality", "probe_locality",

@@ -1,4 +1,5 @@
-"""Hypernetwork training as a job: ``python -m app train --method agrade|malmen --data SOURCE [--steps N]``.
+"""Hypernetwork training: :func:`train_hypernet` (the command ``python -m app train --method agrade|malmen --data
+SOURCE [--steps N]`` of :mod:`app.cli`).
 
 MALMEN / AGRADE (editors/malmen.py, editors/agrade.py) edit with a trained hypernetwork. This trains one on edit
 records (CounterFact train or zsRE), shows a tqdm bar, evaluates held-out batch edits every ``eval_every`` steps
@@ -13,13 +14,15 @@ out for validation.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
+#: the registry's family "hypernetwork" (editors.registry.methods_in_family), spelled out so that building the CLI
+#: parser imports no editor; tests/unit/test_registry.py checks that the two agree
 HYPERNET_METHODS = ("malmen", "agrade")
 
 
@@ -52,10 +55,9 @@ def train_hypernet(lm, method: str, overrides: dict | None, data: str, *, steps:
     """
     import torch
 
-    from editors.base import make_config
     from editors.data import load_requests
-    from editors.hypernet import build_hypernet, checkpoint_dir, save_checkpoint
-    from editors.hypernet import load_checkpoint
+    from editors.hypernet import build_hypernet, checkpoint_dir, load_checkpoint, save_checkpoint
+    from editors.presets import build_config
     from editors.registry import get_editor_class
 
     if method not in HYPERNET_METHODS:
@@ -63,7 +65,7 @@ def train_hypernet(lm, method: str, overrides: dict | None, data: str, *, steps:
     if steps < 1 or eval_every < 1 or n_val < 0:
         raise ValueError("steps and eval_every must be >= 1, n_val >= 0")
     cls = get_editor_class(method)
-    cfg = make_config(cls.config_cls, overrides, method=method)
+    cfg, _ = build_config(method, lm.name, overrides)  # as a run of the method would make it: preset, overrides
     cfg.allow_untrained = True  # the trainer builds the net; allow_untrained is not part of the checkpoint key
     editor = cls(lm, cfg, seed=seed, cache_dir=cache_dir)
     records = load_requests(data, steps * cfg.n_edits + n_val, skip_invalid=True)
@@ -132,51 +134,6 @@ def train_hypernet(lm, method: str, overrides: dict | None, data: str, *, steps:
     return {"path": path, "step": max(start, steps), "history": history, "seconds": seconds, "resumed_from": start}
 
 
-# ---- CLI: `python -m app train` (the subparser and command; app/cli.py only registers them) -----------------
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train the hypernetwork of malmen / agrade (resumable; checkpoints in the cache)",
-                       description="Train (or resume) the hypernetwork of a hypernetwork-based method. Checkpoints go "
-                                   "to <cache>/hypernets/<model hash>/<method>-<config hash>/ and are found by later "
-                                   "edits with the same model and config.")
-    p.add_argument("--method", required=True, choices=("agrade", "malmen"))
-    p.add_argument("--data", required=True, help="training records: counterfact:PATH | zsre:PATH")
-    p.add_argument("--steps", type=int, default=200, help="meta steps in total (default 200; resumes at the last "
-                                                          "checkpoint)")
-    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K steps (default 50)")
-    p.add_argument("--n-val", type=int, default=16, help="held-out records for validation (default 16)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config field of the method (repeatable), e.g. rank=128")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def cmd_train(args) -> int:
-    from editors.base import ConfigError
-    from editors.models import load_model
-
-    from .cli import EXIT_OK, CLIError, _json_safe
-
-    overrides = {}
-    for item in args.sets:
-        if "=" not in item:
-            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v
-    lm = load_model(args.model, device=args.device)
-    try:
-        out = train_hypernet(lm, args.method, overrides, args.data, steps=args.steps, eval_every=args.eval_every,
-                             n_val=args.n_val, seed=args.seed, progress=not args.no_progress)
-    except (ConfigError, ValueError) as exc:
-        raise CLIError(str(exc)) from exc
-    last = out["history"][-1] if out["history"] else {}
-    print(f"trained {args.method} to step {out['step']} ({out['seconds']:.0f} s of training) -> {out['path']}")
-    print(json.dumps(_json_safe(last)))
-    return EXIT_OK
-
-
 def _trained_editor(cls, lm, cfg, seed, cache_dir):
-    from editors.base import make_config
-    c = make_config(cls.config_cls, {**cfg.to_dict(), "allow_untrained": False}, method=cls.name)
-    return cls(lm, c, seed=seed, cache_dir=cache_dir)
+    """An editor of ``cfg`` that loads the trained net from its checkpoint (``allow_untrained`` off)."""
+    return cls(lm, dataclasses.replace(cfg, allow_untrained=False), seed=seed, cache_dir=cache_dir)

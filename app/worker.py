@@ -27,12 +27,12 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from typing import Any
 
-from .jobs import Job, JobQueue, device_key, _pid_alive
+from .jobs import Job, JobQueue, device_key
+from .procs import Heartbeat, pid_alive
 from .settings import ROOT
 
 log = logging.getLogger("app.worker")
@@ -87,20 +87,6 @@ def ensure_worker(runs_dir: str, device: str = "auto", *, parent_pid: int | None
     return proc.pid
 
 
-class _Beat(threading.Thread):
-    def __init__(self, queue: JobQueue, job_id: str, every: float = 5.0):
-        super().__init__(daemon=True, name=f"job-heartbeat-{job_id}")
-        self.queue, self.job_id, self.every = queue, job_id, every
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(self.every):
-            try:
-                self.queue.heartbeat(self.job_id)
-            except Exception as exc:  # never kill a job for a missed beat
-                log.debug("job heartbeat failed: %s", exc)
-
-
 class Worker:
     """Serves the job queue of one runs directory on one device (see the module docstring)."""
 
@@ -144,16 +130,8 @@ class Worker:
         if name in self._models:
             return self._models[name]
         self._models.clear()  # one model per worker: free the previous one first
-        from editors.models import load_model, pick_device
-        if name.startswith("tiny-"):
-            from editors.testing import tiny_model
-            lm = tiny_model(name[len("tiny-"):])
-            dev = pick_device(None if self.device == "auto" else self.device)
-            if dev.type != "cpu":
-                lm.model.to(dev)
-                lm.device = dev
-        else:
-            lm = load_model(name, device=None if self.device == "auto" else self.device)
+        from editors.models import load_model
+        lm = load_model(name, device=None if self.device == "auto" else self.device)
         log.info("loaded model %s on %s", name, lm.device)
         self._models[name] = lm
         return lm
@@ -170,23 +148,23 @@ class Worker:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def handle(self, job: Job) -> None:
-        beat = _Beat(self.queue, job.job_id)
-        beat.start()
-        try:
-            if job.kind == "run":
-                self._run_job(job)
-            elif job.kind == "playground":
-                self._playground_job(job)
-            else:  # pragma: no cover - the table's CHECK forbids it
-                self.queue.finish(job.job_id, "failed", error=f"unknown job kind {job.kind!r}")
-        except Exception as exc:
-            log.exception("job %s failed", job.job_id)
-            self.queue.finish(job.job_id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-        finally:
-            beat.stop.set()
+        beat = Heartbeat(lambda: self.queue.heartbeat(job.job_id), 5.0, name=f"job-heartbeat-{job.job_id}")
+        with beat:
+            try:
+                if job.kind == "run":
+                    self._run_job(job)
+                elif job.kind == "playground":
+                    self._playground_job(job)
+                else:  # pragma: no cover - the table's CHECK forbids it
+                    self.queue.finish(job.job_id, "failed", error=f"unknown job kind {job.kind!r}")
+            except Exception as exc:
+                log.exception("job %s failed", job.job_id)
+                self.queue.finish(job.job_id, "failed",
+                                  error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
 
     def _run_job(self, job: Job) -> None:
-        from .engine import RunConfig, run_sequential
+        from .engine import run_sequential
+        from .runconfig import RunConfig
         from .store import TERMINAL
         try:
             config = RunConfig.from_dict(job.payload["config"])
@@ -219,7 +197,7 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def _parent_gone(self) -> bool:
-        return bool(self.parent_pid) and not _pid_alive(int(self.parent_pid))
+        return bool(self.parent_pid) and not pid_alive(int(self.parent_pid))
 
     def serve(self, *, max_jobs: int | None = None) -> int:
         """Serve jobs until the parent is gone, the idle limit passes or ``max_jobs`` were done. Returns the count."""

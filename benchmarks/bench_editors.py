@@ -151,19 +151,6 @@ def machine_gflops(seconds: float = 1.0) -> float:
     return n * 2 * 512 * 576 * 1536 / (time.perf_counter() - t0) / 1e9
 
 
-def _method_config(method: str, lm, overrides: dict | None, use_preset: bool):
-    from editors.base import make_config
-    from editors.registry import get_editor_class
-    cls = get_editor_class(method)
-    preset, version = {}, None
-    if use_preset:
-        from editors.presets import load_preset
-        found = load_preset(cls.name, lm.name)
-        if found is not None:
-            preset, version = dict(found.config), found.version
-    return cls, make_config(cls.config_cls, {**preset, **(overrides or {})}, method=cls.name), version
-
-
 def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[int] = (1,), data: str = "builtin",
               device: str | None = None, *, lm=None, overrides: dict[str, dict] | None = None,
               use_preset: bool = True, seed: int = 0, cache_dir: str | None = None) -> pd.DataFrame:
@@ -180,6 +167,8 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
     from editors.base import apply_result
     from editors.data import load_requests
     from editors.models import load_model
+    from editors.presets import build_config
+    from editors.registry import get_editor_class
 
     if lm is None:
         lm = load_model("default", device=device)
@@ -196,8 +185,8 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
             # n_edits requests in steps of bs; a batch larger than n_edits is timed as ONE step of bs requests
             requests = pool[:max(n_edits, bs)]
             fields_ = (overrides or {}).get(method) or {}
-            cls, cfg, preset_version = _method_config(method, lm, fields_, use_preset)
-            editor = cls(lm, cfg, cache_dir=cache_dir, seed=seed)
+            cfg, preset_version = build_config(method, lm.name, fields_, use_preset=use_preset)
+            editor = get_editor_class(method)(lm, cfg, cache_dir=cache_dir, seed=seed)
             t0, c0 = time.perf_counter(), time.process_time()
             editor.prepare()
             setup_s, setup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
@@ -272,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     ap.add_argument("--data", default="builtin", help="editors.data source: builtin, counterfact:PATH, zsre:PATH")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's target: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--cache-dir", default=None, help="cache folder (an empty one times the statistics)")
     ap.add_argument("--per-step", action="store_true", help="also print every step")
     ap.add_argument("--csv", default=None, help="write the summary table to this CSV file")
@@ -287,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             get_editor_class(method)
         except UnknownMethodError as exc:
             ap.error(str(exc))
-    from app.engine import parse_method_sets
-    from editors.base import ConfigError, make_config
+    from editors.base import ConfigError
+    from editors.fields import parse_method_sets
+    from editors.presets import build_config
     try:
         overrides = parse_method_sets(args.sets, methods)
-        for method, fields_ in overrides.items():  # names and values checked now (the preset is merged later)
-            make_config(get_editor_class(method).config_cls, fields_, method=method)
+        for method, fields_ in overrides.items():  # names and values checked now, on top of the default's preset
+            build_config(method, "default", fields_)
     except ConfigError as exc:
         ap.error(str(exc))
     try:

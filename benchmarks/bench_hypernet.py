@@ -1,6 +1,6 @@
 """Default-model check of MALMEN / AGRADE training: held-in edit success after a short run vs the untrained net.
 
-    python benchmarks/bench_hypernet.py [--method agrade] [--steps 40] [--n-edits 4] [--meta-lr 1e-3]
+    python -m benchmarks.bench_hypernet [--method agrade] [--steps 40] [--n-edits 4] [--meta-lr 1e-3]
                                         [--n-held 8] [--cache DIR] [--set KEY=VALUE ...]
 
 Loads the default model once; scores a batch edit of ``--n-held`` HELD-IN records (the first records of the
@@ -32,15 +32,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def batch_scores(lm, editor, records, size: int) -> dict:
     """Batch editing (the papers' setting): edit ``size`` records at once, score ES / GS / LS (tf_token_acc), undo
     (the model is back to the unedited one for the next batch). Means over batches, weighted by batch size."""
-    from app.train import validate_edits
     from analysis.evaluation import editing_score
+    from app.train import validate_edits
 
     totals, n = {"ES": 0.0, "GS": 0.0, "LS": 0.0}, 0
     for i in range(0, len(records), size):
@@ -74,12 +72,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from app.train import train_hypernet, validate_edits
-    from editors.base import make_config
+    from editors.base import ConfigError
     from editors.data import load_requests
+    from editors.fields import parse_sets
     from editors.models import load_model
+    from editors.presets import build_config
     from editors.registry import get_editor_class
 
-    overrides = dict(s.split("=", 1) for s in args.sets)
+    try:
+        overrides = parse_sets(args.sets)
+    except ConfigError as exc:
+        ap.error(str(exc))
     overrides.update({"n_edits": args.n_edits, "meta_lr": args.meta_lr})
     cache = args.cache or tempfile.mkdtemp(prefix="bench_hypernet_")
     lm = load_model(args.model)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     held = load_requests(args.data, args.n_held, skip_invalid=True)
     from editors.hypernet import checkpoint_dir
 
-    cfg = make_config(cls.config_cls, overrides, method=args.method)
+    cfg, _ = build_config(args.method, lm.name, overrides)
     records = load_requests(args.eval_data, args.eval_n, skip_invalid=True) if args.eval_data else []
     size = args.eval_batch or args.n_edits
     evaluation: dict = {"data": args.eval_data, "records": len(records), "batch": size} if records else {}
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
     if os.path.exists(checkpoint_dir(lm, args.method, cfg, cache)):
         print(f"note: {cache} already holds a checkpoint for this config; untrained figures skipped", file=sys.stderr)
     else:
-        untrained = cls(lm, make_config(cls.config_cls, {**overrides, "allow_untrained": True}, method=args.method),
+        untrained = cls(lm, build_config(args.method, lm.name, {**overrides, "allow_untrained": True})[0],
                         cache_dir=cache)
         t0 = time.perf_counter()
         before = validate_edits(lm, untrained, held)
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
                                        "seconds": round(time.perf_counter() - t1, 1)}
     out = train_hypernet(lm, args.method, overrides, args.data, steps=args.steps, eval_every=args.steps, n_val=8,
                          cache_dir=cache, progress=True)
-    trained = cls(lm, make_config(cls.config_cls, overrides, method=args.method), cache_dir=cache)
+    trained = cls(lm, cfg, cache_dir=cache)
     after = validate_edits(lm, trained, held)
     if records:
         t1 = time.perf_counter()

@@ -1,8 +1,8 @@
 """Render time of every workbench page (Streamlit AppTest) on a store holding a synthetic 2000-edit run.
 
-    python benchmarks/bench_pages.py [--edits 2000] [--eval-every 100] [--repeat 3] [--runs-dir DIR]
+    python -m benchmarks.bench_pages [--edits 2000] [--eval-every 100] [--repeat 3] [--runs-dir DIR]
 
-The run's rows are written directly (:func:`app.fixtures.synthetic_run`: per-case edit and retention rows,
+The run's rows are written directly (:func:`tests.fixtures.synthetic_run`: per-case edit and retention rows,
 weights, update angles, singular values and hidden states at every checkpoint). Each page is rendered once to load
 its data (the "cold" column: SQL + analysis, then cached), then ``--repeat`` more times (the "warm" column: the
 median, what a user sees when moving a slider or coming back to the page). The target is < 1 s warm per page.
@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 PAGES = ("runs.py", "new_run.py", "playground.py", "metrics.py", "weights.py", "geometry.py", "hidden_states.py",
          "general.py")
 
 
 def build_store(runs_dir: str, n_edits: int, eval_every: int) -> tuple[str, float]:
-    from app.fixtures import synthetic_run
     from app.store import RunStore
+    from tests.fixtures import synthetic_run
     store = RunStore(runs_dir)
     existing = store.list_runs()
     if len(existing):

@@ -14,21 +14,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
+from .fields import ConfigError, coerce_fields, field_help
 from .models import LoadedModel
 from .requests import EditRequest
 
 
 class EditError(RuntimeError):
     """An edit could not be computed (names the method and the reason)."""
-
-
-class ConfigError(ValueError):
-    """An invalid or unknown config field; the message lists the valid ones."""
 
 
 @dataclass
@@ -49,71 +46,21 @@ class EditorConfig:
     @classmethod
     def field_help(cls) -> list[dict]:
         """[{name, type, default, help}] for every field (used by the CLI's ``methods`` and the app's forms)."""
-        out = []
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            out.append({"name": f.name, "type": _type_name(f.type), "default": default,
-                        "help": f.metadata.get("help", "")})
-        return out
-
-
-def _type_name(t) -> str:
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def _coerce(value: Any, current: Any, type_name: str) -> Any:
-    """Coerce a CLI string (or YAML value) to the type of the field's default."""
-    if not isinstance(value, str):
-        if isinstance(current, tuple) and isinstance(value, list):
-            return tuple(value)
-        return value
-    s = value.strip()
-    if isinstance(current, bool) or type_name == "bool":
-        if s.lower() in ("1", "true", "yes", "on"):
-            return True
-        if s.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
-        return int(s)
-    if isinstance(current, float):
-        return float(s)
-    if isinstance(current, (tuple, list)) or type_name.startswith(("tuple", "list")):
-        if s.startswith("["):
-            import json
-            items = json.loads(s)
-        else:
-            items = [x for x in s.split(",") if x.strip()]
-        elem = type(current[0]) if current else (int if "int" in type_name else str)
-        return tuple(elem(x) if isinstance(x, str) else x for x in items)
-    if current is None and type_name in ("int | None", "Optional[int]"):
-        return None if s.lower() in ("none", "") else int(s)
-    if current is None and type_name in ("float | None", "Optional[float]"):
-        return None if s.lower() in ("none", "") else float(s)
-    return s
+        return field_help(cls)
 
 
 def make_config(config_cls: type[EditorConfig], overrides: dict | None = None, *, method: str = "") -> EditorConfig:
-    """Build a validated config from defaults plus ``overrides`` (values may be strings from the CLI)."""
+    """Build a validated config from defaults plus ``overrides`` (values may be strings from the CLI; see
+    :func:`editors.fields.coerce`). A method's config for a model starts from its preset:
+    :func:`editors.presets.build_config`."""
+    owner = method or config_cls.__name__
     cfg = config_cls()
-    valid = {f.name: f for f in fields(config_cls)}
-    for key, value in (overrides or {}).items():
-        if key not in valid:
-            import difflib
-            near = difflib.get_close_matches(key, list(valid), n=3)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise ConfigError(f"unknown config field {key!r} for method {method or config_cls.__name__}{hint}; "
-                              f"valid fields: {', '.join(sorted(valid))}")
-        current = getattr(cfg, key)
-        try:
-            setattr(cfg, key, _coerce(value, current, _type_name(valid[key].type)))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"config field {key!r} of {method or config_cls.__name__}: {exc}") from exc
+    for key, value in coerce_fields(config_cls, overrides or {}, cfg, method=owner).items():
+        setattr(cfg, key, value)
     try:
         cfg.validate()
     except ValueError as exc:
-        raise ConfigError(f"{method or config_cls.__name__}: {exc}") from exc
+        raise ConfigError(f"{owner}: {exc}") from exc
     return cfg
 
 

@@ -81,8 +81,8 @@ def default_snapshot_dir() -> str:
     Dequantising the GGUF file and parsing its tokenizer takes ~20 s on a 2-core CPU; loading the snapshot ~3 s.
     The snapshot is keyed by the GGUF file's size and mtime and written atomically (temp dir + rename).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .cache import cache_root
 

@@ -1,54 +1,45 @@
 """Methods that post-process another method's additive update (RECT, PRUNE).
 
-A wrapped editor owns a BASE editor (``rome`` or ``memit``, built from the registry: the base's preset for the model,
-then ``base_overrides``), lets it compute its update on the model as it is now, and returns a transformed update
-instead. ``prepare`` and ``after_apply`` are forwarded to the base (so e.g. MEMIT_seq's key statistics stay correct);
-the base's ``info`` is kept under ``info["base"]`` and its artifacts are passed through.
+A wrapped editor owns a BASE editor (``rome`` or ``memit``, its config made by :func:`editors.presets.build_config`:
+the base's preset for the model, then ``base_overrides``), lets it compute its update on the model as it is now, and
+returns a transformed update instead. ``prepare`` and ``after_apply`` are forwarded to the base (so e.g. MEMIT_seq's
+key statistics stay correct); the base's ``info`` is kept under ``info["base"]`` and its artifacts are passed through.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from .base import EditError, Editor, EditorConfig, EditResult, make_config
+from .base import ConfigError, EditError, Editor, EditorConfig, EditResult
+from .fields import help_meta
+from .presets import build_config
+from .registry import UnknownMethodError, get_editor_class
 from .requests import EditRequest
 
 #: base methods a wrapped editor may post-process (additive MLP-output updates of the ROME / MEMIT family)
 BASES = ("rome", "memit")
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class WrappedConfig(EditorConfig):
     """Fields every wrapper shares (not registered itself)."""
 
-    base: str = field(default="rome", metadata=_help(
+    base: str = field(default="rome", metadata=help_meta(
         "The method whose update is post-processed: 'rome' (the papers' default base) or 'memit'."))
-    base_overrides: dict = field(default_factory=dict, metadata=_help(
+    base_overrides: dict = field(default_factory=dict, metadata=help_meta(
         "Config fields of the base method, {field: value} (a JSON object when given as a string, e.g. "
         "'{\"layers\": [5]}'), applied on top of the base's preset; unknown fields are rejected with the base's "
         "list of valid fields."))
-    base_preset: bool = field(default=True, metadata=_help(
+    base_preset: bool = field(default=True, metadata=help_meta(
         "Start the base's config from its preset for the edited model (editors/presets/<base>.yaml), as a run of "
         "the base method itself would; False = the base config's defaults."))
 
     def validate(self) -> None:
         if self.base not in BASES:
             raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
-        if isinstance(self.base_overrides, str):  # from the CLI: parse once, store the mapping
-            text = self.base_overrides.strip()
-            try:
-                parsed = json.loads(text) if text else {}
-            except ValueError as exc:
-                raise ValueError(f"base_overrides is not a JSON object: {exc}") from exc
-            self.base_overrides = parsed
         if not isinstance(self.base_overrides, Mapping):
             raise ValueError(f"base_overrides must be a mapping of the base's config fields, "
                              f"got {type(self.base_overrides).__name__}")
@@ -69,20 +60,14 @@ class WrappedEditor(Editor):
     def base(self) -> Editor:
         """The base editor (built on first use)."""
         if self._base is None:
-            from .registry import UnknownMethodError, get_editor_class
             cfg = self.config
             try:
-                cls = get_editor_class(cfg.base)
+                base_cfg, _ = build_config(cfg.base, self.lm.name, cfg.base_overrides, use_preset=cfg.base_preset)
             except UnknownMethodError as exc:
                 raise EditError(f"{self.name}: base method {cfg.base!r} is not installed ({exc})") from exc
-            preset: dict = {}
-            if cfg.base_preset:
-                from .presets import load_preset
-                found = load_preset(cls.name, self.lm.name)
-                preset = dict(found.config) if found is not None else {}
-            base_cfg = make_config(cls.config_cls, {**preset, **cfg.base_overrides},
-                                   method=f"{self.name}.base ({cls.name})")
-            self._base = cls(self.lm, base_cfg, cache_dir=self.cache_dir, seed=self.seed)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.name}.base: {exc}") from exc
+            self._base = get_editor_class(cfg.base)(self.lm, base_cfg, cache_dir=self.cache_dir, seed=self.seed)
         return self._base
 
     def prepare(self) -> None:

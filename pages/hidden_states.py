@@ -5,7 +5,8 @@ from analysis import plots
 from app import ui
 
 ui.header("Hidden states", "The last-token hidden states of a fixed probe set, before editing and after n edits, "
-          "projected jointly to 2-D (with each group's density on the margins). Computed when you open a step, from the states the run stored.")
+          "projected jointly to 2-D (with each group's density on the margins). Computed when you open a step, "
+          "from the states the run stored.")
 
 run_ids = ui.run_picker(multi=False)
 if not run_ids:

@@ -14,8 +14,8 @@ left, right = st.columns([3, 2])
 with left:
     st.subheader("Model and method")
     model = st.selectbox("Model", settings.model_choices(), key="nr-model",
-                         help="'default' is the embedded SmolLM2-135M-Instruct; more choices come from "
-                              "EDITBENCH_MODELS (e.g. tiny-llama, a small random model for quick checks).")
+                         help="'default' is the embedded SmolLM2-135M-Instruct; more choices (model directories or "
+                              "hub ids) come from EDITBENCH_MODELS.")
     chosen = st.multiselect("Method(s) — one run per method", methods, key="nr-methods",
                             default=["rome"] if "rome" in methods else methods[:1],
                             help="Several methods = several runs with the same data and cadence, to compare.")

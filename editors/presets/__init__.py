@@ -12,17 +12,22 @@
         include: default        # reuse another entry of the same file, then override
         ...
 
-:func:`load_preset` returns a :class:`Preset` (``config`` = the config overrides) or None when the method has no
-preset for that model; callers then use the config's own defaults.
+:func:`build_config` is the one way a method's config for a model is made (a run, the collapse study, the editor
+benchmark, a wrapper's base, the Playground, hypernetwork training): the config's defaults, then the preset of
+(method, model) when there is one, then the caller's overrides. :func:`load_preset` returns the :class:`Preset` itself
+(``config`` = the preset's field values) or None when the method has no preset for that model.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
+
+from ..base import EditorConfig, make_config
+from ..registry import get_editor_class
 
 
 class PresetError(ValueError):
@@ -89,4 +94,26 @@ def load_preset(method: str, model_name: str = "default") -> Preset | None:
     return None
 
 
-__all__ = ["Preset", "PresetError", "load_preset", "preset_names"]
+def build_config(method: str, model: str = "default", overrides: Mapping[str, Any] | None = None, *,
+                 use_preset: bool = True) -> tuple[EditorConfig, int | None]:
+    """The validated config of ``method`` for ``model``: defaults, then the (method, model) preset when
+    ``use_preset`` and one exists, then ``overrides`` (strings are coerced to the fields' types).
+
+    Args:
+        method: registry name (case-insensitive).
+        model: the model's name as given to ``load_model`` ("default", a path, a hub id); see :func:`load_preset`.
+
+    Returns:
+        ``(config, preset_version)``; the version is None when no preset was used.
+
+    Raises:
+        UnknownMethodError: ``method`` is not registered (the message suggests near names).
+        ConfigError: an unknown field or a bad value, in the preset or in ``overrides`` (the message names it).
+    """
+    cls = get_editor_class(method)
+    preset = load_preset(cls.name, model) if use_preset else None
+    values = {**(preset.config if preset is not None else {}), **dict(overrides or {})}
+    return make_config(cls.config_cls, values, method=cls.name), (preset.version if preset is not None else None)
+
+
+__all__ = ["Preset", "PresetError", "build_config", "load_preset", "preset_names"]

@@ -22,8 +22,8 @@ TINY_FT = {"layers": "1", "num_steps": "3"}
 def synthetic_store(tmp_path_factory):
     """A store with two finished synthetic runs: ROME (hidden states, GeoEdit-style artifacts, a collapse marker)
     and FT (no hidden states). Returns (runs_dir, rome_run_id, ft_run_id)."""
-    from app.fixtures import synthetic_run
     from app.store import RunStore
+    from tests.fixtures import synthetic_run
     path = str(tmp_path_factory.mktemp("runs-synthetic"))
     store = RunStore(path)
     rome = synthetic_run(store, method="rome", n_edits=30, eval_every=10, geoedit=True, collapse_at=20, seed=0)
@@ -32,12 +32,13 @@ def synthetic_store(tmp_path_factory):
 
 
 @pytest.fixture()
-def app_env(monkeypatch):
-    """Set the app's environment: ``app_env(runs_dir)``; the worker never autostarts; tiny models are choices."""
+def app_env(monkeypatch, tiny_dir):
+    """Set the app's environment: ``app_env(runs_dir)``; the worker never autostarts; the tiny model's directory
+    (``tiny_dir``) is a model choice."""
     def set_env(runs_dir: str) -> None:
         monkeypatch.setenv("EDITBENCH_RUNS", runs_dir)
         monkeypatch.setenv("EDITBENCH_NO_WORKER", "1")
-        monkeypatch.setenv("EDITBENCH_MODELS", "tiny-llama")
+        monkeypatch.setenv("EDITBENCH_MODELS", tiny_dir)
     return set_env
 
 

@@ -1,7 +1,7 @@
 """The workbench in a real browser: Playwright drives the SYSTEM Chromium against ``streamlit run app/main.py``.
 
 Never runs ``playwright install``; skips with the reason when Playwright or /usr/bin/chromium is missing. The app
-gets a temporary runs directory and the tiny random model as a choice (EDITBENCH_MODELS=tiny-llama), and starts its
+gets a temporary runs directory and the tiny random model as a choice (EDITBENCH_MODELS=its directory), and starts its
 own worker process as it does for a user. Screenshots go to ``$EDITBENCH_SCREENSHOTS`` (default: the test's tmp dir).
 """
 from __future__ import annotations
@@ -47,13 +47,13 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_dir):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no system Chromium at {CHROMIUM} (Debian package 'chromium')")
     runs = str(tmp_path_factory.mktemp("browser-runs"))
     port = _free_port()
-    env = dict(os.environ, EDITBENCH_RUNS=runs, EDITBENCH_MODELS="tiny-llama", PYTHONPATH=ROOT)
+    env = dict(os.environ, EDITBENCH_RUNS=runs, EDITBENCH_MODELS=tiny_dir, PYTHONPATH=ROOT)
     env.pop("EDITBENCH_NO_WORKER", None)
     log = open(os.path.join(runs, "streamlit.log"), "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
@@ -63,7 +63,7 @@ def server(tmp_path_factory):
     url = f"http://localhost:{port}"
     try:
         _wait_health(url, proc)
-        yield url, runs
+        yield url, runs, tiny_dir
     finally:
         proc.terminate()
         try:
@@ -151,7 +151,7 @@ def test_upload_run_on_tiny_model_then_metrics(server, page, tmp_path):
     from playwright.sync_api import expect
 
     from tests.app.conftest import FACT
-    url, runs = server
+    url, runs, model = server
     page.goto(url)
     _ready(page)
     expect(page.get_by_text("No runs yet")).to_be_visible()
@@ -161,7 +161,7 @@ def test_upload_run_on_tiny_model_then_metrics(server, page, tmp_path):
     edits.write_text(json.dumps([{**FACT, "case_id": f"u{i}"} for i in range(4)]))
     page.goto(url + "/new_run")
     _ready(page)
-    _select(page, "Model", "tiny-llama")
+    _select(page, "Model", model)
     _only_method(page, "ft")
     page.get_by_text("ft settings").click()
     _fill(page, "layers", "1")
@@ -203,10 +203,10 @@ def test_upload_run_on_tiny_model_then_metrics(server, page, tmp_path):
 
 def test_failed_run_shows_its_error(server, page, tmp_path):
     from playwright.sync_api import expect
-    url, runs = server
+    url, runs, model = server
     page.goto(url + "/new_run")
     _ready(page)
-    _select(page, "Model", "tiny-llama")
+    _select(page, "Model", model)
     _only_method(page, "ft")
     page.get_by_text("zsRE file").click()
     _ready(page)
@@ -224,13 +224,13 @@ def test_playground_edit_in_the_worker_and_undo(server, page, tmp_path):
     """A playground edit runs in the worker process and comes back with before/after views; it survives a reload;
     Undo clears it."""
     from playwright.sync_api import expect
-    url, _ = server
+    url, _, model = server
     page.goto(url + "/playground")
     _ready(page)
     expect(page.get_by_text("The model is unedited")).to_be_visible()
     page.get_by_text("type your own").click()
     _ready(page)
-    _select(page, "Model", "tiny-llama")
+    _select(page, "Model", model)
     _select(page, "Method", "ft")
     page.get_by_text("Method settings").click()
     _fill(page, "layers", "1")

@@ -65,8 +65,8 @@ def test_empty_store_says_how_to_start(tmp_path, make_app, page):
 # Runs
 # ---------------------------------------------------------------------------------------------------------------
 def test_runs_page_lists_filters_exports_and_deletes(tmp_path, make_app):
-    from app.fixtures import synthetic_run
     from app.store import RunStore
+    from tests.fixtures import synthetic_run
     store = RunStore(str(tmp_path))
     a = synthetic_run(store, method="rome", n_edits=12, eval_every=6, hidden=False, per_case=False)
     b = synthetic_run(store, method="ft", n_edits=12, eval_every=6, hidden=False, per_case=False, seed=2)
@@ -214,12 +214,12 @@ def test_new_run_page_watches_the_runs_of_its_url(synthetic_store, make_app):
 # ---------------------------------------------------------------------------------------------------------------
 # New run and Playground against a worker (run in this process, on a tiny model)
 # ---------------------------------------------------------------------------------------------------------------
-def test_new_run_form_queues_and_cancels(tmp_path, make_app):
+def test_new_run_form_queues_and_cancels(tmp_path, make_app, tiny_dir):
     from app.jobs import JobQueue
     from app.store import RunStore
     at = make_app(str(tmp_path), "new_run.py")
     # config fields come from the registry with their defaults and help
-    at.selectbox(key="nr-model").set_value("tiny-llama")
+    at.selectbox(key="nr-model").set_value(tiny_dir)
     at.multiselect(key="nr-methods").set_value(["ft"]).run()
     layers = at.text_input(key="nr-ft-layers")
     assert layers.value == "20" and layers.help
@@ -232,7 +232,7 @@ def test_new_run_form_queues_and_cancels(tmp_path, make_app):
     assert len(runs) == 1 and runs["status"].iloc[0] == "queued"
     run_id = runs["run_id"].iloc[0]
     run = RunStore(str(tmp_path)).get_run(run_id)
-    assert run["config"]["method_overrides"] == {"layers": "1", "num_steps": 3} and run["model"] == "tiny-llama"
+    assert run["config"]["method_overrides"] == {"layers": "1", "num_steps": 3} and run["model"] == tiny_dir
     job = JobQueue(str(tmp_path)).job_for_run(run_id)
     assert job.status == "queued" and job.kind == "run"
     assert at.get("progress")  # the live progress section shows the queued run
@@ -249,19 +249,19 @@ def test_new_run_rejects_bad_method_field(tmp_path, make_app):
     assert any("lr" in e.value for e in at.error), [e.value for e in at.error]
 
 
-def _playground_ft(at, layers: str = "1"):
+def _playground_ft(at, model: str, layers: str = "1"):
     """Fill the playground's form: a typed fact, FT with 3 steps on ``layers`` of the tiny model."""
     at.radio(key="pg-mode").set_value("type your own").run()
-    at.selectbox(key="pg-model").set_value("tiny-llama")
+    at.selectbox(key="pg-model").set_value(model)
     at.selectbox(key="pg-method").set_value("ft").run()
     at.text_input(key="pg-ft-layers").set_value(layers)
     at.number_input(key="pg-ft-num_steps").set_value(3)
     return at
 
 
-def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app):
+def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app, tiny_dir):
     from app.worker import Worker
-    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120))
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120), tiny_dir)
     at.button(key="pg-apply").click().run()
     assert at.session_state["pg_pending"]
     assert any("Editing in the worker" in i.value for i in at.info)
@@ -279,10 +279,11 @@ def test_playground_edit_runs_in_the_worker_and_undoes(tmp_path, make_app):
     assert at.session_state["pg_stack"] == [] and any("unedited" in i.value for i in at.info)
 
 
-def test_playground_failure_is_shown(tmp_path, make_app):
+def test_playground_failure_is_shown(tmp_path, make_app, tiny_dir):
     from app.jobs import JobQueue
     from app.worker import Worker
-    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120), layers="7")  # the tiny model has 4
+    # the tiny model has 4 layers
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120), tiny_dir, layers="7")
     at.button(key="pg-apply").click().run()
     Worker(str(tmp_path)).serve(max_jobs=1)
     at.run()
@@ -291,7 +292,7 @@ def test_playground_failure_is_shown(tmp_path, make_app):
     assert any("The edit failed" in e.value for e in at.error)
 
 
-def test_playground_stack_and_undo_survive_a_reload(tmp_path, make_app):
+def test_playground_stack_and_undo_survive_a_reload(tmp_path, make_app, tiny_dir):
     """The URL's ?job= alone reopens the playground: the edit in progress, the stack of edits, and Undo."""
     from app.worker import Worker
 
@@ -301,7 +302,7 @@ def test_playground_stack_and_undo_survive_a_reload(tmp_path, make_app):
     def subheaders(at) -> list[str]:
         return [h.value for h in at.subheader]
 
-    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120))
+    at = _playground_ft(make_app(str(tmp_path), "playground.py", timeout=120), tiny_dir)
     at.button(key="pg-apply").click().run()
     pending = at.query_params["job"]
     # reloaded while the edit is queued: the new session waits for the same job

@@ -28,7 +28,7 @@ def _wait(predicate, timeout: float = 120.0, every: float = 0.2):
 
 
 def _worker_proc(runs_dir: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT)  # as ensure_worker starts it
     return subprocess.Popen([sys.executable, "-m", "app.worker", "--runs-dir", runs_dir, "--poll", "0.2", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -61,7 +61,7 @@ def test_one_worker_per_device(tmp_path):
     assert not worker_alive(str(tmp_path))
 
 
-def test_cancel_a_running_run_keeps_its_rows(tmp_path, monkeypatch):
+def test_cancel_a_running_run_keeps_its_rows(tmp_path, monkeypatch, tiny_dir):
     """The engine stops after its current step; run and job end ``cancelled``; the steps made stay in the store."""
     from app import engine
     from editors.requests import make_request
@@ -70,7 +70,7 @@ def test_cancel_a_running_run_keeps_its_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "load_requests", lambda source, n: reqs[:n])
     store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
     run_id, job_id = backend.submit_run(store, queue, {
-        "model": "tiny-llama", "method": "ft", "method_overrides": TINY_FT, "n_edits": 400, "eval_every": 0,
+        "model": tiny_dir, "method": "ft", "method_overrides": TINY_FT, "n_edits": 400, "eval_every": 0,
         "general": "none", "locality_probes": "none", "weights": False, "pre_eval": False}, start_worker=False)
     worker = Worker(str(tmp_path), poll=0.1)
     thread = threading.Thread(target=worker.serve, kwargs={"max_jobs": 1}, daemon=True)
@@ -85,11 +85,11 @@ def test_cancel_a_running_run_keeps_its_rows(tmp_path, monkeypatch):
     assert len(store.metrics_frame([run_id], kinds=["edit"])) > 0
 
 
-def test_failing_run_marks_job_and_run_failed_with_the_error(tmp_path):
+def test_failing_run_marks_job_and_run_failed_with_the_error(tmp_path, tiny_dir):
     """A run whose data cannot be loaded fails in the worker process; the error reaches the job and the run."""
     store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
     missing = str(tmp_path / "no-such-edits.json")
-    run_id, job_id = backend.submit_run(store, queue, {"model": "tiny-llama", "method": "ft", "data": missing,
+    run_id, job_id = backend.submit_run(store, queue, {"model": tiny_dir, "method": "ft", "data": missing,
                                                       "method_overrides": TINY_FT, "n_edits": 2},
                                         start_worker=False)
     proc = _worker_proc(str(tmp_path), "--max-jobs", "1")
@@ -98,21 +98,16 @@ def test_failing_run_marks_job_and_run_failed_with_the_error(tmp_path):
     assert job.status == "failed", out.decode()[-2000:]
     run = store.get_run(run_id)
     assert run["status"] == "failed" and run["error"]
-    try:
-        import editors.data  # noqa: F401
-    except ImportError:
-        assert "editors.data" in job.error
-    else:
-        assert "no-such-edits" in job.error and "no-such-edits" in run["error"]
+    assert "no-such-edits" in job.error and "no-such-edits" in run["error"]
     progress = backend.run_progress(store, queue, run_id)
     assert progress.status == "failed" and progress.error
 
 
-def test_dead_worker_marks_its_job_failed_with_the_log_tail(tmp_path):
+def test_dead_worker_marks_its_job_failed_with_the_log_tail(tmp_path, tiny_dir):
     """SIGKILL the worker mid-job: the app's housekeeping marks the job failed and shows the worker's log."""
     queue = JobQueue(str(tmp_path))
     store = RunStore(str(tmp_path))
-    job_id = backend.submit_playground(queue, {"model": "tiny-llama", "method": "ft", "request": FACT,
+    job_id = backend.submit_playground(queue, {"model": tiny_dir, "method": "ft", "request": FACT,
                                                "overrides": {"layers": "1", "num_steps": "100000",
                                                              "early_stop_loss": "0"}}, start_worker=False)
     pid = ensure_worker(str(tmp_path), "auto")
@@ -140,25 +135,19 @@ def test_dead_worker_marks_its_job_failed_with_the_log_tail(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_uses_the_engine_like_the_cli(tmp_path):
+def test_worker_uses_the_engine_like_the_cli(tmp_path, tiny_dir):
     """A run through the worker process records the rows ``python -m app run`` records."""
     import json
     data = tmp_path / "edits.json"
     data.write_text(json.dumps([{**FACT, "case_id": f"t{i}"} for i in range(3)]))
-    try:
-        from editors.data import builtin_probes
-        builtin_probes()
-        probes = "builtin"
-    except Exception:  # the built-in probe set is not installed yet
-        probes = "none"
     store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
-    run_id, job_id = backend.submit_run(store, queue, {"model": "tiny-llama", "method": "ft", "data": str(data),
+    run_id, job_id = backend.submit_run(store, queue, {"model": tiny_dir, "method": "ft", "data": str(data),
                                                       "method_overrides": TINY_FT, "n_edits": 3, "eval_every": 1,
-                                                      "locality_probes": probes}, start_worker=False)
+                                                      "locality_probes": "builtin"}, start_worker=False)
     proc = _worker_proc(str(tmp_path), "--max-jobs", "1")
     out, _ = proc.communicate(timeout=300)
     assert queue.get(job_id).status == "finished", out.decode()[-3000:]
     run = store.get_run(run_id)
-    assert run["status"] == "finished" and run["n_edits_done"] == 3 and run["model"] == "tiny-llama"
+    assert run["status"] == "finished" and run["n_edits_done"] == 3 and run["model"] == tiny_dir
     kinds = set(store.metrics_frame([run_id])["kind"])
     assert {"edit", "retention"} <= kinds

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.evaluation import (TF, evaluate_requests, greedy_continuations, locality_pairs, locality_reference,
-                                 starts_with_target)
+from analysis.evaluation import (
+    TF,
+    evaluate_requests,
+    greedy_continuations,
+    locality_pairs,
+    locality_reference,
+    starts_with_target,
+)
 from editors.base import apply_result, make_config
 from editors.registry import get_editor_class
 from editors.requests import make_request

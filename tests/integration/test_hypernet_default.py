@@ -23,6 +23,8 @@ STEPS = 24  # meta steps of 4 records; the first 8 records (seen in steps 1-2) a
 OVERRIDES = {"n_edits": 4, "meta_lr": 1e-3}
 
 
+# 24 meta steps on the default model: 464 s on the shared 2-core machine (load ~8, 2026-12-01)
+@pytest.mark.timeout(1200)
 def test_short_agrade_training_beats_the_untrained_hypernetwork(clean_default_lm, tmp_path):
     if not os.path.exists(TRAIN):
         pytest.skip(f"CounterFact train split not found at {TRAIN} (../shared/data)")

@@ -5,9 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.angles import (angle_summary, classify_angles, factor_delta, flat_angle, key_angle_frame,
-                             neuron_angle_frame, preserved_basis, principal_angle, row_angles, subspace_angle,
-                             subspace_share, top_singular_vectors, update_angles)
+from analysis.angles import (
+    angle_summary,
+    classify_angles,
+    factor_delta,
+    flat_angle,
+    key_angle_frame,
+    neuron_angle_frame,
+    preserved_basis,
+    principal_angle,
+    row_angles,
+    subspace_angle,
+    subspace_share,
+    top_singular_vectors,
+    update_angles,
+)
 from editors.base import EditResult
 
 

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.general import (BUILTIN_PATH, GLUE_TASKS, ProbeItem, general_abilities, glue_items, load_builtin,
-                              load_glue, predict, score_candidates)
 from analysis.evaluation import teacher_forced
+from analysis.general import (
+    BUILTIN_PATH,
+    GLUE_TASKS,
+    ProbeItem,
+    general_abilities,
+    glue_items,
+    load_builtin,
+    load_glue,
+    predict,
+    score_candidates,
+)
 from tests.conftest import shared_path
 
 COLUMNS = ["task", "metric", "value", "n", "chance"]

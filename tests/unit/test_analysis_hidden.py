@@ -3,8 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.hidden import (capture_states, linear_cka, mean_cosine_shift, mmd_rbf, project, project_groups,
-                             shift_frame, shift_metrics, single_vs_cumulative_frame)
+from analysis.hidden import (
+    capture_states,
+    linear_cka,
+    mean_cosine_shift,
+    mmd_rbf,
+    project,
+    project_groups,
+    shift_frame,
+    shift_metrics,
+    single_vs_cumulative_frame,
+)
 from editors.hooks import Trace
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "Toko Yasuda plays the"]

@@ -6,8 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.weights import (DELTA_METRICS, W_METRICS, cpu_threads, effective_rank_from_sigma, matrix_stats,
-                              singular_values, spectrum_frame, weight_stats_frame)
+from analysis.weights import (
+    DELTA_METRICS,
+    W_METRICS,
+    cpu_threads,
+    effective_rank_from_sigma,
+    matrix_stats,
+    singular_values,
+    spectrum_frame,
+    weight_stats_frame,
+)
 
 
 def constructed(s, d_out, d_in, seed=0, dtype=torch.float64):

@@ -2,7 +2,6 @@
 show, export, methods."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -11,23 +10,10 @@ import sys
 import pandas as pd
 import pytest
 
-import app.engine as engine
+import tests.engine_doubles  # noqa: F401  (registers the test editor unit-shift)
 from app.cli import main
-from editors.requests import RequestError
-# ShiftEditor registers unit-shift; standins is the fixture of in-memory requests and probes
-from tests.unit.test_engine import ShiftEditor, standins  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_llama):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    # a copy: save_pretrained fills in config fields (dtype, architectures) that the session model's fingerprint
-    # covers, and later tests that compute statistics on it would then refuse it as edited
-    copy.deepcopy(tiny_llama.model).save_pretrained(path)
-    tiny_llama.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def run_cli(capsys, *argv):
@@ -58,18 +44,12 @@ def test_unknown_config_key_lists_fields(tmp_path, capsys):
     assert code == 2 and "KEY=VALUE" in err
 
 
-def test_bad_data_file_names_record_and_field(tmp_path, capsys, monkeypatch, tiny_dir):
+def test_bad_data_file_names_record_and_field(tmp_path, capsys, tiny_dir):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([
         {"case_id": 0, "prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "target_new": "Rome"},
         {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris"},
     ]))
-    try:
-        import editors.data  # noqa: F401
-    except ModuleNotFoundError:  # not written yet: a stand-in that fails the way it will
-        def load(source, n):
-            raise RequestError(str(bad), 1, "target_new", "missing")
-        monkeypatch.setattr(engine, "load_requests", load)
     code, out, err = run_cli(capsys, "run", "--method", "unit-shift", "--data", bad, "--model", tiny_dir,
                              "--runs-dir", tmp_path / "runs", "--no-progress", "--json")
     assert code == 2, err
@@ -148,22 +128,6 @@ def test_methods_lists_fields_with_help(capsys):
     assert info[0]["name"] == "unit-shift" and {f["name"] for f in info[0]["fields"]} >= {"layer", "scale"}
 
 
-def test_bench_without_benchmarks(capsys, monkeypatch):
-    import importlib
-    real = importlib.import_module
-
-    def fake(name, *a, **kw):
-        if name == "benchmarks.bench_editors":
-            err = ModuleNotFoundError(f"No module named {name!r}")
-            err.name = name
-            raise err
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
-    code, _, err = run_cli(capsys, "bench", "--help")
-    assert code == 2 and "bench_editors" in err
-
-
 def test_python_m_app_entry_point():
     proc = subprocess.run([sys.executable, "-m", "app", "methods", "definitely-not-a-method"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -171,23 +135,24 @@ def test_python_m_app_entry_point():
     assert "Valid methods:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("takes_argv", [True, False])
-def test_bench_delegates_to_benchmarks(capsys, monkeypatch, takes_argv):
-    import importlib
-    import types
-    seen = []
-    fake = types.ModuleType("benchmarks.bench_editors")
-    if takes_argv:
-        # as the real one: it returns its table, which is not an exit status
-        fake.main = lambda argv: seen.append(list(argv)) or pd.DataFrame({"method": ["rome"]})
-    else:
-        fake.main = lambda: seen.append(sys.argv[1:]) or 3
-    real = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module",
-                        lambda name, *a, **kw: fake if name == "benchmarks.bench_editors" else real(name, *a, **kw))
-    code, _, _ = run_cli(capsys, "bench", "--methods", "rome", "--quick")
-    assert seen == [["--methods", "rome", "--quick"]]
-    assert code == (0 if takes_argv else 3)
+def test_bench_runs_the_benchmark_with_the_arguments(capfd):
+    """``bench`` runs ``python -m benchmarks.bench_editors`` with the arguments after it (--help included) and
+    returns its exit status: 0 for its help, 2 for a method it refuses before loading any model."""
+    code = main(["bench", "--help"])
+    out, err = capfd.readouterr()
+    assert code == 0 and "--methods" in out and "--batch-sizes" in out, err
+    code = main(["bench", "--methods", "rome,memitt", "--n-edits", "1"])
+    out, err = capfd.readouterr()
+    assert code == 2 and "unknown method 'memitt'" in err and "Traceback" not in err
+
+
+def test_run_sets_split_run_and_method_fields():
+    from app.cli import run_sets
+    from editors.base import ConfigError
+    run_fields, method = run_sets(["lr=0.1", "run.eval_every=5", "layers=1,2"])
+    assert run_fields == {"eval_every": "5"} and method == {"lr": "0.1", "layers": "1,2"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        run_sets(["lr"])
 
 
 def test_threads_option(tmp_path, capsys, monkeypatch):

@@ -7,9 +7,22 @@ import re
 import pytest
 
 from editors import data
-from editors.data import (DataFileNotFoundError, DataSourceError, builtin_probes, builtin_requests, detect_format,
-                          load_counterfact, load_requests, load_user_edits, load_zsre, parse_bytes,
-                          parse_user_edits_bytes, request_from_dict, requests_to_csv, write_user_edits)
+from editors.data import (
+    DataFileNotFoundError,
+    DataSourceError,
+    builtin_probes,
+    builtin_requests,
+    detect_format,
+    load_counterfact,
+    load_requests,
+    load_user_edits,
+    load_zsre,
+    parse_bytes,
+    parse_user_edits_bytes,
+    request_from_dict,
+    requests_to_csv,
+    write_user_edits,
+)
 from editors.requests import EditRequest, RequestError
 from tests.conftest import shared_path
 
@@ -17,7 +30,8 @@ CF = {"case_id": 7, "prompt": "The Eiffel Tower is located in the city of", "sub
       "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? It is in",
       "locality_prompt": "The Colosseum is located in the city of", "locality_ground_truth": "Rome"}
 ROME = {"case_id": 3,
-        "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103", "subject": "Danielle Darrieux",
+        "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                              "subject": "Danielle Darrieux",
                               "target_new": {"str": "English", "id": "Q1860"},
                               "target_true": {"str": "French", "id": "Q150"}},
         "paraphrase_prompts": ["Danielle Darrieux spoke the language"],

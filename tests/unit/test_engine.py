@@ -1,5 +1,6 @@
 """The sequential run engine on tiny random models: rows per step and checkpoint, divergence, cancellation, failure,
-a killed writer, the executor seam, and real editors (ft, rome) where they are installed."""
+a killed writer, a model loaded from its path, and real editors (ft, rome). The trivial editor ``unit-shift`` and the
+in-memory requests are in tests/engine_doubles.py; the ``standins`` fixture in tests/conftest.py."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -18,87 +17,15 @@ import pytest
 import torch
 
 import app.engine as engine
-from app.engine import LocalExecutor, RunConfig, run_sequential, run_summary, run_trial
+from analysis.general import BUILTIN_PATH
+from app.engine import run_sequential, run_summary
+from app.runconfig import RunConfig, general_tasks
 from app.store import RunStore
-from editors.base import ConfigError, Editor, EditorConfig
-from editors.registry import UnknownMethodError, available_methods, register
-from editors.requests import make_request
+from editors.base import ConfigError
+from editors.registry import UnknownMethodError
+from tests.engine_doubles import PROBES, ShiftEditor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# a trivial editor: a seeded rank-1 update of one MLP output matrix per call, with switches for failure modes
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class ShiftConfig(EditorConfig):
-    version: ClassVar[int] = 1
-    layer: int = field(default=1, metadata={"help": "layer whose MLP output matrix is shifted"})
-    scale: float = field(default=0.05, metadata={"help": "size of the rank-1 update"})
-    nan_at: int = field(default=0, metadata={"help": "call number (1-based) whose update is NaN; 0 = never"})
-    overflow_at: int = field(default=0, metadata={"help": "from this call on, updates are 3e38 (weights overflow)"})
-    nan_logits_at: int = field(default=0, metadata={"help": "after this call, the unembedding outputs NaN"})
-    fail_at: int = field(default=0, metadata={"help": "call number that raises RuntimeError"})
-    sleep: float = field(default=0.0, metadata={"help": "seconds each call sleeps"})
-
-
-@register
-class ShiftEditor(Editor):
-    name = "unit-shift"
-    config_cls = ShiftConfig
-    summary = "test editor: seeded rank-1 shifts"
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.calls = 0
-        self.applied = 0
-
-    def edit(self, requests):
-        self.calls += 1
-        cfg = self.config
-        if cfg.sleep:
-            time.sleep(cfg.sleep)
-        if self.calls == cfg.fail_at:
-            raise RuntimeError("unit-shift was told to fail")
-        name = self.spec.mlp_out_weight(cfg.layer)
-        W = self.spec.to_canonical(dict(self.model.named_parameters())[name])
-        g = torch.Generator().manual_seed(1000 * self.seed + self.calls)
-        u = torch.randn(W.shape[0], 1, generator=g)
-        v = torch.randn(1, W.shape[1], generator=g)
-        delta = cfg.scale * u @ v
-        if self.calls == cfg.nan_at:
-            delta[0, 0] = float("nan")
-        if cfg.overflow_at and self.calls >= cfg.overflow_at:
-            delta = torch.full_like(delta, 3e38)
-        return self._result(deltas={name: self.spec.to_param_layout(delta).contiguous()},
-                            info={"call": self.calls, "norm": float(delta.norm()), "per_layer": {str(cfg.layer): 1.0}},
-                            artifacts={"u": u.squeeze(1)})
-
-    def after_apply(self, requests, result):
-        self.applied += 1
-        if self.applied == self.config.nan_logits_at:  # simulates a model whose forward pass blows up
-            self.nan_hook = self.model.get_output_embeddings().register_forward_hook(
-                lambda module, args, output: torch.full_like(output, float("nan")))
-
-
-def make_requests(n: int = 8):
-    return [make_request(source="unit", record=i, case_id=f"c{i}", prompt=f"The capital of Zorland{i} is",
-                         subject=f"Zorland{i}", target_new="Paris", target_true="Rome",
-                         rephrase_prompts=[f"Zorland{i} has its capital in"],
-                         locality_prompts=["The colour of the sky is"], locality_answers=["blue"])
-            for i in range(n)]
-
-
-PROBES = [("Water freezes at zero", "degrees"), ("The opposite of hot is", "cold"), ("One plus one is", "two")]
-
-
-@pytest.fixture()
-def standins(monkeypatch):
-    """Requests and probes from memory (editors.data may not exist yet); general abilities / collapse off."""
-    requests = make_requests()
-    monkeypatch.setattr(engine, "load_requests", lambda source, n: requests[:n])
-    monkeypatch.setattr(engine, "builtin_probes", lambda: list(PROBES))
-    return requests
 
 
 def snapshot(lm):
@@ -139,16 +66,11 @@ def test_config_validation_lists_valid_choices(tmp_path):
     with pytest.raises(UnknownMethodError):
         run_sequential(RunConfig(method="nope", runs_dir=str(tmp_path)))
     assert RunStore(tmp_path).list_runs().empty
-    assert pickle.loads(pickle.dumps(run_trial)) is run_trial
 
 
-def test_parse_sets():
-    run_fields, method = engine.parse_sets(["lr=0.1", "run.eval_every=5", "layers=1,2"])
-    assert run_fields == {"eval_every": "5"} and method == {"lr": "0.1", "layers": "1,2"}
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        engine.parse_sets(["lr"])
-    assert engine.general_tasks("builtin, glue:/data/glue") == (("builtin", "glue"), "/data/glue")
-    assert engine.general_tasks("sst2,rte") == (("sst2", "rte"), None)
+def test_general_tasks():  # the --set parser's test moved to test_cli.py (run_sets) and test_fields.py
+    assert general_tasks("builtin, glue:/data/glue") == (("builtin", "glue"), "/data/glue")
+    assert general_tasks("sst2,rte") == (("sst2", "rte"), None)
     with pytest.raises(ConfigError, match="unknown task 'trivia'"):
         RunConfig(method="unit-shift", general="builtin,trivia").validate()
     with pytest.raises(ConfigError, match="does not exist"):
@@ -350,19 +272,18 @@ def test_killed_writer_keeps_committed_rows_and_is_interrupted(tmp_path):
     """A separate process runs a slow run; it is killed with SIGKILL mid-way; the next open marks it interrupted."""
     script = tmp_path / "slow_run.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {ROOT!r})
         import app.engine as engine
-        from tests.unit.test_engine import make_requests, PROBES  # registers unit-shift
+        from app.runconfig import RunConfig
+        from tests.engine_doubles import make_requests, PROBES  # registers unit-shift
         from editors.testing import tiny_model
         engine.load_requests = lambda source, n: make_requests(n)
         engine.builtin_probes = lambda: list(PROBES)
-        config = engine.RunConfig(method="unit-shift", method_overrides={{"sleep": 0.3}}, n_edits=8, eval_every=2,
+        config = RunConfig(method="unit-shift", method_overrides={{"sleep": 0.3}}, n_edits=8, eval_every=2,
                                   runs_dir={str(tmp_path)!r}, general="none", weights=False, device="cpu")
         engine.run_sequential(config, lm=tiny_model("llama"))
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         run_id = None
@@ -393,66 +314,29 @@ def test_killed_writer_keeps_committed_rows_and_is_interrupted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# executor seam
+# a model named by its path
 # ---------------------------------------------------------------------------------------------------------------
-def test_local_executor_submit_status_result(tmp_path, tiny_llama, standins):
-    snap = snapshot(tiny_llama)
-    ex = LocalExecutor(lm=tiny_llama)
-    try:
-        run_id = ex.submit(cfg(tmp_path).to_dict())
-        assert ex.status(run_id) in ("queued", "running", "finished")
-        assert ex.result(run_id, timeout=120) == run_id
-        assert ex.status(run_id) == "finished"
-
-        slow = ex.submit(cfg(tmp_path, n_edits=8, method_overrides={"sleep": 0.2}))
-        deadline = time.time() + 60
-        while RunStore(tmp_path).get_run(slow)["n_edits_done"] < 1 and time.time() < deadline:
-            time.sleep(0.05)
-        assert ex.cancel(slow)
-        ex.result(slow, timeout=120)
-        run = RunStore(tmp_path).get_run(slow)
-        assert run["status"] == "cancelled" and 1 <= run["n_edits_done"] < 8
-        with pytest.raises(KeyError):
-            ex.status("not-submitted")
-    finally:
-        ex.shutdown()
-    assert_same(tiny_llama, snap)
-
-
-def test_run_trial_loads_model_from_path(tmp_path, tiny_llama, standins):
-    model_dir = tmp_path / "tiny"
-    tiny_llama.model.save_pretrained(model_dir)
-    tiny_llama.tokenizer.save_pretrained(model_dir)
-    config = cfg(tmp_path / "runs", model=str(model_dir), n_edits=2, eval_every=1).to_dict()
-    run_id = run_trial(pickle.loads(pickle.dumps(config)))
+def test_run_loads_model_from_path(tmp_path, tiny_dir, standins):
+    """Without ``lm`` the run loads the model its config names (a directory here), from a plain-data config dict."""
+    config = cfg(tmp_path / "runs", model=tiny_dir, n_edits=2, eval_every=1).to_dict()
+    run_id = run_sequential(pickle.loads(pickle.dumps(config)))
     run = RunStore(tmp_path / "runs").get_run(run_id)
-    assert run["status"] == "finished" and run["model"] == str(model_dir)
+    assert run["status"] == "finished" and run["model"] == tiny_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # real editors, where present
 # ---------------------------------------------------------------------------------------------------------------
-def _has_builtin_general() -> bool:
-    path = engine.optional_attr("analysis.general", "BUILTIN_PATH")
-    return path is not None and os.path.exists(path)
-
-
 REAL = {"ft": {"layers": "1", "num_steps": "3"},
         "rome": {"layer": "1", "v_num_grad_steps": "3", "context_templates": "memit"}}
 
 
 @pytest.mark.parametrize("method", sorted(REAL))
 def test_real_editor_sequential_run(tmp_path, tiny_llama, standins, method):
-    if method not in available_methods():
-        pytest.skip(f"{method} is not installed yet")
     snap = snapshot(tiny_llama)
-    overrides = dict(REAL[method])
-    from editors.registry import get_editor_class
-    valid = {f["name"] for f in get_editor_class(method).config_cls.field_help()}
-    overrides = {k: v for k, v in overrides.items() if k in valid}
-    run_id = run_sequential(cfg(tmp_path, method=method, method_overrides=overrides, n_edits=3, eval_every=2,
-                                general="builtin" if _has_builtin_general() else "none", general_n=4),
-                            lm=tiny_llama)
+    assert os.path.exists(BUILTIN_PATH)
+    run_id = run_sequential(cfg(tmp_path, method=method, method_overrides=REAL[method], n_edits=3, eval_every=2,
+                                general="builtin", general_n=4), lm=tiny_llama)
     assert_same(tiny_llama, snap)
     store = RunStore(tmp_path)
     run = store.get_run(run_id)
@@ -460,7 +344,6 @@ def test_real_editor_sequential_run(tmp_path, tiny_llama, standins, method):
     df = store.metrics_frame([run_id])
     assert sorted(df.loc[(df["kind"] == "retention") & df["case_id"].isna(), "n_edits"].unique()) == [2, 3]
     assert set(df.loc[df["kind"] == "weights", "layer"].dropna()) == {1}
-    if _has_builtin_general():  # the real general-ability probes
-        gen = df[df["kind"] == "general"]
-        assert sorted(gen["n_edits"].unique()) == [0, 2, 3]
-        assert {"builtin/accuracy", "builtin/chance"} <= set(gen["metric"])
+    gen = df[df["kind"] == "general"]  # the real general-ability probes
+    assert sorted(gen["n_edits"].unique()) == [0, 2, 3]
+    assert {"builtin/accuracy", "builtin/chance"} <= set(gen["metric"])

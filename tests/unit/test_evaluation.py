@@ -2,8 +2,19 @@
 results, locality compares with the unedited model."""
 import torch
 
-from analysis.evaluation import (GEN, MARGIN, TF, editing_score, encode_pair, evaluate_requests, locality_pairs,
-                                 locality_reference, locality_scores, summarize, teacher_forced)
+from analysis.evaluation import (
+    GEN,
+    MARGIN,
+    TF,
+    editing_score,
+    encode_pair,
+    evaluate_requests,
+    locality_pairs,
+    locality_reference,
+    locality_scores,
+    summarize,
+    teacher_forced,
+)
 from editors.base import EditResult, apply_result
 from editors.requests import make_request
 

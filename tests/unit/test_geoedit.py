@@ -12,8 +12,20 @@ import torch
 from editors.base import EditError, apply_result, make_config
 from editors.flearning import FLearningConfig, FLearningEditor
 from editors.ft import FTConfig, FTEditor
-from editors.geoedit import (ALIGNED, CONFLICTING, ORTHOGONAL, GeoEditConfig, GeoEditEditor, TaskVectorAE, classify,
-                             from_neurons, fuse, minmax, row_angles, to_neurons)
+from editors.geoedit import (
+    ALIGNED,
+    CONFLICTING,
+    ORTHOGONAL,
+    GeoEditConfig,
+    GeoEditEditor,
+    TaskVectorAE,
+    classify,
+    from_neurons,
+    fuse,
+    minmax,
+    row_angles,
+    to_neurons,
+)
 from editors.lora import LoRAConfig, LoRAEditor
 from editors.requests import make_request
 from editors.testing import tiny_model

@@ -16,8 +16,16 @@ import math
 import pytest
 import torch
 
-from editors.adaedit import (AdaEditConfig, AdaEditEditor, hard_threshold, random_drop, resolve_k, sr_factors,
-                             sr_fusion, topk_magnitude)
+from editors.adaedit import (
+    AdaEditConfig,
+    AdaEditEditor,
+    hard_threshold,
+    random_drop,
+    resolve_k,
+    sr_factors,
+    sr_fusion,
+    topk_magnitude,
+)
 from editors.base import EditResult, apply_result, make_config
 from editors.mose import MOSEConfig, MOSEEditor, edit_layers_around, layer_score, procrustes_rotation, spectral
 from editors.prune import PRUNEConfig, PRUNEEditor, restrain, restrain_values, restrained_bound

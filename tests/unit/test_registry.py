@@ -92,3 +92,13 @@ def test_unknown_method_suggests_near_names():
         registry.get_editor_class("memitt")
     msg = str(err.value)
     assert "unknown method 'memitt'" in msg and "Did you mean memit" in msg and "Valid methods:" in msg
+
+
+def test_app_defaults_derive_from_the_registry():
+    """The study's default methods are the registry's collapse-study methods; the trainer's method list (spelled out
+    so that the CLI parser imports no editor) is the registry's hypernetwork family."""
+    from app.study import DEFAULT_METHODS
+    from app.train import HYPERNET_METHODS
+
+    assert list(DEFAULT_METHODS) == registry.collapse_study_methods()
+    assert list(HYPERNET_METHODS) == registry.methods_in_family("hypernetwork")

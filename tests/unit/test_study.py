@@ -12,7 +12,6 @@ import pytest
 
 from app.store import RunStore
 from app.study import TABLE_COLUMNS, collapse_study, format_table
-from editors.registry import available_methods
 from editors.testing import tiny_model
 
 RECORDS = [
@@ -31,9 +30,6 @@ SMALL = {
 
 
 def test_collapse_study_table_reuse_and_report(tmp_path):
-    for m in SMALL:
-        if m not in available_methods():
-            pytest.skip(f"{m} not installed")
     data = tmp_path / "edits.json"
     data.write_text(json.dumps(RECORDS))
     lm = tiny_model("llama", seed=21)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .store import RunStore
+from app.store import RunStore
 
 
 def synthetic_run(store: RunStore, *, method: str = "rome", n_edits: int = 100, eval_every: int = 10,

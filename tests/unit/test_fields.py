@@ -1,0 +1,86 @@
+"""editors/fields.py: the one coercion, field help, "did you mean" and ``--set`` parser of method and run configs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from editors.fields import (
+    ConfigError,
+    coerce,
+    coerce_fields,
+    did_you_mean,
+    field_help,
+    help_meta,
+    parse_method_sets,
+    parse_sets,
+)
+
+
+@dataclass
+class _Cfg:
+    layers: tuple[int, ...] = field(default=(4, 5), metadata=help_meta("edited layers"))
+    names: tuple[str, ...] = ("a", "b")
+    lr: float = 0.5
+    steps: int = 3
+    adjust: bool = True
+    limit: int | None = None
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+    label: str = ""
+
+
+def test_coerce_by_current_value_and_annotation():
+    assert coerce("3, 4 ,5", (4, 5), "tuple[int, ...]") == (3, 4, 5)
+    assert coerce("[6]", (4, 5), "tuple[int, ...]") == (6,)
+    assert coerce("x, y", (), "tuple[str, ...]") == ("x", "y")  # stripped, str by the annotation
+    assert coerce("1,2", (), "tuple[int, ...]") == (1, 2)
+    assert coerce([1, 2], (4,), "tuple[int, ...]") == (1, 2)  # YAML lists become tuples
+    assert coerce("0.1", 0.5, "float") == 0.1 and coerce("7", 3, "int") == 7
+    assert coerce("off", True, "bool") is False and coerce("Yes", False, "bool") is True
+    assert coerce("12", None, "int | None") == 12 and coerce("None", None, "int | None") is None
+    assert coerce("none", 5, "Optional[int]") is None and coerce("2.5", None, "float | None") == 2.5
+    assert coerce("cuda", None, "str | None") == "cuda" and coerce("", None, "str | None") is None
+    assert coerce(" none ", "", "str") == "none"  # not optional: the text itself
+    assert coerce('{"layers": [1]}', {}, "dict") == {"layers": [1]}
+    with pytest.raises(ValueError, match="expected a boolean"):
+        coerce("maybe", True, "bool")
+    with pytest.raises(ValueError, match="JSON object"):
+        coerce("[1]", {}, "dict")
+    with pytest.raises(ValueError):
+        coerce("big", 3, "int")
+
+
+def test_coerce_fields_names_the_field_and_suggests():
+    out = coerce_fields(_Cfg, {"layers": "1,2", "device": "none", "adjust": "false"})
+    assert out == {"layers": (1, 2), "device": None, "adjust": False}
+    with pytest.raises(ConfigError) as e:
+        coerce_fields(_Cfg, {"stesp": "2"}, method="demo")
+    msg = str(e.value)
+    assert "unknown config field 'stesp' for method demo" in msg and "did you mean steps" in msg
+    assert "valid fields: adjust, device, extra, label, layers, limit, lr, names, steps" in msg
+    with pytest.raises(ConfigError, match="run field 'steps': invalid literal"):
+        coerce_fields(_Cfg, {"steps": "many"}, what="run field")
+    assert did_you_mean("zzz", ["steps"]) == ""
+
+
+def test_field_help_lists_every_field_with_default_and_help():
+    rows = {r["name"]: r for r in field_help(_Cfg)}
+    assert list(rows) == ["layers", "names", "lr", "steps", "adjust", "limit", "device", "extra", "label"]
+    assert rows["layers"] == {"name": "layers", "type": "tuple[int, ...]", "default": (4, 5), "help": "edited layers"}
+    assert rows["extra"]["default"] == {} and rows["limit"]["type"] == "int | None" and rows["lr"]["help"] == ""
+
+
+def test_parse_sets_and_method_sets():
+    assert parse_sets(["lr=0.1", " run.eval_every =5", "layers=1,2", "lr=0.2", "note=a=b"]) == \
+        {"lr": "0.2", "run.eval_every": "5", "layers": "1,2", "note": "a=b"}
+    for bad in ("lr", "=3"):
+        with pytest.raises(ConfigError, match=f"--set expects KEY=VALUE, got '{bad}'"):
+            parse_sets([bad])
+    assert parse_method_sets(["mose.lam=50", "rome.layer=3", "mose.k=2"]) == \
+        {"mose": {"lam": "50", "k": "2"}, "rome": {"layer": "3"}}
+    for bad in ("mose", "lam=50", "mose.=50", ".lam=5"):
+        with pytest.raises(ConfigError, match=f"--set expects METHOD.KEY=VALUE, got '{bad}'"):
+            parse_method_sets([bad])
+    with pytest.raises(ConfigError, match="for a method of --methods, got 'adaedit.r=100'"):
+        parse_method_sets(["adaedit.r=100"], methods=["rome"])
