@@ -34,7 +34,7 @@ from .registry import register
 from .requests import EditRequest
 from .stats import DEFAULT_MOM2_TOKENS, float64_device, layer_covariance
 from .targets import compute_target_values
-from .templates import context_templates, parse_template_spec
+from .templates import check_template_source, resolve_context_templates
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,15 @@ class ROMEConfig(EditorConfig):
     corpus: str = field(default="builtin", metadata=help_meta(
         "Covariance corpus: 'builtin' (the English prose of Python's pydoc topics, always available offline) or the "
         "path of a UTF-8 text file."))
-    context_templates: str = field(default="rome", metadata=help_meta(
+    context_templates: str | list = field(default="rome", metadata=help_meta(
         "Context templates averaged for k* and used as rewriting prompts for v* (editors.templates."
-        "context_template_groups): 'rome' = '{}' + 10 sampled prefixes of 5 tokens + 10 of 10 tokens (ROME / "
-        "EasyEdit ROME, 21 prompts), 'memit' = '{}' + 5 of 10 tokens (6 prompts, about 3x faster), or "
-        "'length:n_gen,...'. k* is their plain mean (ROME compute_u)."))
+        "resolve_context_templates). A spec of templates to sample: 'rome' = '{}' + 10 sampled prefixes of 5 "
+        "tokens + 10 of 10 tokens (ROME / EasyEdit ROME, 21 prompts; the sampled text differs from EasyEdit's, "
+        "whose draws are not seeded), 'memit' = '{}' + 5 of 10 tokens (6 prompts, about 3x faster), or "
+        "'length:n_gen,...'. Or the templates themselves: a list of '{}'-strings, the same as a JSON string, or "
+        "the path of a .json file (a list, or an object with a 'context_templates' list such as "
+        "../shared/reference/rome_easyedit_cf0.json) or a text file with one template per line. k* is their "
+        "plain mean (ROME compute_u); groups are flattened."))
     value_key: str = field(default="prompt", metadata=help_meta(
         "Key the closed form writes v* for: 'prompt' = the key of the un-prefixed prompt (kmeng01/rome and "
         "EasyEdit compute_v's right vector; the default: it makes the edited prompt itself say the target); "
@@ -112,7 +116,7 @@ class ROMEConfig(EditorConfig):
             raise ValueError("mom2_n_tokens must be >= 1")
         if self.value_key not in VALUE_KEYS:
             raise ValueError(f"value_key must be one of {', '.join(VALUE_KEYS)}, got {self.value_key!r}")
-        parse_template_spec(self.context_templates)
+        check_template_source(self.context_templates)
 
 
 @register(family="locate-then-edit", collapse_study=True, order=10,
@@ -136,8 +140,8 @@ class ROMEEditor(Editor):
         if cfg.layer >= self.spec.n_layers:
             raise EditError(f"rome: layer {cfg.layer} does not exist (the model has {self.spec.n_layers} layers)")
         if self.templates is None:
-            self.templates = context_templates(self.lm, self.seed, cfg.context_templates,
-                                                      cache_dir=self.cache_dir)
+            groups = resolve_context_templates(self.lm, cfg.context_templates, self.seed, cache_dir=self.cache_dir)
+            self.templates = [t for g in groups for t in g]
         if cfg.mom2_adjustment and self._C_lu is None:
             C = layer_covariance(self.lm, cfg.layer, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                         cache_dir=self.cache_dir, dtype=torch.float64)
