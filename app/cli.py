@@ -10,6 +10,7 @@ Commands::
     cancel   ask a running run to stop after its current step
     delete   remove a run and its rows
     bench    the editor benchmarks (benchmarks/bench_editors.py)
+    export-stats  covariance statistics in EasyEdit's cache layout (app/export_stats.py)
 
 Exit codes: 0 done (a run that finished or diverged: the status says which), 1 a run failed, 2 invalid input
 (unknown method / field, bad data file, bad model), 130 interrupted.
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a method config field (repeatable); run.<field>=VALUE sets a run field, e.g. "
                         "run.general=none, run.protocols=tf_token_acc,gen_exact, run.hidden_states=true")
+    p.add_argument("--preset", dest="preset_variant", default="", metavar="VARIANT",
+                   help="a named variant of the method's preset, e.g. 'reference' (what the reference implementation "
+                        "computes); `python -m app methods METHOD` lists them")
     p.add_argument("--label", default="", help="free-text name of the run")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -148,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import add_train_parser  # train (app/train.py): malmen / agrade hypernetworks
     add_train_parser(sub)
+    from .export_stats import add_export_stats_parser  # export-stats (app/export_stats.py)
+    add_export_stats_parser(sub)
     return parser
 
 
@@ -210,7 +216,8 @@ def cmd_run(args) -> int:
         run_fields, overrides = parse_sets(args.sets)
         config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
                            n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
-                           seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label)
+                           seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label,
+                           preset_variant=args.preset_variant)
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
@@ -379,7 +386,8 @@ def cmd_methods(args) -> int:
     for name in names:
         cls = get_editor_class(name)
         info.append({"name": name, "summary": cls.summary, "config": cls.config_cls.__name__,
-                     "config_version": cls.config_cls.version, "fields": cls.config_cls.field_help()})
+                     "config_version": cls.config_cls.version, "fields": cls.config_cls.field_help(),
+                     "preset_variants": _preset_variants(name)})
     if args.json:
         print(json.dumps(info, default=str))
         return EXIT_OK
@@ -395,7 +403,22 @@ def cmd_methods(args) -> int:
             print(f"  {f['name']} ({f['type']}, default {f['default']!r})")
             if f["help"] and (args.name or len(info) == 1):
                 print(textwrap.fill(f["help"], width=100, initial_indent="      ", subsequent_indent="      "))
+        if m["preset_variants"] and (args.name or len(info) == 1):
+            print("  preset variants (run --preset VARIANT):")
+            for variant, text in m["preset_variants"].items():
+                print(f"  {variant}")
+                print(textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="      "))
     return EXIT_OK
+
+
+def _preset_variants(method: str) -> dict[str, str]:
+    """``{variant: description, with the fields it sets}`` of the method's preset."""
+    from editors.presets import preset_variants, variant_config
+    out = {}
+    for variant, text in preset_variants(method).items():
+        sets = ", ".join(f"{k}={v}" for k, v in variant_config(method, variant).items()) or "nothing"
+        out[variant] = f"{text} Sets: {sets}."
+    return out
 
 
 def cmd_cancel(args) -> int:
@@ -467,7 +490,8 @@ def cmd_study(args) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
             "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study,
-            "train": lambda args: __import__("app.train", fromlist=["cmd_train"]).cmd_train(args)}
+            "train": lambda args: __import__("app.train", fromlist=["cmd_train"]).cmd_train(args),
+            "export-stats": lambda args: __import__("app.export_stats", fromlist=["x"]).cmd_export_stats(args)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -102,6 +102,10 @@ class RunConfig:
         "Score every planned request on the unedited model first (kind='pre', n_edits=0).")})
     use_preset: bool = field(default=True, metadata={"help": (
         "Start from the (method, model) preset when one exists; method_overrides apply on top.")})
+    preset_variant: str = field(default="", metadata={"help": (
+        "A named variant of the method's preset applied on top of it, e.g. 'reference' (what the reference "
+        "implementation computes; `python -m app methods NAME` lists a method's variants and what they change); "
+        "'' = none.")})
     cache_dir: str | None = field(default=None, metadata={"help": (
         "Cache root for statistics (covariances, ...); None = $EDITBENCH_CACHE or ~/.cache/editbench.")})
     label: str = field(default="", metadata={"help": "Free-text name shown in run lists."})
@@ -112,6 +116,14 @@ class RunConfig:
         for an unknown method field or a bad value (messages list the valid choices)."""
         cls = get_editor_class(self.method)
         make_config(cls.config_cls, dict(self.method_overrides or {}), method=cls.name)
+        if self.preset_variant:
+            if not self.use_preset:
+                raise ConfigError(f"preset_variant {self.preset_variant!r} needs use_preset")
+            from editors.presets import PresetError, variant_config
+            try:
+                variant_config(cls.name, self.preset_variant)
+            except PresetError as exc:
+                raise ConfigError(str(exc)) from exc
         for name in ("n_edits", "batch_size", "eval_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -323,7 +335,8 @@ def resolve_method_config(config: RunConfig, model_name: str | None = None) -> t
     version = None
     loader = optional_attr("editors.presets", "load_preset") if config.use_preset else None
     if loader is not None:
-        found = loader(cls.name, model_name or config.model)
+        found = (loader(cls.name, model_name or config.model, config.preset_variant) if config.preset_variant
+                 else loader(cls.name, model_name or config.model))
         preset, version = _preset_parts(found)
     overrides = {**preset, **dict(config.method_overrides or {})}
     return make_config(cls.config_cls, overrides, method=cls.name), version
