@@ -47,7 +47,7 @@ class ROMEConfig(EditorConfig):
     ROME hparams (jianghoucheng/AlphaEdit hparams/ROME/Llama3-8B.json, EasyEdit llama3.2-3b.yaml; METHODS.md
     section 13) and checked on the default model: see ``editors/presets/rome.yaml`` for the measured choice."""
 
-    version = 2
+    version = 3  # v3: early_stop_prob 0 by default (the reference's stop only)
 
     layer: int = field(default=5, metadata=help_meta(
         "Decoder layer whose MLP output projection (down_proj / c_proj) is edited (0-based). ROME edits one early-"
@@ -69,10 +69,13 @@ class ROMEConfig(EditorConfig):
         "v_loss_layer = n_layers - 1); -1 means the last layer."))
     early_stop_loss: float = field(default=5e-2, metadata=help_meta(
         "The v* optimisation stops once its loss (nll + kl + weight decay) is below this (ROME compute_v: 5e-2)."))
-    early_stop_prob: float = field(default=0.95, metadata=help_meta(
-        "The v* optimisation also stops once the mean target probability over the rewriting prompts (geometric "
-        "mean over target tokens) reaches this; 0 disables it. Not in ROME: the KL term alone can keep the loss "
-        "above early_stop_loss after the target is reached (docs/DEFAULTS.md)."))
+    early_stop_prob: float = field(default=0.0, metadata=help_meta(
+        "If > 0, the v* optimisation also stops once the mean target probability over the rewriting prompts "
+        "(geometric mean over target tokens) reaches this. Not in ROME (the reference stops only at loss < "
+        "early_stop_loss); 0, the default, disables it. Measured over 30 sequential CounterFact edits "
+        "(docs/DEFAULTS.md, docs/reference_agreement.md): 0.95 saves 22% of the CPU time per edit and keeps "
+        "locality higher (0.83 vs 0.78) but loses generality (0.28 vs 0.38) and reliability (0.93 vs 0.95), and "
+        "moves ΔW away from the reference's (cos 0.987, ||ΔW_ref||/||ΔW|| 1.22 on the reference's templates)."))
     mom2_adjustment: bool = field(default=False, metadata=help_meta(
         "Use u = C^{-1} k* (ROME paper Eq. 2, C = E[k kᵀ] over a text corpus) instead of u = k*. The Llama ROME "
         "hparams (AlphaEdit Llama3-8B.json, EasyEdit llama3.2-3b.yaml) turn it off; see the preset for SmolLM2."))

@@ -60,7 +60,7 @@ def test_methods_command_shows_the_variants(capsys):
     assert main(["methods", "rome"]) == 0
     out = capsys.readouterr().out
     assert "preset variants (run --preset VARIANT):" in out and "Sets: early_stop_prob=0.0." in out
-    assert "0.938" in out and "1.31" in out  # what the preset's early stop and templates change
+    assert "0.955" in out and "1.18" in out and "1.31" in out  # what the templates and the old early stop change
     assert main(["methods", "pmet", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "z_attention=True" in info[0]["preset_variants"]["reference"]
