@@ -129,7 +129,7 @@ class AlphaEditConfig(MultiLayerConfig):
         "threshold depends on the activation scale of the model and layer (METHODS.md 5: with nothing below it, "
         "P = 0 and edits vanish); the two scale-free rules do not. Use 'absolute' with 2e-2 for the reference "
         "(the preset variant 'reference'): on SmolLM2 the preset's energy 0.1 keeps 739-875 null directions of "
-        "layers 4-8 against the reference's 1100-1291, and its ΔW for CounterFact record 0 has cos 0.83 and "
+        "layers 4-8 against the reference's 1100-1291, and its ΔW for CounterFact record 0 has cos 0.82 and "
         "||ΔW_ref||/||ΔW|| 0.85 to EasyEdit's, with the same p(target) after the edit, 0.985 "
         "(docs/reference_agreement.md).")})
     alpha: float = field(default=10.0, metadata={"help": (

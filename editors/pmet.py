@@ -17,8 +17,8 @@ Choices where the references differ or are silent (documented here, tested in te
   ``z_attention: true`` + ``adaptive_nll: true`` (the preset variant ``reference``) compute exactly that
   (:func:`editors.targets.compute_target_values`, ``attn_delta`` / ``adaptive_nll``). Measured on CounterFact
   edit-split record 0 with identical statistics (docs/reference_agreement.md): the FFN-only target is a labelled
-  deviation of 0.32-0.49 relative in ΔW per layer (p(target) after the edit 0.994 vs the reference's 0.976); the
-  reference variant agrees to the float floor.
+  deviation of 0.35-0.54 relative in ΔW per layer (p(target) after the edit 0.994 vs the reference's 0.976); the
+  reference variant agrees to 4.3-5.3e-6, the float floor.
 * Keys are template-averaged per group (as MEMIT); ``current`` values are read on the bare prompt.
 """
 from __future__ import annotations

@@ -64,3 +64,10 @@ def test_methods_command_shows_the_variants(capsys):
     assert main(["methods", "pmet", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "z_attention=True" in info[0]["preset_variants"]["reference"]
+
+
+def test_run_preset_flag_reaches_the_run_config(tmp_path, capsys):
+    """`python -m app run --preset VARIANT` is checked before anything runs (a method without the variant: exit 2)."""
+    code = main(["run", "--method", "ft", "--preset", "reference", "--runs-dir", str(tmp_path / "runs"),
+                 "--no-progress"])
+    assert code == 2 and "has no preset variant 'reference'" in capsys.readouterr().err
