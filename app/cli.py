@@ -12,6 +12,7 @@ Commands::
     bench    the editor benchmark (``python -m benchmarks.bench_editors`` in a subprocess; arguments passed on)
     study    reproduction studies (app/study.py)
     train    hypernetwork training of malmen / agrade (app/train.py)
+    export-stats  covariance statistics in EasyEdit's cache layout (app/export_stats.py)
 
 Exit codes: 0 done (a run that finished or diverged: the status says which), 1 a run failed, 2 invalid input
 (unknown method / field, bad data file, bad model), 130 interrupted.
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a method config field (repeatable); run.<field>=VALUE sets a run field, e.g. "
                         "run.general=none, run.protocols=tf_token_acc,gen_exact, run.hidden_states=true")
+    p.add_argument("--preset", dest="preset_variant", default="", metavar="VARIANT",
+                   help="a named variant of the method's preset, e.g. 'reference' (what the reference implementation "
+                        "computes); `python -m app methods METHOD` lists them")
     p.add_argument("--label", default="", help="free-text name of the run")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a config field of the method on top of its preset (repeatable), e.g. rank=128")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .export_stats import add_export_stats_parser  # export-stats (app/export_stats.py)
+    add_export_stats_parser(sub)
     return parser
 
 
@@ -235,7 +241,8 @@ def cmd_run(args) -> int:
         run_fields, overrides = run_sets(args.sets)
         config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
                            n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
-                           seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label)
+                           seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label,
+                           preset_variant=args.preset_variant)
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
@@ -404,7 +411,8 @@ def cmd_methods(args) -> int:
     for name in names:
         cls = get_editor_class(name)
         info.append({"name": name, "summary": cls.summary, "config": cls.config_cls.__name__,
-                     "config_version": cls.config_cls.version, "fields": cls.config_cls.field_help()})
+                     "config_version": cls.config_cls.version, "fields": cls.config_cls.field_help(),
+                     "preset_variants": _preset_variants(name)})
     if args.json:
         print(json.dumps(info, default=str))
         return EXIT_OK
@@ -420,7 +428,22 @@ def cmd_methods(args) -> int:
             print(f"  {f['name']} ({f['type']}, default {f['default']!r})")
             if f["help"] and (args.name or len(info) == 1):
                 print(textwrap.fill(f["help"], width=100, initial_indent="      ", subsequent_indent="      "))
+        if m["preset_variants"] and (args.name or len(info) == 1):
+            print("  preset variants (run --preset VARIANT):")
+            for variant, text in m["preset_variants"].items():
+                print(f"  {variant}")
+                print(textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="      "))
     return EXIT_OK
+
+
+def _preset_variants(method: str) -> dict[str, str]:
+    """``{variant: description, with the fields it sets}`` of the method's preset."""
+    from editors.presets import preset_variants, variant_config
+    out = {}
+    for variant, text in preset_variants(method).items():
+        sets = ", ".join(f"{k}={v}" for k, v in variant_config(method, variant).items()) or "nothing"
+        out[variant] = f"{text} Sets: {sets}."
+    return out
 
 
 def cmd_cancel(args) -> int:
@@ -506,8 +529,20 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+# ---- export-stats (app/export_stats.py) -------------------------------------------------------------------
+def cmd_export_stats(args) -> int:
+    from .export_stats import ExportStatsError, run_export_stats
+
+    try:
+        run_export_stats(args)
+    except ExportStatsError as exc:
+        raise CLIError(str(exc)) from exc
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
-            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study, "train": cmd_train}
+            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study, "train": cmd_train,
+            "export-stats": cmd_export_stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,6 +84,10 @@ class RunConfig:
         "Score every planned request on the unedited model first (kind='pre', n_edits=0)."))
     use_preset: bool = field(default=True, metadata=help_meta(
         "Start from the (method, model) preset when one exists; method_overrides apply on top."))
+    preset_variant: str = field(default="", metadata=help_meta(
+        "A named variant of the method's preset applied on top of it, e.g. 'reference' (what the reference "
+        "implementation computes; `python -m app methods NAME` lists a method's variants and what they change); "
+        "'' = none."))
     cache_dir: str | None = field(default=None, metadata=help_meta(
         "Cache root for statistics (covariances, ...); None = $EDITBENCH_CACHE or ~/.cache/editbench."))
     label: str = field(default="", metadata=help_meta("Free-text name shown in run lists."))
@@ -122,7 +126,7 @@ class RunConfig:
         """The method config this run uses and the preset version (None without a preset):
         :func:`editors.presets.build_config` for ``model_name`` (default: the run's ``model``)."""
         return build_config(self.method, model_name or self.model, self.method_overrides,
-                            use_preset=self.use_preset)
+                            use_preset=self.use_preset, variant=self.preset_variant)
 
     # ---- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

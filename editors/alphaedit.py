@@ -127,7 +127,11 @@ class AlphaEditConfig(MultiLayerConfig):
         "'absolute': eigenvalue s < threshold (AlphaEdit get_project); 'relative': s < threshold · s_max; "
         "'energy': the smallest eigen-directions that together hold at most threshold · trace(C). An absolute "
         "threshold depends on the activation scale of the model and layer (METHODS.md 5: with nothing below it, "
-        "P = 0 and edits vanish); the two scale-free rules do not. Use 'absolute' with 2e-2 for the reference.")})
+        "P = 0 and edits vanish); the two scale-free rules do not. Use 'absolute' with 2e-2 for the reference "
+        "(the preset variant 'reference'): on SmolLM2 the preset's energy 0.1 keeps 739-875 null directions of "
+        "layers 4-8 against the reference's 1100-1291, and its ΔW for CounterFact record 0 has cos 0.82 and "
+        "||ΔW_ref||/||ΔW|| 0.85 to EasyEdit's, with the same p(target) after the edit, 0.985 "
+        "(docs/reference_agreement.md).")})
     alpha: float = field(default=10.0, metadata={"help": (
         "α, the ridge in (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ (AlphaEdit hparams 'L2': 10; EasyEdit uses 1).")})
     store_null_basis: bool = field(default=True, metadata={"help": (

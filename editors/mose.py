@@ -63,7 +63,7 @@ from .registry import register
 from .requests import EditRequest
 from .stats import layer_covariances
 from .targets import compute_target_values, target_value_summary
-from .templates import context_template_groups
+from .templates import resolve_context_templates
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,8 @@ class MOSEEditor(Editor):
         layers = self.possible_layers()
         self.C = layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                           cache_dir=self.cache_dir, dtype=torch.float64)
-        self.templates = context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
-                                                        cache_dir=self.cache_dir)
+        self.templates = resolve_context_templates(self.lm, cfg.context_templates, self.seed,
+                                                   cache_dir=self.cache_dir)
         self._prepared = True
 
     # ---- the edit ----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from .keys import compute_keys, current_values
 from .requests import EditRequest
 from .stats import DEFAULT_MOM2_TOKENS, layer_covariances
 from .targets import compute_target_values, target_value_summary
-from .templates import as_template_groups, context_template_groups, parse_template_spec
+from .templates import as_template_groups, check_template_source, resolve_context_templates
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +299,13 @@ class MultiLayerConfig(EditorConfig):
         "Llama3-8B, 29 for SmolLM2-135M)."))
     early_stop_loss: float = field(default=5e-2, metadata=help_meta(
         "The target optimisation stops once its loss is below this (memit compute_z: 5e-2)."))
-    context_templates: str = field(default="memit", metadata=help_meta(
-        "Context-template spec (editors.templates.context_template_groups): 'memit' = '{}' plus 5 sampled prefixes "
-        "of 10 tokens in a second group (memit_main.py get_context_templates); 'rome' = 21 templates; or "
-        "'length:n_gen,...'. Keys are averaged within each group, then over groups (memit compute_ks)."))
+    context_templates: str | list = field(default="memit", metadata=help_meta(
+        "Context templates (editors.templates.resolve_context_templates). A spec of templates to sample: 'memit' = "
+        "'{}' plus 5 sampled prefixes of 10 tokens in a second group (memit_main.py get_context_templates); "
+        "'rome' = 21 templates; or 'length:n_gen,...'. Or the templates themselves: a list of lists of "
+        "'{}'-strings (groups, as MEMIT's [['{}'], [...]]; a flat list is ONE group), the same as a JSON string, "
+        "or the path of a .json / text file (blank lines separate groups). Keys are averaged within each group, "
+        "then over groups (memit compute_ks); the target optimisation uses all templates."))
     mom2_n_tokens: int = field(default=DEFAULT_MOM2_TOKENS, metadata=help_meta(
         "Tokens of the covariance sample C = E[k kᵀ] per layer (METHODS.md 0.1; the reference uses 100k Wikipedia "
         "articles, unreachable here). Computed once on the unedited model in prepare() and cached on disk."))
@@ -322,7 +325,7 @@ class MultiLayerConfig(EditorConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mom2_n_tokens < 1:
             raise ValueError(f"mom2_n_tokens must be >= 1, got {self.mom2_n_tokens}")
-        parse_template_spec(self.context_templates)
+        check_template_source(self.context_templates)
 
     def z_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`editors.targets.compute_target_values`."""
@@ -382,8 +385,8 @@ class MultiLayerEditor(Editor):
             self.C = layer_covariances(self.lm, layers, corpus=cfg.corpus, n_tokens=cfg.mom2_n_tokens,
                                               cache_dir=self.cache_dir, dtype=torch.float64)
         self.seconds_covariance = time.perf_counter() - t0
-        self.templates = context_template_groups(self.lm, seed=self.seed, spec=cfg.context_templates,
-                                                        cache_dir=self.cache_dir)
+        self.templates = resolve_context_templates(self.lm, cfg.context_templates, self.seed,
+                                                   cache_dir=self.cache_dir)
         self.prepare_method()
         self._prepared = True
 

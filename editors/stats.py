@@ -45,6 +45,12 @@ def float64_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if torch.device(device).type == "mps" else torch.device(device)
 
 
+def corpus_id(corpus: str = "builtin") -> str:
+    """The id statistics of ``corpus`` are cached under: ``<name>-<12 hex of the text's sha256>``; the name is
+    "pydoc" for the builtin corpus, else the text file's name (e.g. ``pydoc-71f2ff5d99bd``)."""
+    return _corpus(corpus)[1]
+
+
 def _corpus(corpus: str) -> tuple[str, str]:
     """(text, id) where the id names the corpus and hashes its content."""
     if corpus == "builtin":
@@ -142,6 +148,26 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
     return out
 
 
+def covariance_token_counts(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "builtin",
+                            n_tokens: int = DEFAULT_MOM2_TOKENS, seq_len: int = DEFAULT_MOM2_SEQ_LEN,
+                            cache_dir: str | None = None) -> dict[int, int]:
+    """``{layer: number of tokens}`` the cached ``C_l`` of :func:`layer_covariances` (same arguments) was averaged
+    over (``C = Σ k kᵀ / count``, so ``C * count`` is the raw sum other implementations store). Statistics missing
+    from the cache are computed first (on the unedited model)."""
+    layers = sorted(set(int(x) for x in layers))
+    cid = corpus_id(corpus)
+    paths = {layer: _stats_path(lm, layer, cid, n_tokens, seq_len, cache_dir) for layer in layers}
+    missing = [layer for layer, path in paths.items() if not os.path.exists(path)]
+    if missing:
+        layer_covariances(lm, missing, corpus=corpus, n_tokens=n_tokens, seq_len=seq_len, cache_dir=cache_dir)
+    from safetensors import safe_open
+    out = {}
+    for layer, path in paths.items():
+        with safe_open(path, "pt") as fh:
+            out[layer] = int(fh.get_tensor("count").reshape(-1)[0])
+    return out
+
+
 def layer_covariance(lm: LoadedModel, layer: int, *, corpus: str = "builtin", n_tokens: int = DEFAULT_MOM2_TOKENS,
                      seq_len: int = DEFAULT_MOM2_SEQ_LEN, cache_dir: str | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,4 +191,4 @@ def corpus_windows(tok, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
 
 
 __all__ = ["DEFAULT_MOM2_TOKENS", "DEFAULT_MOM2_SEQ_LEN", "builtin_corpus_text", "float64_device", "corpus_windows",
-           "layer_covariances", "layer_covariance"]
+           "corpus_id", "layer_covariances", "layer_covariance", "covariance_token_counts"]

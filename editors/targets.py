@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: the KL prompt of ROME / MEMIT (``kl_prompts = ["{} is a"]``)
 KL_PROMPT = "{} is a"
+#: PMET's adaptive NLL (compute_zs): the NLL weight once the target is the argmax everywhere, and the KL-term level
+#: at which the optimisation then stops
+ADAPTIVE_NLL_FACTOR = 0.1
+ADAPTIVE_KL_STOP = 0.01
 
 
 def _first(output):
@@ -170,8 +174,8 @@ class _SuffixRunner:
 def compute_target_values(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, *, site: str = "mlp_out",
                           templates=("{}",), steps: int = 25, lr: float = 0.5, weight_decay: float = 1e-3,
                           clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625, loss_layer: int | None = None,
-                          early_stop_loss: float = 5e-2, early_stop_prob: float | None = None, fast: bool = True
-                          ) -> tuple[torch.Tensor, dict]:
+                          early_stop_loss: float = 5e-2, early_stop_prob: float | None = None, fast: bool = True,
+                          attn_delta: bool = False, adaptive_nll: bool = False) -> tuple[torch.Tensor, dict]:
     """z / v*: the value at the edit site that makes the model predict ``target_new`` (METHODS.md 0.4).
 
     For each request (independently, on the model as it is now) a vector ``delta [d]`` is added at the subject's
@@ -188,23 +192,37 @@ def compute_target_values(lm: LoadedModel, requests: Sequence[EditRequest], laye
     ``||delta|| <= clamp_norm_factor * ||v_init||``. ``v_init`` is the site's value at the first template's prompt
     ("{}": the prompt itself in ROME/MEMIT); the result is ``Z = v_init + delta``.
 
+    PMET's target optimisation (EasyEdit / xpq-tech PMET ``compute_zs``), for ``site="mlp_out"``:
+
+    * ``attn_delta``: a second vector ``delta_attn`` is added at the same positions to the OUTPUT of layer
+      ``layer``'s attention (its output projection) and optimised jointly (one Adam over both), with its own
+      weight decay ``weight_decay * ||delta_attn|| / ||a_init||^2`` added to the loss and its own clamp to
+      ``clamp_norm_factor * ||a_init||``; ``Z`` is still ``v_init + delta`` (the MLP output target);
+    * ``adaptive_nll``: once the target is the argmax at every target position of every rewriting prompt, the NLL
+      of the NEXT forward is weighted by :data:`ADAPTIVE_NLL_FACTOR` (back to 1 otherwise) and the optimisation
+      stops when the KL term (``kl_factor`` included, as compute_zs does) is <= :data:`ADAPTIVE_KL_STOP`.
+
     Args:
         templates: flat list (or groups, flattened) of "{}"-templates; the first should be "{}".
         loss_layer: layer whose output is read for the logits (None: the last layer).
         fast: subject-aligned cached computation (module docstring); False: plain full forwards.
+        attn_delta, adaptive_nll: PMET's joint attention delta and adaptive NLL (above).
 
     Returns:
         ``Z [n, d]`` fp32 and ``info`` with per-request lists ``steps, loss, nll, kl, target_prob, delta_norm,
-        init_norm, seconds`` and ``init`` (``[n, d]``, the values before optimisation).
+        init_norm, seconds`` (with ``attn_delta`` also ``attn_delta_norm, attn_init_norm``) and ``init``
+        (``[n, d]``, the values before optimisation).
     """
     spec = lm.spec
     site_module(lm, layer, site)
+    if attn_delta and site != "mlp_out":
+        raise ValueError("attn_delta (PMET's joint attention target) needs site='mlp_out'")
     loss_layer = spec.n_layers - 1 if loss_layer is None or loss_layer < 0 else loss_layer
     if not layer <= loss_layer < spec.n_layers:
         raise ValueError(f"loss layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
     flat = [t for g in as_template_groups(templates) for t in g]
-    info: dict[str, Any] = {k: [] for k in ("steps", "loss", "nll", "kl", "target_prob", "delta_norm", "init_norm",
-                                            "seconds")}
+    keys = ("steps", "loss", "nll", "kl", "target_prob", "delta_norm", "init_norm", "seconds")
+    info: dict[str, Any] = {k: [] for k in keys + (("attn_delta_norm", "attn_init_norm") if attn_delta else ())}
     Z, inits = [], []
     model = lm.model
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -218,7 +236,8 @@ def compute_target_values(lm: LoadedModel, requests: Sequence[EditRequest], laye
             z, init, rec = _optimise_one(lm, req, layer, site, flat, loss_layer, steps=steps, lr=lr,
                                          weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
                                          kl_factor=kl_factor, early_stop_loss=early_stop_loss,
-                                         early_stop_prob=early_stop_prob, fast=fast)
+                                         early_stop_prob=early_stop_prob, fast=fast, attn_delta=attn_delta,
+                                         adaptive_nll=adaptive_nll)
             Z.append(z)
             inits.append(init)
             for k, v in rec.items():
@@ -236,16 +255,21 @@ def compute_target_values(lm: LoadedModel, requests: Sequence[EditRequest], laye
 
 def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, templates: list[str], loss_layer: int,
                   *, steps: int, lr: float, weight_decay: float, clamp_norm_factor: float, kl_factor: float,
-                  early_stop_loss: float, early_stop_prob: float | None, fast: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                  early_stop_loss: float, early_stop_prob: float | None, fast: bool, attn_delta: bool = False,
+                  adaptive_nll: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     spec, model = lm.spec, lm.model
     final_norm = model.get_submodule(spec.final_norm)
     unembed = model.get_output_embeddings()
     P = _build_prompts(lm, req, templates)
     T = int(P.target.numel())
     B = P.ids.shape[0]
-    delta = torch.zeros(spec.hidden_size, device=lm.device, requires_grad=True)
-    state: dict[str, torch.Tensor] = {}
+    # the optimised vectors by the module they are added to (the site; PMET's attention output too)
+    edit_name = site_module(lm, layer, site)
+    deltas = {edit_name: torch.zeros(spec.hidden_size, device=lm.device, requires_grad=True)}
+    if attn_delta:
+        deltas[spec.attn_out_module(layer)] = torch.zeros(spec.hidden_size, device=lm.device, requires_grad=True)
+    delta = deltas[edit_name]
+    inits: dict[str, torch.Tensor] = {}  # module name -> its output at row 0's subject token before any change
 
     if fast:
         start = layer if site == "mlp_out" else layer + 1
@@ -256,8 +280,7 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         sel_rows = torch.cat([P.tgt_rows, torch.tensor([B - 1], device=lm.device)])
         sel_cols = torch.cat([P.tgt_cols, torch.tensor([0], device=lm.device)])
         if site == "residual":
-            state["init"] = runner.h0[0, 0].detach().clone()
-        mlp_name = spec.mlp_module(layer)
+            inits[edit_name] = runner.h0[0, 0].detach().clone()
 
         def forward() -> torch.Tensor:
             if site == "residual":
@@ -266,62 +289,80 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
 
             def add(name, output):
                 out = _first(output)
-                if "init" not in state:
-                    state["init"] = out[0, 0].detach().clone()
-                new = out + at_subject * delta
+                if name not in inits:
+                    inits[name] = out[0, 0].detach().clone()
+                new = out + at_subject * deltas[name]
                 return (new, *output[1:]) if isinstance(output, tuple) else new
 
-            with Trace(model, [mlp_name], edit_output=add):
+            with Trace(model, list(deltas), edit_output=add):
                 h = runner.hidden(runner.h0)
             return h[sel_rows, sel_cols]
     else:
-        forward = _reference_forward(lm, P, layer, site, loss_layer, delta, state)
+        forward = _reference_forward(lm, P, loss_layer, deltas, inits)
 
-    opt = torch.optim.Adam([delta], lr=lr)
+    opt = torch.optim.Adam(list(deltas.values()), lr=lr)
     kl_init = None
     rec: dict[str, float] = {}
     n_steps = 0
+    nll_factor = 1.0
+    targets_all = P.target.repeat(P.n_rewrite)[:, None]  # [n_rewrite*T, 1]
     for it in range(max(1, steps)):
         opt.zero_grad()
         h_sel = forward()  # [n_rewrite*T + 1, d] pre-norm hidden states at the needed positions
         logits = unembed(final_norm(h_sel)).float()
         logp = torch.log_softmax(logits, dim=-1)
-        tok_lp = logp[:-1].gather(1, P.target.repeat(P.n_rewrite)[:, None]).squeeze(1)
-        nll_each = -tok_lp.view(P.n_rewrite, T).sum(1) / T
+        tok_lp = logp[:-1].gather(1, targets_all).squeeze(1)
+        nll_each = -tok_lp.view(P.n_rewrite, T).sum(1) / T  # per prompt, averaged over the target's tokens
         nll = nll_each.mean()
         kl_logp = logp[-1:]
         if kl_init is None:
             kl_init = kl_logp.detach().clone()
+        # KL(p_now || p_init) at the KL prompt's subject token (ROME: kl_div(init, now, log_target=True))
         kl = kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-        init = state["init"]
-        wd = weight_decay * delta.norm() / init.norm() ** 2
-        loss = nll + kl + wd
+        wd = sum(weight_decay * d.norm() / inits[name].norm() ** 2 for name, d in deltas.items())
+        loss = nll_factor * nll + kl + wd
         prob = torch.exp(-nll_each).mean().item()
         rec = {"steps": n_steps, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "target_prob": prob}
-        log.debug("z step %d: loss %.4f = nll %.4f + kl %.4f + wd %.4f, p(target) %.3f, |delta| %.2f", it,
-                  rec["loss"], rec["nll"], rec["kl"], wd.item(), prob, delta.detach().norm().item())
+        log.debug("z step %d: loss %.4f = %g * nll %.4f + kl %.4f + wd %.4f, p(target) %.3f, |delta| %.2f", it,
+                  rec["loss"], nll_factor, rec["nll"], rec["kl"], float(wd.detach()), prob,
+                  delta.detach().norm().item())
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"z optimisation for {req.case_id!r}: the loss became {rec['loss']}")
         if loss.item() < early_stop_loss or (early_stop_prob is not None and prob >= early_stop_prob):
             break
+        if adaptive_nll:
+            # PMET compute_zs: max_prob == prob, i.e. the target is the argmax at every target position
+            if bool((tok_lp == logp[:-1].max(dim=-1).values).all()):
+                nll_factor = ADAPTIVE_NLL_FACTOR
+                if kl.item() <= ADAPTIVE_KL_STOP:
+                    break
+            else:
+                nll_factor = 1.0
         if it == steps - 1:
             break
         loss.backward()
         opt.step()
         n_steps += 1
         with torch.no_grad():
-            max_norm = clamp_norm_factor * init.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    init = state["init"].float()
+            for name, d in deltas.items():
+                max_norm = clamp_norm_factor * inits[name].norm()
+                if d.norm() > max_norm:
+                    d.mul_(max_norm / d.norm())
+    init = inits[edit_name].float()
     rec["delta_norm"] = delta.detach().norm().item()
     rec["init_norm"] = init.norm().item()
+    if attn_delta:
+        attn_name = spec.attn_out_module(layer)
+        rec["attn_delta_norm"] = deltas[attn_name].detach().norm().item()
+        rec["attn_init_norm"] = inits[attn_name].norm().item()
     return (init + delta.detach()).float(), init, rec
 
 
-def _reference_forward(lm: LoadedModel, P: _Prompts, layer: int, site: str, loss_layer: int,
-                       delta: torch.Tensor, state: dict) -> Callable[[], torch.Tensor]:
-    """Plain full forwards of right-padded prompts with a hook adding ``delta`` (the test oracle for ``fast``)."""
+def _reference_forward(lm: LoadedModel, P: _Prompts, loss_layer: int, deltas: Mapping[str, torch.Tensor],
+                       inits: dict) -> Callable[[], torch.Tensor]:
+    """Plain full forwards of right-padded prompts with hooks adding each of ``deltas`` (module name -> vector) at
+    the subject's last token (the test oracle for ``fast``); ``inits`` receives each module's first output at row
+    0's subject token."""
     spec, model = lm.spec, lm.model
     B = P.ids.shape[0]
     # undo the left alignment: row r starts at its first real token
@@ -339,20 +380,19 @@ def _reference_forward(lm: LoadedModel, P: _Prompts, layer: int, site: str, loss
     at_subject[torch.arange(B, device=lm.device), subj] = 1.0
     rows = torch.cat([P.tgt_rows, torch.tensor([B - 1], device=lm.device)])
     cols = torch.cat([P.tgt_cols, torch.tensor([0], device=lm.device)]) + subj[rows]
-    edit_name = site_module(lm, layer, site)
     read_name = spec.layer(loss_layer)
 
     def add(name, output):
-        if name != edit_name:
+        if name not in deltas:
             return None
         out = _first(output)
-        if "init" not in state:
-            state["init"] = out[0, subj[0]].detach().clone()
-        new = out + at_subject * delta
+        if name not in inits:
+            inits[name] = out[0, subj[0]].detach().clone()
+        new = out + at_subject * deltas[name]
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def forward() -> torch.Tensor:
-        names = [edit_name] if edit_name == read_name else [edit_name, read_name]
+        names = list(deltas) + ([read_name] if read_name not in deltas else [])
         with Trace(model, names, edit_output=add, retain_output=True, detach=False, stop_after=read_name) as tr:
             model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         return tr.outputs[read_name][rows, cols]
@@ -375,4 +415,4 @@ def target_value_summary(z_info: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["KL_PROMPT", "compute_target_values", "target_value_summary"]
+__all__ = ["KL_PROMPT", "ADAPTIVE_NLL_FACTOR", "ADAPTIVE_KL_STOP", "compute_target_values", "target_value_summary"]

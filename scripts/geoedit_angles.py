@@ -13,13 +13,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from analysis.angles import angle_summary, neuron_angle_frame  # noqa: E402
 from editors.base import make_config  # noqa: E402

@@ -20,10 +20,6 @@ import sys
 import time
 from collections import defaultdict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 from analysis.evaluation import greedy_continuations, starts_with_target, teacher_forced  # noqa: E402
 from editors.data import builtin_probes, builtin_requests  # noqa: E402
 from editors.models import load_model  # noqa: E402

@@ -45,6 +45,10 @@ def test_layer_covariance_matches_a_direct_computation(cache_dir):
         lm.model(input_ids=windows)
     K = tr.inputs[name].reshape(-1, lm.spec.mlp_size).double()
     torch.testing.assert_close(C, K.T @ K / K.shape[0], rtol=1e-5, atol=1e-7)
+    # the token count of the cached C (layer 2 is computed on the way), so that C * count is the raw sum
+    counts = stats.covariance_token_counts(lm, [1, 2], n_tokens=256, seq_len=128, cache_dir=cache_dir)
+    assert counts == {1: K.shape[0], 2: K.shape[0]} and K.shape[0] == windows.numel() == 256
+    assert stats.corpus_id("builtin").startswith("pydoc-")
 
 
 def test_layer_covariance_refuses_an_edited_model(cache_dir):
