@@ -42,8 +42,7 @@ def _request():
 # default-model edits: up to 332 s (adaedit, mose) on the shared 2-core machine (load ~8, 2026-12-01)
 @pytest.mark.timeout(900)
 def test_edit_succeeds_keeps_france_and_undoes(clean_default_lm, method):
-    if method not in available_methods():
-        pytest.skip(f"{method} is not installed")
+    assert method in available_methods()
     lm = clean_default_lm
     req = _request()
     assert ev.greedy_continuations(lm, [FRANCE], 4)[0].strip().startswith("Paris")

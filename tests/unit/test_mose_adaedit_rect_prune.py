@@ -30,7 +30,6 @@ from editors.base import EditResult, apply_result, make_config
 from editors.mose import MOSEConfig, MOSEEditor, edit_layers_around, layer_score, procrustes_rotation, spectral
 from editors.prune import PRUNEConfig, PRUNEEditor, restrain, restrain_values, restrained_bound
 from editors.rect import RECTConfig, RECTEditor, rect_delta, rect_mask
-from editors.registry import available_methods
 from editors.requests import make_request
 from editors.testing import tiny_model
 
@@ -292,8 +291,6 @@ def test_rect_keeps_exactly_the_configured_fraction_by_relative_change():
 
 
 def test_rect_editor_on_memit_base_has_configured_density():
-    if "memit" not in available_methods():
-        pytest.skip("memit not installed")
     lm = tiny_model("llama", seed=12)
     base = {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2}
     cfg = make_config(RECTConfig, {"base": "memit", "base_overrides": base, "keep_fraction": 0.25})
@@ -340,8 +337,6 @@ def test_restrain_bounds_every_singular_value():
 
 
 def test_prune_editor_restrains_the_accumulated_edit_over_sequential_edits():
-    if "memit" not in available_methods():
-        pytest.skip("memit not installed")
     lm = tiny_model("llama", seed=14)
     base = {"layers": (1,), "mom2_n_tokens": 2000, "v_num_grad_steps": 3}
     # "linear": a tiny model's update is too small for the log restraint to bite (log_b(σ/σ_max) > σ for σ < ~5)
@@ -372,8 +367,6 @@ def test_prune_editor_restrains_the_accumulated_edit_over_sequential_edits():
 
 
 def test_prune_editor_returns_base_delta_when_nothing_exceeds_sigma_max():
-    if "memit" not in available_methods():
-        pytest.skip("memit not installed")
     lm = tiny_model("llama", seed=15)
     base = {"layers": (1,), "mom2_n_tokens": 2000, "v_num_grad_steps": 2}
     ed = PRUNEEditor(lm, make_config(PRUNEConfig, {"base": "memit", "base_overrides": base}), seed=0)
