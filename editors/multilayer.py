@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from .base import EditError, Editor, EditorConfig, EditResult
+from .base import EditError, Editor, EditorConfig, EditResult, add_update_, math_dtype
 from .fields import help_meta
 from .keys import compute_keys, current_values
 from .requests import EditRequest
@@ -211,6 +211,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
             R_total = Z.T - cur
             R = spread_residual(R_total, i, len(layers), spread)
             W = spec.to_canonical(params[names[layer]].detach())
+            W = W.to(math_dtype(W.dtype))  # the solve sees fp32 (fp64) weights, also of a half-precision model
             C = covariances.get(layer) if covariances is not None else None
             state = LayerState(layer=layer, position=i, n_edit_layers=len(layers), W=W,
                                C=None if C is None else C.to(lm.device, solve_dtype),
@@ -237,7 +238,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
             }
             d_param = spec.to_param_layout(d32).contiguous()
             with torch.no_grad():
-                params[names[layer]].add_(d_param)  # exactly what apply_result will do
+                add_update_(params[names[layer]], d_param)  # exactly what apply_result will do (one rounding)
             deltas[names[layer]] = d_param
             canonical[layer] = d32
             keys[layer] = K.detach()
