@@ -42,6 +42,21 @@ def general_tasks(spec: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(dict.fromkeys(tasks)), glue_dir
 
 
+#: the cost / fidelity trade-off of the long-run fields, for ``python -m app methods`` and the README
+LONG_RUN_NOTE = """\
+Long runs (run fields, --set run.FIELD=VALUE or `run --checkpoints/--retention-sample/--dtype`):
+  Exact retention (retention_sample=0) re-scores every edit made so far at every checkpoint: N edits with a
+  checkpoint every E steps cost ~N^2/(2E) request evaluations (10,000 edits, E=10: 5 million).
+  checkpoint_schedule=geometric checkpoints after steps 1,2,5,10,20,50,...: exact retention then costs ~1.9 N in
+  all, but the curves have ~3 points per decade and a collapse is located only to within a factor 2-2.5.
+  retention_sample=K re-scores K edits per checkpoint (one from each of K equal parts of the run, seeded): cost
+  K per checkpoint, dense curves, but the retention means are estimates (standard error ~ sd/sqrt(K), at most
+  0.5/sqrt(K) for a 0/1 score) and per-edit retention is known only for the sampled edits.
+  Store rows follow the evaluations (a sample: ~5K per checkpoint). dtype=bfloat16 halves memory on a GPU; edit maths
+  stays float32, and each update is rounded to bf16 once when applied (an update below bf16's resolution of a
+  weight, ~0.4% of it, is lost for that weight)."""
+
+
 def geometric_steps(n_steps: int) -> list[int]:
     """Steps 1, 2, 5, 10, 20, 50, ... ({1,2,5}·10^k) up to ``n_steps``, and ``n_steps`` itself."""
     out, k = set(), 1
@@ -235,4 +250,5 @@ class RunConfig:
 
 
 __all__ = ["RunConfig", "general_tasks", "PROBE_CHOICES", "GLUE_TASKS", "ConfigError", "DTYPE_CHOICES",
-           "geometric_steps", "parse_schedule", "checkpoint_steps", "retention_priorities", "stratified_sample"]
+           "geometric_steps", "parse_schedule", "checkpoint_steps", "retention_priorities", "stratified_sample",
+           "LONG_RUN_NOTE"]

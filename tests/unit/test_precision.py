@@ -142,3 +142,46 @@ def test_multilayer_rounds_like_apply_result(twins):
     finally:
         undo(lm16.model)
     assert after == out.info["residual_final"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no needless per-edit work: cheaper decompositions, checked against the exact ones
+# ---------------------------------------------------------------------------------------------------------------
+def test_randomized_top_svd_matches_exact():
+    from editors.adaedit import sr_fusion, top_svd
+    g = torch.Generator().manual_seed(0)
+    # a MEMIT-like update: rank 5 (a batch of 5 edits), 96 x 400
+    D = torch.randn(96, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 400, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    Ur, Sr, Vhr = top_svd(D, 4, method="randomized")
+    assert Sr.shape[0] == 12  # r + oversample columns
+    assert torch.allclose(Sr[:5], S[:5], rtol=1e-10) and float(Sr[5:].max()) < 1e-10 * float(S[0])
+    for i in range(4):  # the same singular vectors up to sign
+        assert abs(abs(float(Ur[:, i] @ U[:, i])) - 1) < 1e-9 and abs(abs(float(Vhr[i] @ Vh[i])) - 1) < 1e-9
+    # so SRFusion gives the same fused update (sign-invariant) either way
+    exact = sr_fusion(D, 4, 0.45, svd="exact")
+    assert torch.allclose(sr_fusion(D, 4, 0.45, svd="randomized"), exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
+    # a full-rank matrix with a decaying spectrum: the top-4 values to 1e-6 with 2 power iterations
+    Q1, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(400, 96, generator=g, dtype=torch.float64))
+    s = 0.5 ** torch.arange(96, dtype=torch.float64)
+    F = Q1 @ torch.diag(s) @ Q2.T
+    _, Sf, _ = top_svd(F, 4, method="randomized")
+    assert torch.allclose(Sf[:4], s[:4], rtol=1e-6)
+    # auto: exact on small matrices (min dim <= 4 (r + 8))
+    assert top_svd(D[:40], 4, method="auto")[1].shape[0] == 40
+    with pytest.raises(ValueError, match="auto, exact, randomized"):
+        top_svd(D, 4, method="lanczos")
+
+
+def test_max_rotation_angle_matches_eigvals():
+    from editors.mose import max_rotation_angle
+    g = torch.Generator().manual_seed(1)
+    for d in (2, 7, 30):
+        A = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3
+        R = torch.linalg.matrix_exp(A - A.T)  # a rotation (det +1)
+        expect = float(torch.linalg.eigvals(R).angle().abs().max())
+        assert abs(max_rotation_angle(R) - expect) < 1e-6, d
+    assert max_rotation_angle(torch.eye(5)) == 0.0
+    refl = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))  # an eigenvalue -1: angle pi
+    assert abs(max_rotation_angle(refl) - torch.pi) < 1e-6
