@@ -355,4 +355,5 @@ class MOSEEditor(Editor):
         return factors, per_layer
 
 
-__all__ = ["MOSEConfig", "MOSEEditor", "procrustes_rotation", "max_rotation_angle", "layer_score", "edit_layers_around", "spectral"]
+__all__ = ["MOSEConfig", "MOSEEditor", "procrustes_rotation", "max_rotation_angle", "layer_score",
+           "edit_layers_around", "spectral"]
