@@ -157,3 +157,25 @@ def test_missing_artifact_file_is_a_clear_error(tmp_path):
         store.get_artifact(rid, "big")
 
 
+
+
+def test_cli_long_run_flags(tmp_path, capsys, standins, tiny_dir):
+    import json
+
+    import tests.engine_doubles  # noqa: F401  (registers unit-shift)
+    from app.cli import main
+    runs = tmp_path / "runs"
+    code = main(["run", "--model", tiny_dir, "--method", "unit-shift", "--n-edits", "6", "--device", "cpu",
+                 "--runs-dir", str(runs), "--set", "run.general=none", "--checkpoints", "geometric",
+                 "--retention-sample", "2", "--dtype", "float32", "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    run_id = json.loads(out.strip().splitlines()[-1])["run_id"]
+    store = RunStore(runs)
+    cfg = store.get_run(run_id)["config"]
+    assert (cfg["checkpoint_schedule"], cfg["retention_sample"], cfg["dtype"]) == ("geometric", 2, "float32")
+    ret = store.metrics_frame([run_id], kinds=["retention"], metrics=["reliability"], aggregates_only=True)
+    assert sorted(set(ret["n_edits"])) == [1, 2, 5, 6]
+    code = main(["methods"])
+    out, _ = capsys.readouterr()
+    assert "checkpoint_schedule=geometric" in out and "retention_sample=K" in out
