@@ -185,3 +185,18 @@ def test_max_rotation_angle_matches_eigvals():
     assert max_rotation_angle(torch.eye(5)) == 0.0
     refl = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))  # an eigenvalue -1: angle pi
     assert abs(max_rotation_angle(refl) - torch.pi) < 1e-6
+
+
+@pytest.mark.parametrize("precision, expect", [("auto", torch.float64), ("float32", torch.float32)])
+def test_solve_precision_is_a_choice(twins, precision, expect):
+    """MultiLayerConfig.solve_precision: the closed form gets K, R and C in that dtype ('auto' = the method's own)."""
+    _, lm32 = twins
+    cfg, _ = build_config("memit", "tiny", {**method_info("memit").tiny, "solve_precision": precision},
+                          use_preset=False)
+    editor = get_editor_class("memit")(lm32, cfg, seed=0)
+    seen = []
+    solve = editor.solve
+    editor.solve = lambda K, R, state: (seen.append((K.dtype, R.dtype, state.C.dtype)), solve(K, R, state))[1]
+    res = editor.edit(list(REQUESTS[:1]))
+    assert seen and all(d == (expect, expect, expect) for d in seen)
+    assert all(d.dtype == torch.float32 for d in res.deltas.values())
