@@ -76,16 +76,21 @@ def teacher_forced(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[st
             for j in range(lt):
                 rows.append(r)
                 cols.append(lp - 1 + j)
-        h = base(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
-        logits = unembed(h[torch.tensor(rows), torch.tensor(cols)]).float()
+        dev = lm.device
+        h = base(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        logits = unembed(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
         logp = torch.log_softmax(logits, dim=-1)
+        # every target token of the batch at once: one transfer of argmaxes and one of per-prompt sums (no
+        # host sync per prompt)
+        tgt_all = torch.tensor([t for i in idx for t in pairs[i][1]], device=dev)
+        seg = torch.tensor([r for r, i in enumerate(idx) for _ in pairs[i][1]], device=dev)
+        tok_lp = logp.gather(1, tgt_all[:, None]).squeeze(1)
+        sums = torch.zeros(len(idx), device=dev, dtype=tok_lp.dtype).index_add_(0, seg, tok_lp).tolist()
+        am_all = logits.argmax(-1).tolist()
         k = 0
         for r, i in enumerate(idx):
             tgt = pairs[i][1]
-            sl = slice(k, k + len(tgt))
-            am = logits[sl].argmax(-1).tolist()
-            lps = logp[sl].gather(1, torch.tensor(tgt, device=logp.device)[:, None]).sum().item()
-            out[i] = TFOut(tuple(tgt), tuple(am), float(lps))
+            out[i] = TFOut(tuple(tgt), tuple(am_all[k:k + len(tgt)]), float(sums[r]))
             k += len(tgt)
     return out  # type: ignore[return-value]
 

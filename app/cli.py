@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (retention etc.); the last step always is one (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights' dtype (default auto: bfloat16 on a CUDA GPU with bf16, float32 elsewhere); edit "
+                        "maths is float32 either way")
+    p.add_argument("--checkpoints", dest="checkpoint_schedule", default="every", metavar="SCHEDULE",
+                   help="every (every --eval-every steps, default) | geometric (steps 1,2,5,10,20,50,...) | a comma "
+                        "list of steps")
+    p.add_argument("--retention-sample", type=int, default=0, metavar="K",
+                   help="re-score a seeded stratified sample of K edits so far at each checkpoint (0 = all, exact)")
     _add_threads(p)
     _add_runs_dir(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -242,7 +250,8 @@ def cmd_run(args) -> int:
         config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
                            n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
                            seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label,
-                           preset_variant=args.preset_variant)
+                           preset_variant=args.preset_variant, dtype=args.dtype,
+                           checkpoint_schedule=args.checkpoint_schedule, retention_sample=args.retention_sample)
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
@@ -433,6 +442,10 @@ def cmd_methods(args) -> int:
             for variant, text in m["preset_variants"].items():
                 print(f"  {variant}")
                 print(textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="      "))
+    if not args.name and len(info) > 1:
+        from .runconfig import LONG_RUN_NOTE
+        print()
+        print(LONG_RUN_NOTE)
     return EXIT_OK
 
 

@@ -33,7 +33,7 @@ import torch
 from analysis import evaluation as ev
 from analysis import general
 from analysis.angles import flat_angle, update_angles
-from analysis.collapse import detect_collapse
+from analysis.collapse import INDICATORS, PERFORMANCE, detect_collapse
 from analysis.hidden import capture_states, shift_metrics
 from analysis.weights import matrix_stats, singular_values
 from editors import data
@@ -43,12 +43,15 @@ from editors.requests import EditRequest
 
 from .procs import Heartbeat
 from .provenance import package_versions
-from .runconfig import RunConfig, general_tasks
+from .runconfig import RunConfig, checkpoint_steps, general_tasks, retention_priorities, stratified_sample
 from .store import TERMINAL, RunStore
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
+
+#: the metric kinds collapse detection reads (analysis.collapse's performance signals and indicators)
+COLLAPSE_KINDS = tuple(dict.fromkeys(s.kind for s in (*PERFORMANCE, *INDICATORS) if s.kind))
 
 #: protocol label of general-ability rows: the candidate answer with the highest log-probability (analysis.general)
 GENERAL_PROTOCOL = "logprob_choice"
@@ -217,6 +220,7 @@ class SequentialRun:
         self.n_done = 0
         self.step = 0
         self.started = time.time()
+        self.priorities = np.zeros(0)  # per-edit priorities of the retention sample (setup)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _notify(self, phase: str, **info: Any) -> None:
@@ -281,9 +285,14 @@ class SequentialRun:
         if self.lm is None:
             from editors.models import load_model
             self._notify("load_model")
-            self.lm = load_model(cfg.model, device=cfg.device)
+            self.lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        dtype = str(next(self.lm.model.parameters()).dtype).replace("torch.", "")
+        if cfg.dtype != "auto" and dtype != cfg.dtype:
+            raise ConfigError(f"the run asks for dtype {cfg.dtype} but the model given is {dtype}")
+        versions = (self.store.get_run(self.run_id).get("package_versions") or {})
         self.store.update_run(self.run_id, model=self.lm.name, model_hash=self.lm.model_hash,
-                              device=str(self.lm.device))
+                              device=str(self.lm.device), package_versions={**versions, "model_dtype": dtype})
+        self.priorities = retention_priorities(cfg.seed, len(self.requests))
         editor_cls = get_editor_class(cfg.method)
         self.editor = editor_cls(self.lm, self.method_config, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self._notify("prepare")
@@ -413,7 +422,7 @@ class SequentialRun:
         common = {"n_edits": self.n_done, "step": self.step}
         rows: list[dict] = []
         artifacts = []
-        done = self.requests[:self.n_done]
+        done = [self.requests[i] for i in stratified_sample(self.n_done, cfg.retention_sample, self.priorities)]
         retention = self._evaluate(done, "retention evaluation")
         rcommon = {**common, "kind": "retention"}
         rows += [{**rcommon, **r} for r in retention] + _mean_rows(retention, **rcommon)
@@ -440,6 +449,7 @@ class SequentialRun:
         rows += [{**tcommon, "metric": "seconds_per_edit", "value": self.edit_seconds / max(1, self.n_done)},
                  {**tcommon, "metric": "peak_mem_mb", "value": self.peak_mem},
                  {**tcommon, "metric": "eval_seconds", "value": eval_seconds},
+                 {**tcommon, "metric": "retention_scored", "value": float(len(done))},
                  # cumulative split of the run's time so far (the diagnostics' share is a benchmark figure)
                  {**tcommon, "metric": "edit_seconds_total", "value": self.edit_seconds},
                  {**tcommon, "metric": "evaluation_seconds_total", "value": self.eval_seconds_total},
@@ -485,7 +495,8 @@ class SequentialRun:
         return rows, svals
 
     def collapse_rows(self) -> list[dict]:
-        df = self.store.metrics_frame([self.run_id])
+        # only what detect_collapse reads: aggregate rows of the signals' kinds (never every per-case row of a run)
+        df = self.store.metrics_frame([self.run_id], kinds=list(COLLAPSE_KINDS), aggregates_only=True)
         out = detect_collapse(df)
         if len(out) == 0:
             return []
@@ -513,13 +524,13 @@ class SequentialRun:
             store.write_step(run_id, metric_rows=rows)
             bs = self.config.batch_size
             n_steps = math.ceil(len(self.requests) / bs)
-            every = self.config.eval_every
+            at = set(checkpoint_steps(self.config, n_steps))
             self._notify("start", n_steps=n_steps)
             for s in range(n_steps):
                 if self._cancel_wanted():
                     raise Cancelled()
                 self.edit_step(self.requests[s * bs:(s + 1) * bs])
-                if (every and self.step % every == 0) or self.step == n_steps:
+                if self.step in at:
                     self.checkpoint()
             status = "finished"
         except Diverged as exc:

@@ -12,9 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from analysis import evaluation as ev
 from editors.base import ConfigError, EditorConfig
 from editors.fields import check_names, coerce, coerce_fields, field_help, help_meta
+from editors.models import DTYPE_CHOICES
 from editors.presets import build_config
 
 #: values of ``RunConfig.locality_probes``
@@ -39,6 +42,76 @@ def general_tasks(spec: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(dict.fromkeys(tasks)), glue_dir
 
 
+#: the cost / fidelity trade-off of the long-run fields, for ``python -m app methods`` and the README
+LONG_RUN_NOTE = """\
+Long runs (run fields, --set run.FIELD=VALUE or `run --checkpoints/--retention-sample/--dtype`):
+  Exact retention (retention_sample=0) re-scores every edit made so far at every checkpoint: N edits with a
+  checkpoint every E steps cost ~N^2/(2E) request evaluations (10,000 edits, E=10: 5 million).
+  checkpoint_schedule=geometric checkpoints after steps 1,2,5,10,20,50,...: exact retention then costs ~1.9 N in
+  all, but the curves have ~3 points per decade and a collapse is located only to within a factor 2-2.5.
+  retention_sample=K re-scores K edits per checkpoint (one from each of K equal parts of the run, seeded): cost
+  K per checkpoint, dense curves, but the retention means are estimates (standard error ~ sd/sqrt(K), at most
+  0.5/sqrt(K) for a 0/1 score) and per-edit retention is known only for the sampled edits.
+  Store rows follow the evaluations (a sample: ~5K per checkpoint). dtype=bfloat16 halves memory on a GPU; edit maths
+  stays float32, and each update is rounded to bf16 once when applied (an update below bf16's resolution of a
+  weight, ~0.4% of it, is lost for that weight)."""
+
+
+def geometric_steps(n_steps: int) -> list[int]:
+    """Steps 1, 2, 5, 10, 20, 50, ... ({1,2,5}·10^k) up to ``n_steps``, and ``n_steps`` itself."""
+    out, k = set(), 1
+    while k <= n_steps:
+        out.update(m * k for m in (1, 2, 5) if m * k <= n_steps)
+        k *= 10
+    return sorted(out | {n_steps}) if n_steps >= 1 else []
+
+
+def parse_schedule(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``("every", ())``, ``("geometric", ())`` or ``("list", steps)`` for a ``checkpoint_schedule`` value.
+
+    Raises:
+        ConfigError: anything else (the message lists the forms).
+    """
+    text = str(spec).strip()
+    if text in ("every", "geometric"):
+        return text, ()
+    try:
+        steps = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        steps = ()
+    if not steps or steps[0] < 1:
+        raise ConfigError(f"checkpoint_schedule must be 'every', 'geometric' or a comma list of step numbers >= 1, "
+                          f"got {spec!r}")
+    return "list", steps
+
+
+def checkpoint_steps(config: "RunConfig", n_steps: int) -> list[int]:
+    """The steps (1-based) after which a run of ``n_steps`` steps checkpoints; always includes ``n_steps``."""
+    mode, steps = parse_schedule(config.checkpoint_schedule)
+    if mode == "geometric":
+        return geometric_steps(n_steps)
+    if mode == "list":
+        return sorted({s for s in steps if s <= n_steps} | {n_steps})
+    every = config.eval_every
+    return sorted(set(range(every, n_steps + 1, every) if every else ()) | {n_steps})
+
+
+def retention_priorities(seed: int, n: int) -> np.ndarray:
+    """Fixed per-edit priorities in [0, 1) for :func:`stratified_sample` (edit ``i`` gets the same one in every
+    run with this seed, whatever ``n``)."""
+    return np.random.default_rng([int(seed) % 2 ** 32, 0x5A3]).random(n)
+
+
+def stratified_sample(n_done: int, k: int, priorities: np.ndarray) -> list[int]:
+    """Indices (sorted) of the edits ``[0, n_done)`` a checkpoint re-scores: all when ``k == 0`` or ``n_done <= k``;
+    else ``[0, n_done)`` is split into ``k`` ranges ``[floor(j n / k), floor((j + 1) n / k))`` and the edit with the
+    smallest priority of each range is taken, one per range, so every part of the run's history keeps its share."""
+    if k <= 0 or n_done <= k:
+        return list(range(n_done))
+    bounds = (np.arange(k + 1) * n_done) // k
+    return [int(lo + np.argmin(priorities[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one sequential run (stored verbatim as the run's ``config_json``)."""
@@ -56,9 +129,24 @@ class RunConfig:
     eval_every: int = field(default=10, metadata=help_meta(
         "Checkpoint every this many steps (retention, locality probes, general abilities, weights); the last step "
         "is always a checkpoint. 0 = only at the end."))
+    checkpoint_schedule: str = field(default="every", metadata=help_meta(
+        "When checkpoints happen: 'every' = every eval_every steps; 'geometric' = after steps 1, 2, 5, 10, 20, 50, "
+        "100, ... ({1,2,5}x10^k; eval_every is ignored), so a run of N steps has ~3 log10(N) checkpoints and exact "
+        "retention costs ~1.9 N request evaluations in all instead of ~N^2 / (2 eval_every); or an explicit comma "
+        "list of step numbers, e.g. '1,3,10,30,100'. The last step is always a checkpoint."))
+    retention_sample: int = field(default=0, metadata=help_meta(
+        "0 = exact retention: every edit made so far is re-scored at every checkpoint (cost grows with the edits "
+        "so far). K >= 1 = re-score a seeded, stratified sample of at most K of them: the edits so far split into K "
+        "equal index ranges, one edit drawn from each with priorities fixed by the seed (early edits stay "
+        "represented; the same edits are drawn whenever the count is the same); the retention means are then "
+        "estimates with a standard error of about sd / sqrt(K). Cost per checkpoint: K evaluations."))
     seed: int = field(default=0, metadata=help_meta("Seed of torch / numpy / random and of the editor."))
     device: str | None = field(default=None, metadata=help_meta(
         "'cpu', 'cuda', 'cuda:1', 'mps'; None = the best available."))
+    dtype: str = field(default="auto", metadata=help_meta(
+        "Weights' dtype: 'auto' (bfloat16 on a CUDA GPU with bf16 support, float32 elsewhere), 'float32', "
+        "'bfloat16', 'float16'. Edit maths is float32 (float64 where a method needs it) whatever this is; updates "
+        "are rounded to this dtype once, when applied."))
     runs_dir: str = field(default="runs", metadata=help_meta("Directory of the run store (runs.sqlite)."))
     protocols: tuple[str, ...] = field(default=(ev.TF, ev.MARGIN), metadata=help_meta(
         "Evaluation protocols of edit and retention metrics: tf_token_acc, prob_margin, gen_exact "
@@ -102,6 +190,12 @@ class RunConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        parse_schedule(self.checkpoint_schedule)
+        if not isinstance(self.retention_sample, int) or self.retention_sample < 0:
+            raise ConfigError(f"retention_sample must be an integer >= 0 (0 = every edit), got "
+                              f"{self.retention_sample!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         bad = [p for p in self.protocols if p not in ev.PROTOCOLS]
         if bad or not self.protocols:
             raise ConfigError(f"unknown protocol {bad[0] if bad else '(none given)'!r}; valid: "
@@ -155,4 +249,6 @@ class RunConfig:
         return dataclasses.replace(self, **coerce_fields(type(self), changes, self, what="run field"))
 
 
-__all__ = ["RunConfig", "general_tasks", "PROBE_CHOICES", "GLUE_TASKS", "ConfigError"]
+__all__ = ["RunConfig", "general_tasks", "PROBE_CHOICES", "GLUE_TASKS", "ConfigError", "DTYPE_CHOICES",
+           "geometric_steps", "parse_schedule", "checkpoint_steps", "retention_priorities", "stratified_sample",
+           "LONG_RUN_NOTE"]

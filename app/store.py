@@ -18,8 +18,11 @@ Tables (long form, so that every plot is a filter plus a pivot):
                editor's numeric ``EditResult.info``) | collapse (``analysis.collapse``). Rows with ``case_id`` NULL
                are aggregates (means), rows with a ``case_id`` are per request / per probe; ``layer`` / ``param`` /
                ``protocol`` are NULL where they do not apply.
-``artifacts``  small arrays (``npz`` bytes) for the analysis layer: singular values, captured hidden states, an
-               editor's per-step artifacts.
+``artifacts``  arrays (``npz``) for the analysis layer: singular values, captured hidden states, an editor's
+               per-step artifacts. One larger than :attr:`RunStore.blob_limit` (8 MiB; e.g. AlphaEdit's null-space
+               basis of an 8B model, hundreds of MB) is written to a file beside the store,
+               ``artifacts/<run_id>/<file>.npz``, and its row holds that relative path (format ``npz-file``); SQLite
+               never holds a blob above the limit.
 
 SQLite runs in WAL mode (readers never block the writer, nor the writer them) with a busy timeout for the rare
 writer-writer overlap (the engine's heartbeat thread). Each call opens its own short-lived connection, so a store
@@ -206,6 +209,9 @@ class RunStore(SQLiteFile):
         stale_after: a ``running`` run whose heartbeat is older than this many seconds is considered dead.
         recover: mark dead ``running`` runs ``interrupted`` when the store is opened.
     """
+
+    #: artifacts whose encoding is larger than this many bytes go to a file beside the store (path in the row)
+    blob_limit = 8 * 2 ** 20
 
     _PRAGMAS = ("PRAGMA foreign_keys = ON",
                 "PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
@@ -403,6 +409,8 @@ class RunStore(SQLiteFile):
         run_id = self.resolve(run_id)
         with self._tx() as conn:
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        import shutil
+        shutil.rmtree(self.artifact_dir(run_id), ignore_errors=True)
 
     # ---- rows ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -453,10 +461,44 @@ class RunStore(SQLiteFile):
 
     def add_artifact(self, run_id: str, name: str, data: Mapping[str, Any] | bytes, *, n_edits: int | None = None,
                      step: int | None = None, fmt: str = "npz") -> None:
-        """Store named arrays (encoded as ``npz``) or raw bytes of format ``fmt``."""
-        blob = data if isinstance(data, (bytes, bytearray)) else encode_npz(data)
+        """Store named arrays (encoded as ``npz``) or raw bytes of format ``fmt`` (in a file beside the store when
+        larger than :attr:`blob_limit`)."""
+        row = self._artifact_row(run_id, name, data, n_edits, step, fmt)
         with self._tx() as conn:
-            conn.execute(self._ARTIFACT_SQL, (run_id, n_edits, step, name, fmt, bytes(blob)))
+            conn.execute(self._ARTIFACT_SQL, row)
+
+    def artifact_dir(self, run_id: str) -> str:
+        """The folder of a run's file artifacts (``<runs_dir>/artifacts/<run_id>``; may not exist)."""
+        return os.path.join(self.runs_dir, "artifacts", run_id)
+
+    def _artifact_row(self, run_id: str, name: str, data: Mapping[str, Any] | bytes, n_edits: int | None,
+                      step: int | None, fmt: str | None = None) -> tuple:
+        raw = isinstance(data, (bytes, bytearray))
+        fmt = fmt or ("bin" if raw else "npz")
+        blob = bytes(data) if raw else encode_npz(data)
+        if len(blob) <= self.blob_limit:
+            return (run_id, n_edits, step, name, fmt, blob)
+        folder = self.artifact_dir(run_id)
+        os.makedirs(folder, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+        fname = f"{n_edits if n_edits is not None else 'x'}-{safe}-{uuid.uuid4().hex[:8]}.{fmt}"
+        tmp = os.path.join(folder, f".{fname}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, os.path.join(folder, fname))
+        rel = os.path.join("artifacts", run_id, fname)
+        return (run_id, n_edits, step, name, f"{fmt}-file", rel.encode())
+
+    def _artifact_bytes(self, fmt: str, blob: bytes) -> tuple[str, bytes]:
+        """(format, content) of an artifact row: the blob itself, or the file a ``*-file`` row names."""
+        if not fmt.endswith("-file"):
+            return fmt, bytes(blob)
+        path = os.path.join(self.runs_dir, bytes(blob).decode())
+        try:
+            with open(path, "rb") as f:
+                return fmt[:-len("-file")], f.read()
+        except OSError as exc:
+            raise StoreError(f"artifact file {path} could not be read: {exc}") from exc
 
     def write_step(self, run_id: str, *, edit_rows: Iterable[Mapping[str, Any]] = (),
                    metric_rows: Iterable[Mapping[str, Any]] = (),
@@ -466,8 +508,7 @@ class RunStore(SQLiteFile):
         ``(name, data, n_edits, step)``, and run columns (e.g. ``n_edits_done``); also beats the heartbeat."""
         e = self._edit_tuples(run_id, edit_rows)
         m = self._metric_tuples(run_id, metric_rows)
-        a = [(run_id, n, s, name, "npz" if not isinstance(d, (bytes, bytearray)) else "bin",
-              bytes(d) if isinstance(d, (bytes, bytearray)) else encode_npz(d)) for name, d, n, s in artifacts]
+        a = [self._artifact_row(run_id, name, d, n, s) for name, d, n, s in artifacts]
         values = self._run_values(run_fields)
         values["heartbeat"] = time.time()
         with self._tx() as conn:
@@ -481,10 +522,14 @@ class RunStore(SQLiteFile):
 
     # ---- frames ----------------------------------------------------------------------------------------------
     def metrics_frame(self, run_ids: str | Sequence[str] | None = None, kinds: str | Sequence[str] | None = None,
-                      metrics: str | Sequence[str] | None = None) -> pd.DataFrame:
+                      metrics: str | Sequence[str] | None = None, *, aggregates_only: bool = False) -> pd.DataFrame:
         """Long-form metric rows: columns ``run_id, n_edits, step, kind, layer, param, metric, protocol, value,
-        case_id`` (``layer`` nullable Int64; NULL value -> NaN). ``run_ids=None`` means every run."""
+        case_id`` (``layer`` nullable Int64; NULL value -> NaN). ``run_ids=None`` means every run;
+        ``aggregates_only``: only the rows with ``case_id`` NULL (means, weights, ...; filtered in SQL, so a long
+        run's per-request rows are never read)."""
         where, args = where_in((("run_id", run_ids), ("kind", kinds), ("metric", metrics)))
+        if aggregates_only:
+            where += (" AND" if where else " WHERE") + " case_id IS NULL"
         sql = f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics{where} ORDER BY rowid"
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
@@ -514,12 +559,21 @@ class RunStore(SQLiteFile):
         return df.drop(columns=["request_json", "info_json"])
 
     def list_artifacts(self, run_id: str) -> pd.DataFrame:
-        """``run_id, n_edits, step, name, format, bytes`` of the run's artifacts (no blobs)."""
+        """``run_id, n_edits, step, name, format, bytes, path`` of the run's artifacts (no blobs); ``path`` (relative
+        to the runs directory) and the file's size for artifacts kept in files, else None and the blob's size."""
         run_id = self.resolve(run_id)
         with self._read() as conn:
-            rows = conn.execute("SELECT run_id, n_edits, step, name, format, length(blob) FROM artifacts "
+            rows = conn.execute("SELECT run_id, n_edits, step, name, format, length(blob), "
+                                "CASE WHEN format LIKE '%-file' THEN CAST(blob AS TEXT) END FROM artifacts "
                                 "WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
-        return pd.DataFrame([tuple(r) for r in rows], columns=["run_id", "n_edits", "step", "name", "format", "bytes"])
+        out = []
+        for r in rows:
+            r = tuple(r)
+            if r[6] is not None:
+                full = os.path.join(self.runs_dir, r[6])
+                r = r[:5] + (os.path.getsize(full) if os.path.exists(full) else None, r[6])
+            out.append(r)
+        return pd.DataFrame(out, columns=["run_id", "n_edits", "step", "name", "format", "bytes", "path"])
 
     def get_artifact(self, run_id: str, name: str, n_edits: int | None = None) -> dict[str, np.ndarray] | bytes:
         """The artifact ``name`` at ``n_edits`` (the latest one when None): decoded arrays, or bytes."""
@@ -535,7 +589,8 @@ class RunStore(SQLiteFile):
         if row is None:
             raise KeyError(f"run {run_id} has no artifact {name!r}" + (f" at n_edits={n_edits}" if n_edits is not None
                                                                        else ""))
-        return decode_npz(row["blob"]) if row["format"] == "npz" else bytes(row["blob"])
+        fmt, content = self._artifact_bytes(row["format"], row["blob"])
+        return decode_npz(content) if fmt == "npz" else content
 
     def export(self, run_id: str, fmt: str = "csv", out: str | os.PathLike | None = None) -> str:
         """Write the run's metric rows (long form, :data:`METRIC_COLUMNS`) plus its edit rows (``kind='edit_log'``,

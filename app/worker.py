@@ -101,7 +101,7 @@ class Worker:
         self.queue = JobQueue(self.runs_dir)
         self.store = RunStore(self.runs_dir)
         self.log_path = log_path(self.runs_dir, self.device)
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[str, str], Any] = {}  # (name, dtype) -> model
         self._playground_cache: dict[str, Any] = {}
         self._lock_fd: int | None = None
 
@@ -125,26 +125,27 @@ class Worker:
             self._lock_fd = None
 
     # ---- models ---------------------------------------------------------------------------------------------
-    def model(self, name: str):
-        """The loaded model ``name`` on this worker's device (kept between jobs; one model at a time)."""
-        if name in self._models:
-            return self._models[name]
+    def model(self, name: str, dtype: str = "auto"):
+        """The loaded model ``name`` in ``dtype`` on this worker's device (kept between jobs; one model at a time)."""
+        key = (name, dtype)
+        if key in self._models:
+            return self._models[key]
         self._models.clear()  # one model per worker: free the previous one first
         from editors.models import load_model
-        lm = load_model(name, device=None if self.device == "auto" else self.device)
+        lm = load_model(name, device=None if self.device == "auto" else self.device, dtype=dtype)
         log.info("loaded model %s on %s", name, lm.device)
-        self._models[name] = lm
+        self._models[key] = lm
         return lm
 
-    def _check_restored(self, name: str) -> None:
+    def _check_restored(self, name: str, dtype: str = "auto") -> None:
         """Drop a cached model whose weights no longer match their fingerprint at load time."""
-        lm = self._models.get(name)
+        lm = self._models.get((name, dtype))
         if lm is None:
             return
         from editors.models import weights_fingerprint
         if weights_fingerprint(lm.model) != lm.model_hash:
             log.warning("model %s was not restored exactly after a job; it will be reloaded", name)
-            self._models.pop(name, None)
+            self._models.pop((name, dtype), None)
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def handle(self, job: Job) -> None:
@@ -168,12 +169,12 @@ class Worker:
         from .store import TERMINAL
         try:
             config = RunConfig.from_dict(job.payload["config"])
-            lm = self.model(config.model)
+            lm = self.model(config.model, config.dtype)
             try:
                 run_sequential(config, self.store, lm=lm, run_id=job.run_id,
                                should_cancel=lambda: self.queue.cancel_requested(job.job_id))
             finally:
-                self._check_restored(config.model)
+                self._check_restored(config.model, config.dtype)
         except Exception as exc:
             # errors before the engine took the run over (bad config, model load) leave it queued: close it
             if job.run_id and self.store.get_run(job.run_id)["status"] not in TERMINAL:

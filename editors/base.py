@@ -129,12 +129,33 @@ def apply_result(lm: LoadedModel, result: EditResult, *, keep_undo: bool = True)
         for name, R in result.factors.items():
             p = params[name]
             W = lm.spec.to_canonical(p.data)
-            new = R.to(p.device, torch.float32) @ W.to(torch.float32)
+            ct = math_dtype(p.dtype)
+            new = R.to(p.device, ct) @ W.to(ct)
             p.copy_(lm.spec.to_param_layout(new).to(p.dtype))
         for name, d in result.deltas.items():
-            p = params[name]
-            p.add_(d.to(p.device, p.dtype))
+            add_update_(params[name], d)
     return Undo(saved) if keep_undo else None
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype edit maths runs in for a parameter of ``dtype``: float32 for half-precision (bfloat16 / float16)
+    and float32 parameters, float64 for float64 ones (``torch.promote_types(dtype, float32)``)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.no_grad()
+def add_update_(p: torch.Tensor, d: torch.Tensor) -> None:
+    """``p <- round(p + d)``: the sum is formed in :func:`math_dtype` and rounded to ``p``'s dtype ONCE.
+
+    For a float32 parameter this is exactly ``p.add_(d)``; for a bfloat16 / float16 one it avoids rounding ``d``
+    to half precision before the addition (two roundings). Every editor that writes an update into the model
+    (:func:`apply_result`, the MEMIT family's layer-by-layer loop) goes through here, so that what an editor measured
+    on its temporarily edited model is exactly what applying its result gives."""
+    ct = math_dtype(p.dtype)
+    if p.dtype == ct:
+        p.add_(d.to(p.device, ct))
+    else:
+        p.copy_((p.to(ct) + d.to(p.device, ct)).to(p.dtype))
 
 
 class Editor:

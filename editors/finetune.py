@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from .base import EditError, Editor, EditorConfig, EditResult, finite_or_raise, relative_norm
+from .base import EditError, Editor, EditorConfig, EditResult, add_update_, finite_or_raise, math_dtype, relative_norm
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -274,10 +274,19 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
     try:
         for p in params.values():
             p.requires_grad_(False)
+        # fp32 master copies of half-precision weights (full fine-tuning): Adam, the box and the returned delta
+        # work on them; the bf16 / fp16 weight the forward uses is the master rounded once after every step
+        masters = ({n: p.detach().to(math_dtype(p.dtype)).clone() for n, p in targets.items()}
+                   if lora is None and any(p.dtype != math_dtype(p.dtype) for p in targets.values()) else None)
         with torch.no_grad():
             for n, off in (start or {}).items():
-                targets[n].add_(off.to(targets[n].device, targets[n].dtype))
-        W_start = {n: p.detach().clone() for n, p in targets.items()}
+                if masters is not None:
+                    masters[n] += off.to(masters[n].device, masters[n].dtype)
+                    targets[n].copy_(masters[n].to(targets[n].dtype))
+                else:
+                    add_update_(targets[n], off)
+        W_start = ({n: m.clone() for n, m in masters.items()} if masters is not None
+                   else {n: p.detach().clone() for n, p in targets.items()})
         model.eval()
         if lora is not None:
             from peft import get_peft_model
@@ -294,7 +303,8 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
             p.grad = None
         with torch.no_grad():
             initial = sum(editor.loss(b).item() * len(b) for b in batches) / len(examples)
-        opt = torch.optim.Adam(flat, lr=rate, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(flat if masters is None else list(masters.values()), lr=rate,
+                               weight_decay=cfg.weight_decay)
         with torch.enable_grad():
             for _epoch in range(n_steps):
                 total = 0.0
@@ -313,16 +323,21 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
                             # W itself; for LoRA B [d_out, r] (rows = output neurons) or A [r, d_in] (columns =
                             # input neurons)
                             w = ps[0] if lora is None else ps[1 if importance_axis == "out" else 0]
-                            s = (w.detach() * w.grad).abs()
+                            s = (w.detach().float() * w.grad.float()).abs()
                             s = (spec.to_canonical(s) if lora is None else s).mean(dim=1 if importance_axis == "out"
                                                                                     else 0)
                             ema[n] = s if n not in ema else importance_decay * ema[n] + (1 - importance_decay) * s
+                    if masters is not None:
+                        for n, p in targets.items():
+                            masters[n].grad, p.grad = p.grad.to(masters[n].dtype), None
                     opt.step()
                     opt_steps += 1
-                    if box is not None:
-                        with torch.no_grad():
-                            for n, p in targets.items():
-                                p.copy_(torch.clamp(p, min=W_start[n] - box, max=W_start[n] + box))
+                    with torch.no_grad():
+                        for n, w in (targets if masters is None else masters).items():
+                            if box is not None:
+                                w.copy_(torch.clamp(w, min=W_start[n] - box, max=W_start[n] + box))
+                            if masters is not None:
+                                targets[n].copy_(w.to(targets[n].dtype))
                 curve.append(total / len(examples))
                 log.debug("%s: epoch %d, mean loss %.4g", editor.name, len(curve), curve[-1])
                 if curve[-1] < cfg.early_stop_loss:
@@ -331,7 +346,7 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
         with torch.no_grad():
             final = sum(editor.loss(b).item() * len(b) for b in batches) / len(examples)
             if lora is None:
-                trained = {n: p.detach() - W_start[n] for n, p in targets.items()}
+                trained = {n: w.detach() - W_start[n] for n, w in (targets if masters is None else masters).items()}
             else:
                 trained = {}
                 for n, lay in layers.items():

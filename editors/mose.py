@@ -108,8 +108,7 @@ def procrustes_rotation(W: torch.Tensor, C: torch.Tensor | None, K: torch.Tensor
     fit_after = float((R @ WK - V64).norm())
     tr = float(torch.trace(WCW))
     change = float(torch.trace(D @ WCW @ D.T)) if tr > 0 else 0.0
-    # the eigenvalues of an orthogonal matrix are e^{±iθ}; the largest θ is its largest rotation angle
-    theta = torch.linalg.eigvals(R).angle().abs().max().item() if R.numel() else 0.0
+    theta = max_rotation_angle(R)
     info = {
         "orth_error": float((R.T @ R - eye).norm()),
         "r_minus_i": float(D.norm()),
@@ -120,6 +119,20 @@ def procrustes_rotation(W: torch.Tensor, C: torch.Tensor | None, K: torch.Tensor
         "preserve_change": math.sqrt(max(change, 0.0) / tr) if tr > 0 else 0.0,
     }
     return R, info
+
+
+def max_rotation_angle(R: torch.Tensor) -> float:
+    """The largest rotation angle θ_max (radians) of an orthogonal ``R``.
+
+    R's eigenvalues are e^{±iθ_j} (and ±1), so the symmetric ``2I - R - Rᵀ = (R - I)ᵀ(R - I)`` has eigenvalues
+    ``2 - 2 cos θ_j`` and ``θ_max = arccos(1 - λ_max / 2)``: one symmetric eigensolve (``eigvalsh``) instead of the
+    non-symmetric ``eigvals(R)``, which is several times slower at d = 4096 and needs complex arithmetic."""
+    if not R.numel():
+        return 0.0
+    R64 = R.double()
+    eye = torch.eye(R64.shape[0], dtype=R64.dtype, device=R64.device)
+    lam = float(torch.linalg.eigvalsh(2 * eye - R64 - R64.T)[-1])
+    return math.acos(min(1.0, max(-1.0, 1.0 - lam / 2)))
 
 
 def layer_score(W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, spectral_norm: float | None = None) -> float:
@@ -342,4 +355,5 @@ class MOSEEditor(Editor):
         return factors, per_layer
 
 
-__all__ = ["MOSEConfig", "MOSEEditor", "procrustes_rotation", "layer_score", "edit_layers_around", "spectral"]
+__all__ = ["MOSEConfig", "MOSEEditor", "procrustes_rotation", "max_rotation_angle", "layer_score",
+           "edit_layers_around", "spectral"]

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .base import EditError, Editor, EditorConfig, EditResult, finite_or_raise, relative_norm
+from .base import EditError, Editor, EditorConfig, EditResult, add_update_, finite_or_raise, math_dtype, relative_norm
 from .fields import help_meta
 from .keys import compute_keys
 from .registry import register
@@ -171,8 +171,7 @@ class ROMEEditor(Editor):
                 dW = rec.pop("delta")
                 keys.append(rec.pop("key"))
                 values.append(rec.pop("value"))
-                with torch.no_grad():
-                    param.add_(spec.to_param_layout(dW).to(param.dtype))
+                add_update_(param, spec.to_param_layout(dW))
                 total += dW
                 per_request.append(rec)
         except FloatingPointError as exc:
@@ -193,7 +192,7 @@ class ROMEEditor(Editor):
             "loss": sum(r["loss"] for r in per_request) / len(per_request),
             "requests": per_request,
         }
-        delta = spec.to_param_layout(total).contiguous().to(param.dtype)
+        delta = spec.to_param_layout(total).contiguous().to(math_dtype(param.dtype))  # rounded once, when applied
         # k (the key v* is written for) and v* per request, for the analysis layer and the closed-form check
         artifacts = {"keys": torch.stack(keys), "values": torch.stack(values)}
         return self._result(deltas={name: delta}, info=info, artifacts=artifacts, started=started)

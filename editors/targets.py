@@ -280,18 +280,18 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         sel_rows = torch.cat([P.tgt_rows, torch.tensor([B - 1], device=lm.device)])
         sel_cols = torch.cat([P.tgt_cols, torch.tensor([0], device=lm.device)])
         if site == "residual":
-            inits[edit_name] = runner.h0[0, 0].detach().clone()
+            inits[edit_name] = runner.h0[0, 0].detach().float().clone()
 
         def forward() -> torch.Tensor:
             if site == "residual":
-                h = runner.hidden(runner.h0 + at_subject * delta)
+                h = runner.hidden(_plus(runner.h0, at_subject * delta))
                 return h[sel_rows, sel_cols]
 
             def add(name, output):
                 out = _first(output)
                 if name not in inits:
-                    inits[name] = out[0, 0].detach().clone()
-                new = out + at_subject * deltas[name]
+                    inits[name] = out[0, 0].detach().float().clone()
+                new = _plus(out, at_subject * deltas[name])
                 return (new, *output[1:]) if isinstance(output, tuple) else new
 
             with Trace(model, list(deltas), edit_output=add):
@@ -321,20 +321,25 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         kl = kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
         wd = sum(weight_decay * d.norm() / inits[name].norm() ** 2 for name, d in deltas.items())
         loss = nll_factor * nll + kl + wd
-        prob = torch.exp(-nll_each).mean().item()
-        rec = {"steps": n_steps, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "target_prob": prob}
-        log.debug("z step %d: loss %.4f = %g * nll %.4f + kl %.4f + wd %.4f, p(target) %.3f, |delta| %.2f", it,
-                  rec["loss"], nll_factor, rec["nll"], rec["kl"], float(wd.detach()), prob,
-                  delta.detach().norm().item())
+        # ONE host sync per step: the numbers the stopping rules need (and the record), read together
+        watched = [loss, nll, kl, torch.exp(-nll_each).mean()]
+        if adaptive_nll:  # PMET compute_zs: max_prob == prob, i.e. the target is the argmax at every target position
+            watched.append((tok_lp == logp[:-1].max(dim=-1).values).all().to(loss.dtype))
+        values = torch.stack([w.detach().to(torch.float32) for w in watched]).tolist()
+        prob = values[3]
+        rec = {"steps": n_steps, "loss": values[0], "nll": values[1], "kl": values[2], "target_prob": prob}
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("z step %d: loss %.4f = %g * nll %.4f + kl %.4f + wd %.4f, p(target) %.3f, |delta| %.2f", it,
+                      rec["loss"], nll_factor, rec["nll"], rec["kl"], float(wd.detach()), prob,
+                      delta.detach().norm().item())
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"z optimisation for {req.case_id!r}: the loss became {rec['loss']}")
-        if loss.item() < early_stop_loss or (early_stop_prob is not None and prob >= early_stop_prob):
+        if rec["loss"] < early_stop_loss or (early_stop_prob is not None and prob >= early_stop_prob):
             break
         if adaptive_nll:
-            # PMET compute_zs: max_prob == prob, i.e. the target is the argmax at every target position
-            if bool((tok_lp == logp[:-1].max(dim=-1).values).all()):
+            if values[4] > 0.5:
                 nll_factor = ADAPTIVE_NLL_FACTOR
-                if kl.item() <= ADAPTIVE_KL_STOP:
+                if rec["kl"] <= ADAPTIVE_KL_STOP:
                     break
             else:
                 nll_factor = 1.0
@@ -344,10 +349,10 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         opt.step()
         n_steps += 1
         with torch.no_grad():
-            for name, d in deltas.items():
+            for name, d in deltas.items():  # the norm clamp, without a host sync: scale 1 when inside
                 max_norm = clamp_norm_factor * inits[name].norm()
-                if d.norm() > max_norm:
-                    d.mul_(max_norm / d.norm())
+                norm = d.norm()
+                d.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
     init = inits[edit_name].float()
     rec["delta_norm"] = delta.detach().norm().item()
     rec["init_norm"] = init.norm().item()
@@ -356,6 +361,14 @@ def _optimise_one(lm: LoadedModel, req: EditRequest, layer: int, site: str, temp
         rec["attn_delta_norm"] = deltas[attn_name].detach().norm().item()
         rec["attn_init_norm"] = inits[attn_name].norm().item()
     return (init + delta.detach()).float(), init, rec
+
+
+def _plus(h: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """``h + add`` formed in float32 and rounded to ``h``'s dtype once (the fp32 ``delta`` of the optimisation meets
+    the activations of a bfloat16 / float16 model; for a float32 model this is plain ``h + add``)."""
+    if h.dtype == add.dtype:
+        return h + add
+    return (h.to(add.dtype) + add).to(h.dtype)
 
 
 def _reference_forward(lm: LoadedModel, P: _Prompts, loss_layer: int, deltas: Mapping[str, torch.Tensor],
@@ -387,8 +400,8 @@ def _reference_forward(lm: LoadedModel, P: _Prompts, loss_layer: int, deltas: Ma
             return None
         out = _first(output)
         if name not in inits:
-            inits[name] = out[0, subj[0]].detach().clone()
-        new = out + at_subject * deltas[name]
+            inits[name] = out[0, subj[0]].detach().float().clone()
+        new = _plus(out, at_subject * deltas[name])
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def forward() -> torch.Tensor:

@@ -52,6 +52,13 @@ with right:
     eval_every = st.number_input("Checkpoint every … steps (0 = only at the end)", 0, 100000, 5, key="nr-every",
                                  help="At each checkpoint every edit made so far is re-scored (retention), plus "
                                       "locality probes, general abilities and weight diagnostics.")
+    schedule = st.selectbox("Checkpoint schedule", ["every", "geometric"], key="nr-schedule",
+                            help="every: every … steps (above). geometric: after steps 1, 2, 5, 10, 20, 50, ... "
+                                 "(total evaluation cost linear in the number of edits; for long runs).")
+    retention_sample = st.number_input("Retention sample (0 = every edit so far)", 0, 100000, 0, key="nr-rsample",
+                                       help="Re-score a seeded sample of at most K edits so far at each checkpoint, "
+                                            "one from each of K equal parts of the run (early edits stay "
+                                            "represented). 0 = exact: all of them.")
     st.subheader("Diagnostics")
     weights = st.checkbox("Weight diagnostics (norms, condition numbers, spectra)", True, key="nr-weights")
     angles = st.checkbox("Successive-update angles", True, key="nr-angles")
@@ -67,6 +74,9 @@ with right:
                                     "with the target.")
     devices = ["auto", "cpu"] + (["cuda"] if backend.cuda_available() else [])
     device = st.selectbox("Device", devices, key="nr-device", help="auto = CUDA when present, else CPU.")
+    dtype = st.selectbox("Precision", ["auto", "float32", "bfloat16", "float16"], key="nr-dtype",
+                         help="Weights' dtype. auto = bfloat16 on a CUDA GPU with bf16 support, float32 elsewhere. "
+                              "Edit maths is float32 either way; updates are rounded once when applied.")
     seed = st.number_input("Seed", 0, 2 ** 31 - 1, 0, key="nr-seed")
     label = st.text_input("Label (optional)", key="nr-label")
 
@@ -75,6 +85,7 @@ if st.button("Start", type="primary", icon=":material/play_arrow:", disabled=not
     for m in chosen:
         config = {"model": model, "method": m, "method_overrides": overrides.get(m, {}), "data": data,
                   "n_edits": int(n_edits), "batch_size": int(batch_size), "eval_every": int(eval_every),
+                  "checkpoint_schedule": schedule, "retention_sample": int(retention_sample), "dtype": dtype,
                   "weights": weights, "update_angles": angles, "hidden_states": hidden, "general": general,
                   "locality_probes": locality,
                   "protocols": protocols or ["tf_token_acc"], "seed": int(seed), "label": label}
