@@ -409,6 +409,37 @@ class SweepStore(SQLiteFile):
                          "(?, ?, ?, ?, ?)", (sweep_id, run_id, trial_key, n + 1, time.time()))
         return n + 1
 
+    def split_attempt(self, sweep_id: str, trial_key: str, run_id: str, error: str) -> str | None:
+        """An earlier attempt of a trial died while it ran ``run_id`` and the trial starts again under that id: move
+        the dead attempt (its run row and every row written) to a new run id, ``failed`` with ``error``, recorded as
+        the trial's previous attempt, and put ``run_id`` back to ``queued`` with no rows. One transaction. Returns
+        the dead attempt's new id (None if ``run_id`` was not running / interrupted: nothing to split)."""
+        from .store import new_run_id
+        with self._tx() as conn:
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None or row[0] not in ("running", "interrupted"):
+                return None
+            dead = new_run_id()
+            cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)") if r[1] != "run_id"]
+            conn.execute(f"INSERT INTO runs (run_id, {', '.join(cols)}) SELECT ?, {', '.join(cols)} FROM runs "
+                         f"WHERE run_id = ?", (dead, run_id))
+            for table in ("edits", "metrics", "artifacts"):
+                conn.execute(f"UPDATE {table} SET run_id = ? WHERE run_id = ?", (dead, run_id))
+            conn.execute("UPDATE runs SET status = 'failed', error = ?, updated = ? WHERE run_id = ?",
+                         (error, time.time(), dead))
+            conn.execute("UPDATE runs SET status = 'queued', error = NULL, n_edits_done = 0, seconds_total = NULL, "
+                         "pid = NULL, heartbeat = NULL, updated = ? WHERE run_id = ?", (time.time(), run_id))
+            link = conn.execute("SELECT attempt, created FROM sweep_runs WHERE sweep_id = ? AND run_id = ?",
+                                (sweep_id, run_id)).fetchone()
+            if link is not None:
+                top = conn.execute("SELECT MAX(attempt) FROM sweep_runs WHERE sweep_id = ? AND trial_key = ?",
+                                   (sweep_id, trial_key)).fetchone()[0]
+                conn.execute("INSERT INTO sweep_runs (sweep_id, run_id, trial_key, attempt, created) VALUES "
+                             "(?, ?, ?, ?, ?)", (sweep_id, dead, trial_key, link[0], link[1]))
+                conn.execute("UPDATE sweep_runs SET attempt = ?, created = ? WHERE sweep_id = ? AND run_id = ?",
+                             (top + 1, time.time(), sweep_id, run_id))
+        return dead
+
     def request_cancel(self, sweep_id: str) -> list[str]:
         """Flag the sweep cancelled (its driver stops its trials) and ask each queued / running trial run to stop
         (a queued run is cancelled at once). Returns the run ids asked."""

@@ -2,27 +2,36 @@
 
 Where the rows go. A run store is one SQLite file in WAL mode, which needs shared memory between its writers: trials
 on other machines cannot write it over a network filesystem. So the store has ONE writer, the
-:class:`StoreWriter` actor, and the trials (Ray tasks, wherever Ray places them) send it every store call the run
-engine makes (create / update a run, one transaction per step, heartbeats, the reads of the collapse detection)
-through :class:`RemoteStore`, a proxy with the :class:`~app.store.RunStore` methods. The actor serialises them (one
-call at a time), so the file sees exactly the writes of ordinary runs, each committed when its step ends: a trial
-whose worker dies keeps every step it finished, and nothing has to be shipped or merged afterwards.
+:class:`StoreWriter` actor, and every trial (a Ray task, wherever Ray places it) streams its writes to it:
 
-* Driver on a cluster node (a local instance, ``--address auto``, ``RAY_ADDRESS`` of a cluster this machine is part
-  of, a job submitted to the cluster): the actor is pinned to the driver's node
-  (``NodeAffinitySchedulingStrategy``) and writes the driver's ``runs_dir`` directly.
-* Driver outside the cluster (Ray Client, ``--address ray://HOST:PORT``): the actor cannot reach this machine's
-  disk. It writes a store shard on its own node (a temporary directory there); when the sweep ends (finished,
-  failed or cancelled) the driver fetches the shard's bytes through Ray and merges it into ``runs_dir``
-  (:func:`app.merge.merge_stores`: by run id, lossless, idempotent). If the driver dies first, the shard stays on
-  that node (the path is logged) and ``python -m app merge`` imports it later.
+* the trial's run engine writes to a :class:`TeeStore`, an ordinary :class:`~app.store.RunStore` on a shard file in
+  a temporary directory of the trial's node (so the engine's own reads -- the run's status, the rows the collapse
+  detection reads -- are local and exactly those of ``python -m app run``), which also sends every write call
+  (create / update a run, the one transaction per step, heartbeats, ...) to the writer, fire-and-forget. Ray
+  executes the calls of one caller in the order they were made, so the writer's file receives the same
+  transactions as the shard, each committed when it arrives; the shard is deleted when the trial ends.
+* Why fire-and-forget: a task that waits on a Ray object (``ray.get``, even ``ray.wait(timeout=0)``) lends its CPUs
+  back to Ray, which then starts another trial on them -- more trials than cores. So trials never wait on Ray; only
+  the driver does (it queues the runs, reads progress, handles failures through :class:`RemoteStore`).
+* A trial whose worker dies keeps every write that left its process (all steps but, at worst, the one in flight).
+  When Ray retries the task (``max_retries``), the retry's first call (:meth:`StoreWriter.begin_attempt`) finds the
+  run ``running``: the dead attempt is moved to a new run id, ``failed`` with its rows, and the trial starts over
+  under its queued id (:meth:`app.sweep.SweepStore.split_attempt`).
+
+Where the writer runs. Driver on a cluster node (a local instance, ``--address auto``, ``RAY_ADDRESS`` of a cluster
+this machine is part of, a job submitted to the cluster): the actor is pinned to the driver's node
+(``NodeAffinitySchedulingStrategy``) and writes the driver's ``runs_dir`` directly. Driver outside the cluster (Ray
+Client, ``--address ray://HOST:PORT``): the actor cannot reach this machine's disk; it writes a store shard on its
+own node (a temporary directory there) and when the sweep ends (finished, failed or cancelled) the driver fetches
+the shard's bytes through Ray and merges it into ``runs_dir`` (:func:`app.merge.merge_stores`: by run id,
+lossless, idempotent). If the driver dies first, the shard stays on that node (its path is logged) and
+``python -m app merge`` imports it later.
 
 Ray's own machinery is used for the rest: resources (``num_cpus`` / ``num_gpus`` per task; Ray sets
-``CUDA_VISIBLE_DEVICES``), retries of a task whose worker process died (``max_retries``; the dead attempt's run is
-marked ``failed`` and the retry makes a new run, :func:`app.sweep.execute_trial`), and cancellation
+``CUDA_VISIBLE_DEVICES``), retries of a task whose worker process died (``max_retries``), and cancellation
 (``ray.cancel``: queued tasks never start; a running one gets a ``KeyboardInterrupt`` and its run ends
-``cancelled``; one that does not stop within ``grace_seconds`` is killed with ``force=True`` and marked by the
-driver).
+``cancelled`` with its rows; one that does not stop within ``grace_seconds`` is killed with ``force=True`` and
+marked by the driver).
 
 ``ray`` is imported here only, when a Ray sweep starts (``pip install 'editbench[ray]'``); nothing else in the
 workbench needs it.
@@ -75,6 +84,7 @@ class StoreWriter:
         self.store = RunStore(path, recover=False)
         self.sweeps = SweepStore(self.store)
         self.calls = 0
+        self.failed_calls = 0
 
     def path(self) -> str:
         return self.store.path
@@ -82,7 +92,21 @@ class StoreWriter:
     def call(self, target: str, method: str, args: tuple, kwargs: dict) -> Any:
         self.calls += 1
         obj = self.sweeps if target == "sweeps" else self.store
-        return getattr(obj, method)(*args, **kwargs)
+        try:
+            return getattr(obj, method)(*args, **kwargs)
+        except Exception:
+            self.failed_calls += 1  # nobody waits on a trial's calls: log what went wrong
+            log.exception("store call %s.%s failed", target, method)
+            raise
+
+    def begin_attempt(self, sweep_id: str, trial_key: str, run_id: str, host: str, pid: int) -> str | None:
+        """A trial attempt starts on ``run_id``: if the run is already running, an earlier attempt died; keep it
+        as its own ``failed`` run (:meth:`SweepStore.split_attempt`). Returns the dead attempt's id or None."""
+        self.calls += 1
+        run = self.store.get_run(run_id)
+        return self.sweeps.split_attempt(
+            sweep_id, trial_key, run_id, f"the trial's worker (host {run['host']}, pid {run['pid']}) died mid-run; "
+            f"Ray ran the trial again (host {host}, pid {pid}) as run {run_id}")
 
     def dump(self) -> bytes:
         """The store file's bytes after a WAL checkpoint (the shard, for the driver to merge)."""
@@ -96,18 +120,16 @@ class StoreWriter:
             return fh.read()
 
     def stats(self) -> dict:
-        return {"calls": self.calls, "path": self.store.path}
+        return {"calls": self.calls, "failed_calls": self.failed_calls, "path": self.store.path}
 
 
 class RemoteStore:
-    """A :class:`RunStore` (``target="runs"``) or :class:`SweepStore` (``"sweeps"``) whose methods run in the
-    :class:`StoreWriter` actor; errors come back as the store's own exception types. Counts its calls and the
-    seconds spent waiting on them (``calls``, ``seconds``: Ray's data-transfer overhead of a trial)."""
+    """For the DRIVER: a :class:`RunStore` (``target="runs"``) or :class:`SweepStore` (``"sweeps"``) whose methods run
+    in the :class:`StoreWriter` actor and are waited for; errors come back as the store's own exception types."""
 
     def __init__(self, writer, target: str = "runs", path: str | None = None):
         self._writer, self._target = writer, target
         self.path = path
-        self.calls, self.seconds = 0, 0.0
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
@@ -115,25 +137,77 @@ class RemoteStore:
 
         def call(*args, **kwargs):
             import ray
-            t0 = time.perf_counter()
-            try:
-                return ray.get(self._writer.call.remote(self._target, name, _plain(args), _plain(kwargs)))
-            finally:
-                self.calls += 1
-                self.seconds += time.perf_counter() - t0
+            return ray.get(self._writer.call.remote(self._target, name, _plain(args), _plain(kwargs)))
         call.__name__ = name
         return call
 
 
-def _ray_trial(writer, config: dict, run_id: str, sweep_id: str, trial_key: str, threads: int, device: str | None
-               ) -> dict:
-    """The Ray task of one trial (:func:`app.sweep.execute_trial` with the writer's proxies)."""
+#: the RunStore methods that write (a TeeStore sends these to the writer too)
+WRITE_METHODS = ("create_run", "update_run", "update_status", "heartbeat", "request_cancel", "add_edit_rows",
+                 "add_metric_rows", "add_artifact", "write_step", "delete_run")
+
+
+class TeeStore(RunStore):
+    """For a TRIAL: a run store on a local shard file whose write calls are also sent to the writer actor
+    (fire-and-forget, in call order; module docstring). Counts the calls sent and the seconds spent sending them
+    (``calls``, ``seconds``: the data-transfer overhead of the trial)."""
+
+    def __init__(self, path_or_dir, writer):
+        super().__init__(path_or_dir, recover=False)
+        self._writer = writer
+        self._depth = 0
+        self.calls, self.seconds = 0, 0.0
+
+    def _send(self, method: str, args: tuple, kwargs: dict) -> None:
+        t0 = time.perf_counter()
+        self._writer.call.remote("runs", method, _plain(args), _plain(kwargs))
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+
+
+def _tee(name: str):
+    base = getattr(RunStore, name)
+
+    def method(self, *args, **kwargs):
+        self._depth += 1  # a write method that calls another (update_status -> update_run) is sent once
+        try:
+            out = base(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self._send(name, args, kwargs)
+        return out
+    method.__name__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+for _name in WRITE_METHODS:
+    setattr(TeeStore, _name, _tee(_name))
+
+
+def _ray_trial(writer, run_row: dict, config: dict, sweep_id: str, trial_key: str, threads: int,
+               device: str | None) -> dict:
+    """The Ray task of one trial: a local shard holding a copy of the queued run, teed to the writer, and
+    :func:`app.sweep.execute_trial` on it. Never waits on Ray (module docstring)."""
+    import shutil
+    import socket
     t0 = time.time()
-    store, sweeps = RemoteStore(writer, "runs"), RemoteStore(writer, "sweeps")
-    out = execute_trial(config, run_id, store, sweeps, sweep_id=sweep_id, trial_key=trial_key, threads=threads,
-                        device=device)
-    out.update(t_task=t0, store_calls=store.calls + sweeps.calls, store_seconds=store.seconds + sweeps.seconds)
-    return out
+    run_id = run_row["run_id"]
+    writer.begin_attempt.remote(sweep_id, trial_key, run_id, socket.gethostname(), os.getpid())
+    tmp = tempfile.mkdtemp(prefix="editbench-trial-")
+    try:
+        shard = RunStore(tmp, recover=False)
+        fields = {k: run_row[k] for k in ("label", "method", "model", "data_source", "config", "method_config",
+                                          "preset_version", "package_versions", "n_edits_planned", "device")}
+        shard.create_run(run_id=run_id, status="queued", **fields)
+        store = TeeStore(tmp, writer)
+        out = execute_trial(config, run_id, store, None, sweep_id=sweep_id, trial_key=trial_key, threads=threads,
+                            device=device)
+        out.update(t_task=t0, store_calls=store.calls, store_seconds=store.seconds)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> tuple[Any, bool, float]:
@@ -195,8 +269,9 @@ def run_ray(spec: SweepSpec, runs_dir: str, *, address: str | None = None, cpus_
         device = "cuda" if gpus_per_trial > 0 else "cpu"
         refs = {}
         for t, run_id in todo:
-            refs[task.remote(writer, t.config.to_dict(), run_id, spec.sweep_id, t.key, threads, device)] = (t, run_id,
-                                                                                                         time.time())
+            row = store.get_run(run_id)
+            refs[task.remote(writer, row, t.config.to_dict(), spec.sweep_id, t.key, threads, device)] = (
+                t, run_id, time.time())
         _wait(ray, refs, store, sweeps, spec, info, progress, should_cancel, poll_seconds, grace_seconds)
     finally:
         try:
@@ -204,7 +279,10 @@ def run_ray(spec: SweepSpec, runs_dir: str, *, address: str | None = None, cpus_
                 _merge_shard(ray, writer, local)
             info["writer"] = ray.get(writer.stats.remote())
         finally:
-            ray.kill(writer)
+            try:
+                ray.kill(writer)
+            except Exception as exc:  # the session is already gone
+                log.debug("ray.kill(writer): %s", exc)
             if started_here:
                 ray.shutdown()
     return run_ids, skipped, info
