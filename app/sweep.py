@@ -199,10 +199,14 @@ def _route(key: str, methods: Sequence[str], src: str, where: str) -> tuple[str,
                          f"sweep's methods ({', '.join(methods)})")
 
 
+#: run fields that grid / points / overrides may set as ``run.FIELD`` although the spec has a key for them
+_SWEEPABLE_OWN = ("data", "n_edits", "batch_size", "eval_every")
+
+
 def _check_run_fields(fields: Mapping[str, Any], src: str, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(RunConfig)]
     for name in fields:
-        if name in _OWN_RUN_FIELDS:
+        if name in _OWN_RUN_FIELDS and not (where != "run" and name in _SWEEPABLE_OWN):
             raise SweepSpecError(f"sweep spec {src}: {where}: run field {name!r} is set by the spec's "
                                  f"{_OWN_RUN_FIELDS[name]!r}, not here")
         if name not in valid:
