@@ -15,8 +15,18 @@ import pytest
 from app import cli
 from app.merge import MergeError, merge_stores
 from app.store import RunStore
-from app.sweep import (SweepSpecError, SweepStore, UNEDITED_KIND, format_summary, load_spec, plan, run_quantities,
-                       run_sweep, sweep_progress, sweep_summary)
+from app.sweep import (
+    UNEDITED_KIND,
+    SweepSpecError,
+    SweepStore,
+    format_summary,
+    load_spec,
+    plan,
+    run_quantities,
+    run_sweep,
+    sweep_progress,
+    sweep_summary,
+)
 
 BASE = {"model": "default", "methods": ["memit", "rome"], "n_edits": 4, "seeds": [0, 1]}
 
