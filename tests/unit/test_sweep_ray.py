@@ -58,6 +58,10 @@ def test_grid_runs_to_completion_with_every_row_and_resume_skips(ray_local, tiny
     res = run_sweep(s, str(runs), executor="ray", cpus_per_trial=1)
     trials = res.trials
     assert len(trials) == 4 and set(trials["status"]) == {"finished"}, trials[["status", "error"]]
+    # Ray's scheduling holds: never more trials at once than CPUs (a trial waiting on Ray would lend its CPU)
+    spans = [(r["t_start"], r["t_end"]) for r in res.info["results"]]
+    assert len(spans) == 4
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2
     store = RunStore(runs)
     assert sorted(store.list_runs()["run_id"]) == sorted(trials["run_id"])  # one run per trial, nothing else
     for run_id in trials["run_id"]:
