@@ -109,7 +109,7 @@ def merge_stores(dest: RunStore | str | os.PathLike, sources: Sequence[str | os.
         MergeError: a source is missing, not a run store, the destination itself, or has a run whose id is in the
             destination with other content (the conflicts are listed; nothing of that source is written).
     """
-    from .sweep import SWEEP_TABLES, SweepStore
+    from .sweep_core import SWEEP_TABLES, SweepStore
     dest = dest if isinstance(dest, RunStore) else RunStore(dest, recover=False)
     report = MergeReport()
     for src in sources:

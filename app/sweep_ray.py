@@ -45,7 +45,7 @@ import time
 from typing import Any, Callable
 
 from .store import TERMINAL, RunStore
-from .sweep import SweepSpec, SweepStore, cancel_left, execute_trial, queue_trials, sweep_progress
+from .sweep_core import SweepSpec, SweepStore, cancel_left, execute_trial, queue_trials, sweep_progress
 
 log = logging.getLogger(__name__)
 

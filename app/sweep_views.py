@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from .store import RunStore
-from .sweep import DONE, SUMMARY_METRICS, SweepStore, point_text, sweep_progress, sweep_summary, sweep_tables_exist
+from .sweep_core import DONE, SUMMARY_METRICS, SweepStore, point_text, sweep_progress, sweep_summary, sweep_tables_exist
 from .views import CURVE_KINDS, aggregate_metrics
 
 OVERVIEW_COLUMNS = ("sweep_id", "trials", "done", "running", "waiting", "failed", "cancelled", "edits", "eta",
