@@ -278,6 +278,9 @@ def run_ray(spec: SweepSpec, runs_dir: str, *, address: str | None = None, cpus_
             if client:
                 _merge_shard(ray, writer, local)
             info["writer"] = ray.get(writer.stats.remote())
+            if info["writer"]["failed_calls"]:
+                log.warning("%d store write(s) of this sweep failed in the writer (see the Ray logs of the "
+                            "StoreWriter actor); the runs concerned may miss rows", info["writer"]["failed_calls"])
         finally:
             try:
                 ray.kill(writer)

@@ -52,6 +52,7 @@ def _rows(store: RunStore, run_id: str) -> pd.DataFrame:
     return df.sort_values(KEY_COLS).reset_index(drop=True)
 
 
+@pytest.mark.timeout(600)  # ~65 s on the shared 2-core machine at load 12; cold Ray workers import the engine
 def test_grid_runs_to_completion_with_every_row_and_resume_skips(ray_local, tiny_dir, tmp_path):
     runs = tmp_path / "runs"
     s = spec(tiny_dir, tmp_path / "cache", "grid")
@@ -104,6 +105,7 @@ def _running_with_edits(runs_dir):
     return df if len(df) else None
 
 
+@pytest.mark.timeout(600)  # the retry starts a cold worker
 def test_killed_trial_is_retried_and_the_dead_run_keeps_its_rows(ray_local, tiny_dir, tmp_path):
     runs = str(tmp_path / "runs")
     s = spec(tiny_dir, tmp_path / "cache", "kill", n_edits=12, seeds=(0,), steps=(2,))
