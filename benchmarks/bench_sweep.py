@@ -1,11 +1,12 @@
 """A sweep of the default model, ``--executor ray`` against the same trials one after another (``--executor local``).
 
     python -m benchmarks.bench_sweep                      # 4 trials: rome x 2 v_num_grad_steps x 2 seeds, 2 edits
+    python -m benchmarks.bench_sweep --n-edits 1 --steps 5 8 --local-threads 1   # the README's figures
     python -m benchmarks.bench_sweep --method memit --n-edits 3 --cpus 2 --json out.json
 
 Both sweeps run the same spec into their own fresh store (a temporary directory): first the local executor in this
-process (one trial after another, the model loaded once, torch on all ``--cpus`` threads), then Ray on a new local
-instance with ``num_cpus=--cpus`` and one CPU (one torch thread) per trial. Printed:
+process (one trial after another, the model loaded once, torch on ``--local-threads``, default all ``--cpus``), then
+Ray on a new local instance with ``num_cpus=--cpus`` and one CPU (one torch thread) per trial. Printed:
 
 * the wall time of each (Ray's including ``ray.init``) and their ratio (local / ray: > 1 means Ray was faster);
 * Ray's overhead per trial, from the times each trial's task recorded: the task's start latency (submit -> the task
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, nargs="+", default=[20, 25], help="v_num_grad_steps values (grid)")
     p.add_argument("--cpus", type=int, default=2, help="cores: Ray's num_cpus and the local run's torch threads")
+    p.add_argument("--local-threads", type=int, default=None,
+                   help="torch threads of the local sweep (default: --cpus). On a loaded machine 1 is much faster "
+                        "than 2: oversubscribed OpenMP threads stall at barriers")
     p.add_argument("--skip-local", action="store_true")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
@@ -67,14 +71,15 @@ def main(argv=None) -> int:
           f"{out['load_before'][0]:.1f}", flush=True)
 
     if not args.skip_local:
-        torch.set_num_threads(args.cpus)
+        threads = args.local_threads or args.cpus
+        torch.set_num_threads(threads)
         local_dir = os.path.join(tmp, "local")
         t0 = time.time()
         res = run_sweep(_spec(args), local_dir, executor="local")
         out["local_wall"] = time.time() - t0
         out["local_status"] = list(res.trials["status"])
         out["local_run_seconds"] = [float(x) for x in res.trials["seconds_total"]]
-        print(f"local (one after another, {args.cpus} threads): {out['local_wall']:.1f} s wall; run seconds "
+        print(f"local (one after another, {threads} threads): {out['local_wall']:.1f} s wall; run seconds "
               f"{', '.join(f'{x:.1f}' for x in out['local_run_seconds'])}; {out['local_status']}", flush=True)
 
     ray_dir = os.path.join(tmp, "ray")
