@@ -5,7 +5,7 @@ run of a source store:
 
 * not in the destination: the run and ALL its rows (``runs``, ``edits``, ``metrics``, ``artifacts``, in their order,
   values and blobs byte for byte: ``INSERT ... SELECT`` between the two SQLite files) are copied, in one
-  transaction per source;
+  transaction per source, with the artifact files beside the store (``artifacts/<run_id>/``, the large ones);
 * already in the destination with the same content (a digest of its ``runs`` row and of every row of the three
   row tables): skipped, so merging twice changes nothing;
 * already there with different content: a CONFLICT. Conflicts are found before anything is written and the merge
@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -102,6 +103,20 @@ def _check_source(conn: sqlite3.Connection, source: str) -> None:
             raise MergeError(f"{source}: table {table} has other columns than the destination's")
 
 
+def _artifact_files(conn: sqlite3.Connection, run_ids: Sequence[str], source: str) -> list[str]:
+    """Relative paths of the file artifacts of ``run_ids`` in the source; a missing file refuses the merge."""
+    out = []
+    for run_id in run_ids:
+        for (blob,) in conn.execute("SELECT blob FROM src.artifacts WHERE run_id = ? AND format LIKE '%-file'",
+                                    (run_id,)):
+            rel = bytes(blob).decode()
+            if not os.path.isfile(os.path.join(os.path.dirname(source), rel)):
+                raise MergeError(f"{source}: run {run_id} names the artifact file {rel}, which is missing beside the "
+                                 f"store; nothing was merged from this store")
+            out.append(rel)
+    return out
+
+
 def merge_stores(dest: RunStore | str | os.PathLike, sources: Sequence[str | os.PathLike]) -> MergeReport:
     """Import every run of ``sources`` (store files or runs directories) into ``dest`` (module docstring).
 
@@ -135,6 +150,7 @@ def merge_stores(dest: RunStore | str | os.PathLike, sources: Sequence[str | os.
                 raise MergeError(f"{source}: {len(conflicts)} run id(s) are already in {dest.path} with other "
                                  f"content: {', '.join(conflicts[:10])}{' ...' if len(conflicts) > 10 else ''}; "
                                  f"nothing was merged from this store (delete one copy, or merge into a new store)")
+            files = _artifact_files(conn, new, source)
             has_sweeps = _has_table(conn, "sweeps", "src")
             if has_sweeps:
                 SweepStore(dest)  # the destination's sweep tables
@@ -158,6 +174,10 @@ def merge_stores(dest: RunStore | str | os.PathLike, sources: Sequence[str | os.
                         conn.execute(f"INSERT OR IGNORE INTO main.{table} ({c}) SELECT {c} FROM src.{table}{where}")
                     report.sweeps += [r[0] for r in conn.execute("SELECT sweep_id FROM src.sweeps")
                                       if r[0] not in report.sweeps]
+                for rel in files:  # file artifacts (RunStore.blob_limit) beside the store, same relative path
+                    dst = os.path.join(dest.runs_dir, rel)
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(os.path.join(os.path.dirname(source), rel), dst)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -397,6 +397,7 @@ class SweepStore(SQLiteFile):
                          f"WHERE run_id = ?", (dead, run_id))
             for table in ("edits", "metrics", "artifacts"):
                 conn.execute(f"UPDATE {table} SET run_id = ? WHERE run_id = ?", (dead, run_id))
+            _move_artifact_files(conn, os.path.dirname(self.path), run_id, dead)
             conn.execute("UPDATE runs SET status = 'failed', error = ?, updated = ? WHERE run_id = ?",
                          (error, time.time(), dead))
             conn.execute("UPDATE runs SET status = 'queued', error = NULL, n_edits_done = 0, seconds_total = NULL, "
@@ -495,6 +496,21 @@ class SweepStore(SQLiteFile):
         """``{run_id: sweep_id}`` of every run made by a sweep."""
         with self._read() as conn:
             return {r[0]: r[1] for r in conn.execute("SELECT run_id, sweep_id FROM sweep_runs")}
+
+
+def _move_artifact_files(conn, runs_dir: str, old: str, new: str) -> None:
+    """The file artifacts (format ``*-file``, :attr:`RunStore.blob_limit`) of the rows now under run ``new``: moved
+    from ``artifacts/<old>/`` to ``artifacts/<new>/`` with their rows' paths (deleting ``old`` keeps them)."""
+    rows = conn.execute("SELECT rowid, blob FROM artifacts WHERE run_id = ? AND format LIKE '%-file'",
+                        (new,)).fetchall()
+    for rowid, blob in rows:
+        rel = bytes(blob).decode()
+        moved = os.path.join("artifacts", new, os.path.basename(rel))
+        src, dst = os.path.join(runs_dir, rel), os.path.join(runs_dir, moved)
+        if os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        conn.execute("UPDATE artifacts SET blob = ? WHERE rowid = ?", (moved.encode(), rowid))
 
 
 def _like(prefix: str) -> str:

@@ -239,6 +239,10 @@ def _dump(store):
 
 def test_merge_is_lossless_idempotent_and_refuses_conflicts(tmp_path, capsys):
     a, ids_a = _store_with_runs(tmp_path / "a", 2, 0)
+    a.blob_limit = 64  # this one goes to a file beside the store (artifacts/<run_id>/...)
+    big = {"basis": np.arange(100.0).reshape(10, 10)}
+    a.add_artifact(ids_a[0], "big", big, n_edits=1, step=1)
+    assert a.list_artifacts(ids_a[0])["format"].str.endswith("-file").any()
     b, ids_b = _store_with_runs(tmp_path / "b", 3, 1)
     sweeps = SweepStore(b)
     spec = load_spec({"name": "sb", "method": "rome", "seeds": [0, 1, 2]})
@@ -252,6 +256,7 @@ def test_merge_is_lossless_idempotent_and_refuses_conflicts(tmp_path, capsys):
     got, want_a, want_b = _dump(c), _dump(a), _dump(b)
     for table in got:  # every row of both sources, byte for byte (NaN stays NULL, blobs equal)
         assert got[table] == sorted(want_a[table] + want_b[table]), table
+    np.testing.assert_array_equal(c.get_artifact(ids_a[0], "big")["basis"], big["basis"])  # the file came along
     assert SweepStore(c).run_ids("sb") == SweepStore(b).run_ids("sb")
     assert list(SweepStore(c).trials("sb")["status"]) == ["finished"] * 3
     # merging again changes nothing
