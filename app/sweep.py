@@ -8,7 +8,7 @@
     data: counterfact:../shared/data/counterfact/counterfact-edit.json
     n_edits: 200
     batch_size: 1
-    eval_every: 20                # the checkpoint schedule (RunConfig.eval_every)
+    eval_every: 20                # checkpoints (RunConfig.eval_every; or checkpoint_schedule: geometric | 1,10,100)
     seeds: [0, 1, 2]              # or seeds: 3 (= 0, 1, 2)
     run: {general: none}          # any other RunConfig field, the same for every trial
     overrides: {v_num_grad_steps: 10}          # method fields for every trial (METHOD.FIELD: one method only)

@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 #: statuses of a trial's latest run after which a re-run of the sweep skips the trial
 DONE = frozenset({"finished", "diverged"})
 EXECUTORS = ("local", "ray")
-SPEC_KEYS = ("name", "model", "models", "method", "methods", "data", "n_edits", "batch_size", "eval_every", "seed",
-             "seeds", "run", "overrides", "grid", "points")
+SPEC_KEYS = ("name", "model", "models", "method", "methods", "data", "n_edits", "batch_size", "eval_every",
+             "checkpoint_schedule", "seed", "seeds", "run", "overrides", "grid", "points")
 #: run fields a spec sets with its own keys (or that the sweep owns), not under ``run:``
 _OWN_RUN_FIELDS = {"model": "model/models", "method": "method/methods", "data": "data", "n_edits": "n_edits",
-                   "batch_size": "batch_size", "eval_every": "eval_every", "seed": "seeds",
+                   "batch_size": "batch_size", "eval_every": "eval_every",
+                   "checkpoint_schedule": "checkpoint_schedule", "seed": "seeds",
                    "method_overrides": "overrides/grid/points", "runs_dir": "the runs directory (--runs-dir)"}
 #: metric kind of the unedited statistics of each edited matrix (fro, cond, ...), written after a trial's run
 UNEDITED_KIND = "weights_unedited"
@@ -168,7 +169,7 @@ def _route(key: str, methods: Sequence[str], src: str, where: str) -> tuple[str,
 
 
 #: run fields that grid / points / overrides may set as ``run.FIELD`` although the spec has a key for them
-_SWEEPABLE_OWN = ("data", "n_edits", "batch_size", "eval_every")
+_SWEEPABLE_OWN = ("data", "n_edits", "batch_size", "eval_every", "checkpoint_schedule")
 
 
 def _check_run_fields(fields: Mapping[str, Any], src: str, where: str) -> None:
@@ -225,7 +226,7 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any], runs_dir: str = "runs
             routed[key] = _route(key, methods, src, where)
         _check_run_fields({routed[k][1]: v for k, v in keys.items() if routed[k][0] == "run"}, src, where)
     base = {"data": str(raw.get("data", "builtin"))}
-    for key in ("n_edits", "batch_size", "eval_every"):
+    for key in ("n_edits", "batch_size", "eval_every", "checkpoint_schedule"):
         if key in raw:
             base[key] = raw[key]
 
@@ -279,7 +280,7 @@ def _make_trial(index: int, point: dict, seed: int, model: str, method: str, met
     where = f"trial {point_text(point)} · seed {seed}"
     try:
         config = RunConfig(model=model, method=method, method_overrides=dict(method_over), seed=seed,
-                           runs_dir=runs_dir).replace(**base, **run_over)
+                           runs_dir=runs_dir).replace(**{**base, **run_over})
         config.validate()
     except ConfigError as exc:
         raise SweepSpecError(f"sweep spec {src}: {where}: {exc}") from exc

@@ -52,6 +52,8 @@ def test_grid_expands_per_method_with_seeds_innermost():
                                                         "run.batch_size": [1, 2]},
                                        "overrides": {"v_num_grad_steps": 3}}).sweep_id
     assert load_spec({**BASE, "name": "mine", "seeds": 3}).sweep_id == "mine"
+    geo = load_spec({**BASE, "checkpoint_schedule": "geometric", "grid": {"run.checkpoint_schedule": ["1,3"]}})
+    assert {t.config.checkpoint_schedule for t in geo.trials} == {"1,3"}  # the grid's run field wins
     assert [t.seed for t in load_spec({**BASE, "name": "mine", "seeds": 3}).trials][:3] == [0, 1, 2]
 
 
@@ -67,6 +69,7 @@ def test_grid_expands_per_method_with_seeds_innermost():
     ({"n_edits": 0}, r"n_edits must be an integer >= 1"),
     ({"data": "counterfact:/no/such/file.json"}, r"data 'counterfact:/no/such/file.json'"),
     ({"seeds": [0, 0]}, r"distinct"),
+    ({"checkpoint_schedule": "sometimes"}, r"checkpoint_schedule must be"),
 ])
 def test_bad_specs_fail_before_anything_is_written(tmp_path, change, message):
     spec_path = tmp_path / "spec.yaml"
