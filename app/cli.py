@@ -13,6 +13,8 @@ Commands::
     study    reproduction studies (app/study.py)
     train    hypernetwork training of malmen / agrade (app/train.py)
     export-stats  covariance statistics in EasyEdit's cache layout (app/export_stats.py)
+    sweep    a grid of runs (methods x seeds x config points) on Ray or locally (app/sweep.py, app/sweep_cli.py)
+    merge    import the runs of other run stores into one (app/merge.py)
 
 Exit codes: 0 done (a run that finished or diverged: the status says which), 1 a run failed, 2 invalid input
 (unknown method / field, bad data file, bad model), 130 interrupted.
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_dir(p)
     p.add_argument("--method", default=None)
     p.add_argument("--status", default=None)
+    p.add_argument("--sweep", default=None, metavar="ID", help="only the runs of this sweep (id or unique prefix)")
     p.add_argument("--json", action="store_true", help="JSON records instead of a table")
 
     p = sub.add_parser("show", help="one run: config, status, final metrics, collapse summary")
@@ -124,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="one method")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("cancel", help="ask a run to stop after its current step")
-    p.add_argument("run_id")
+    p = sub.add_parser("cancel", help="ask a run (or every run of a sweep) to stop after its current step")
+    p.add_argument("run_id", nargs="?", default=None)
+    p.add_argument("--sweep", default=None, metavar="ID", help="cancel a sweep: its driver stops all its trials")
     _add_runs_dir(p)
 
     p = sub.add_parser("delete", help="delete a run and its rows")
@@ -180,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .export_stats import add_export_stats_parser  # export-stats (app/export_stats.py)
     add_export_stats_parser(sub)
+    from .sweep_cli import add_sweep_parsers  # sweep, merge (app/sweep_cli.py)
+    add_sweep_parsers(sub, _add_runs_dir, _add_threads)
     return parser
 
 
@@ -319,6 +325,12 @@ def cmd_list(args) -> int:
     import pandas as pd
     store = _store(args)
     df = store.list_runs(method=args.method, status=args.status)
+    if getattr(args, "sweep", None):
+        from .sweep_cli import SweepCLIError, sweep_run_ids
+        try:
+            df = df[df["run_id"].isin(sweep_run_ids(store, args.sweep))]
+        except SweepCLIError as exc:
+            raise CLIError(str(exc)) from exc
     if args.json:
         recs = json.loads(df.to_json(orient="records", date_format="iso"))
         print(json.dumps(recs))
@@ -460,6 +472,15 @@ def _preset_variants(method: str) -> dict[str, str]:
 
 
 def cmd_cancel(args) -> int:
+    if getattr(args, "sweep", None):
+        from .sweep_cli import SweepCLIError, cancel_sweep
+        try:
+            print(cancel_sweep(_store(args), args.sweep))
+        except SweepCLIError as exc:
+            raise CLIError(str(exc)) from exc
+        return EXIT_OK
+    if not args.run_id:
+        raise CLIError("cancel needs a run id (or --sweep ID)")
     store, run_id = _store_and_run(args)
     store.request_cancel(run_id)
     print(f"cancel requested for {run_id} (status {store.get_run(run_id)['status']})")
@@ -542,6 +563,25 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+# ---- sweep, merge (app/sweep_cli.py) --------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    from .sweep_cli import SweepCLIError
+    from .sweep_cli import cmd_sweep as run
+    try:
+        return run(args)
+    except SweepCLIError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_merge(args) -> int:
+    from .sweep_cli import SweepCLIError
+    from .sweep_cli import cmd_merge as run
+    try:
+        return run(args)
+    except SweepCLIError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 # ---- export-stats (app/export_stats.py) -------------------------------------------------------------------
 def cmd_export_stats(args) -> int:
     from .export_stats import ExportStatsError, run_export_stats
@@ -555,7 +595,8 @@ def cmd_export_stats(args) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
             "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study, "train": cmd_train,
-            "export-stats": cmd_export_stats}
+            "export-stats": cmd_export_stats,
+            "sweep": cmd_sweep, "merge": cmd_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,8 @@ Tables (long form, so that every plot is a filter plus a pivot):
                pre (unedited model, n_edits 0) | edit (immediate, the step's own edits) | retention (every edit so
                far) | locality (fixed probe set vs the unedited model) | general (``<task>/<metric>``,
                ``<task>/chance``) | weights (per edited matrix) | update_angle | hidden_shift | timing | info (the
-               editor's numeric ``EditResult.info``) | collapse (``analysis.collapse``). Rows with ``case_id`` NULL
+               editor's numeric ``EditResult.info``) | collapse (``analysis.collapse``) | weights_unedited (a sweep
+               trial's edited matrices before any edit, n_edits 0: ``app.sweep_core``). Rows with ``case_id`` NULL
                are aggregates (means), rows with a ``case_id`` are per request / per probe; ``layer`` / ``param`` /
                ``protocol`` are NULL where they do not apply.
 ``artifacts``  arrays (``npz``) for the analysis layer: singular values, captured hidden states, an editor's

@@ -2,11 +2,36 @@
 import streamlit as st
 
 from analysis import plots
-from app import ui, views
+from app import sweep_views, ui, views
 
 ui.header("Metrics", "How well the edits hold as they accumulate. Each line is a run (colour = method, dash = run); "
           "x = edits made so far. Dotted vertical lines mark where the engine detected a collapse.")
 
+if sweep_views.has_sweeps(ui.store()) and st.radio(
+        "Show", ["runs", "a sweep"], horizontal=True, key="m-mode",
+        help="a sweep: one curve per grid point, the band = mean ± std over its seeds") == "a sweep":
+    store = ui.store()
+    s1, s2, s3 = st.columns([2, 1, 2])
+    sweep_id = s1.selectbox("Sweep", list(sweep_views.sweeps_overview(store)["sweep_id"]), key="m-sweep")
+    band = s2.selectbox("Band", ["std", "minmax", "none"], key="m-band",
+                        help="over the seeds of each grid point: mean ± sample std, or min to max")
+    sweep_kinds = s3.multiselect("Curves", list(views.CURVE_KINDS), default=["retention", "locality"],
+                                 key="m-sweep-kinds")
+    curves = sweep_views.sweep_curves(store, sweep_id, kinds=tuple(sweep_kinds), band=band)
+    if curves.empty:
+        st.info("No metric rows yet for this sweep's runs.")
+        st.stop()
+    fig = plots.curve_figure(curves, y="mean", color="point", facet="panel", band=band != "none", cols=3,
+                             y_title="score (tf_token_acc)")
+    fig.update_yaxes(range=[-0.03, 1.03])
+    ui.show_figure(fig, f"sweep-{sweep_id}", key="metrics-sweep-fig")
+    st.subheader("Per grid point at the last checkpoint (mean ± std over seeds)")
+    st.dataframe(sweep_views.sweep_table(store, sweep_id), hide_index=True, key="m-sweep-table")
+    st.caption("fro_growth / cond_growth: Frobenius norm / condition number of the edited matrices at the end "
+               "relative to the unedited ones (mean over matrices); collapse_step: the first collapse event "
+               "(analysis.collapse), over the seeds that collapsed.")
+    ui.frame_download(curves, f"sweep-{sweep_id}-curves", key="m-sweep-dl")
+    st.stop()
 run_ids = ui.run_picker()
 if not run_ids:
     st.stop()

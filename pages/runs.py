@@ -1,7 +1,7 @@
 """Runs: every run in the store -- filter, open, cancel, delete, export, share."""
 import streamlit as st
 
-from app import backend, ui, views
+from app import backend, sweep_views, ui, views
 
 ui.header("Runs", "Every sequential editing run in the run store, newest first. Select runs to compare them on the "
           "analysis pages, export their rows, or delete them.")
@@ -12,11 +12,26 @@ if runs.empty:
     ui.no_runs()
     st.stop()
 
+sweeps = sweep_views.sweeps_overview(store)
+sweep_pick = None
+if not sweeps.empty:  # sweeps (python -m app sweep): progress of each, and a filter
+    st.subheader("Sweeps")
+    st.dataframe(sweeps, hide_index=True, key="sweeps-table",
+                 column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0,
+                                                                            format="percent"),
+                                "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+                                "eta": st.column_config.TextColumn("ETA", help="estimate: mean wall time of the "
+                                                                   "finished trials x trials left / running")})
+    sweep_pick = st.selectbox("Only the runs of sweep", [None, *sweeps["sweep_id"]], key="f-sweep",
+                              format_func=lambda s: "(all runs)" if s is None else s)
 c1, c2, c3 = st.columns([2, 2, 3])
 methods = c1.multiselect("Method", sorted(runs["method"].dropna().unique()), key="f-method")
 statuses = c2.multiselect("Status", sorted(runs["status"].unique()), key="f-status")
 text = c3.text_input("Search (id, label, model, data)", key="f-text")
 shown = runs
+if sweep_pick:
+    shown = shown[shown["run_id"].isin(sweep_views.sweep_point_runs(store, sweep_pick)) |
+                  shown["label"].fillna("").str.startswith(f"sweep {sweep_pick} ·")]
 if methods:
     shown = shown[shown["method"].isin(methods)]
 if statuses:
