@@ -81,3 +81,48 @@ def test_a_submitted_run_is_owned_by_the_queue(tmp_path):
     store, queue = RunStore(tmp_path), JobQueue(tmp_path)
     run_id, _ = backend.submit_run(store, queue, {"method": "unit-shift", "n_edits": 1}, start_worker=False)
     assert store.get_run(run_id)["pid"] is None
+
+
+# ---- 1. the worker spawn storm ---------------------------------------------------------------------------------
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def test_concurrent_ensure_worker_starts_exactly_one(tmp_path):
+    """Eight callers at once (as Streamlit polls while the first worker still imports torch) start one worker;
+    calls after it, while it starts, start none; the worker's exit leaves no zombie behind."""
+    import threading
+    import time
+
+    from app.worker import ensure_worker, worker_alive
+    runs = str(tmp_path)
+    barrier = threading.Barrier(8)
+    pids: list = []
+
+    def call():
+        barrier.wait()
+        pids.append(ensure_worker(runs, "cpu", idle_exit=1.0))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    started = [p for p in pids if p]
+    assert len(pids) == 8 and len(started) == 1, (pids, open(os.path.join(runs, "worker-cpu.log")).read())
+    assert ensure_worker(runs, "cpu", idle_exit=1.0) is None  # still starting (or serving): not another one
+    pid = started[0]
+    deadline = time.time() + 120
+    while time.time() < deadline and not worker_alive(runs, "cpu"):
+        time.sleep(0.1)
+    assert worker_alive(runs, "cpu")
+    while time.time() < deadline and worker_alive(runs, "cpu"):  # idle_exit: it leaves after a second idle
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert not _zombie(pid), "the exited worker was not reaped"
+    log_text = open(os.path.join(runs, "worker-cpu.log")).read()
+    assert "another worker serves" not in log_text
