@@ -85,6 +85,8 @@ class Cancelled(Exception):
 
 
 _NONFINITE = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+#: messages of numeric blow-ups raised inside an editor (torch, numpy, Python floats)
+_OVERFLOW = re.compile(r"overflow|\b(nan|inf)\b|non-?finite|not finite|infinit", re.IGNORECASE)
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -324,6 +326,12 @@ class SequentialRun:
         except EditError as exc:
             if _NONFINITE.search(str(exc)):
                 raise Diverged(str(exc)) from exc
+            raise
+        except (RuntimeError, OverflowError, FloatingPointError, ValueError) as exc:
+            # an overflow or a NaN inside the editor's own maths (e.g. torch's Adam with lr=3e38: "value cannot be
+            # converted to type float without overflow") is a divergence, not a failure of the program
+            if _OVERFLOW.search(str(exc)):
+                raise Diverged(f"{type(exc).__name__} inside the edit: {exc}") from exc
             raise
         params = dict(lm.model.named_parameters())
         touched = result.param_names

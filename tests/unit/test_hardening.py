@@ -126,3 +126,51 @@ def test_concurrent_ensure_worker_starts_exactly_one(tmp_path):
     assert not _zombie(pid), "the exited worker was not reaped"
     log_text = open(os.path.join(runs, "worker-cpu.log")).read()
     assert "another worker serves" not in log_text
+
+
+# ---- 5. overflow inside an edit is a divergence; NaN config values are refused --------------------------------
+def test_optimiser_overflow_ends_diverged_with_rows_kept(tmp_path, tiny_llama, standins):
+    """ft with lr=3e38: torch's Adam raises "value cannot be converted to type float without overflow" in the
+    second edit; the run ends ``diverged`` (not ``failed``) and the first edit's rows stay."""
+    from app.engine import run_sequential
+    from app.runconfig import RunConfig
+    snap = {n: p.detach().clone() for n, p in tiny_llama.model.named_parameters()}
+    config = RunConfig(method="ft", n_edits=3, eval_every=1, runs_dir=str(tmp_path), general="none", device="cpu",
+                       locality_probes="none", method_overrides={"layers": "1", "num_steps": "2", "lr": "1e-3"})
+    store = RunStore(tmp_path)
+    calls = []
+    from editors.registry import get_editor_class
+    cls = get_editor_class("ft")
+    original = cls.edit
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) >= 2:
+            self.config.lr = 3e38
+        return original(self, requests)
+
+    cls.edit = edit
+    try:
+        run_id = run_sequential(config, store, lm=tiny_llama)
+    finally:
+        cls.edit = original
+    run = store.get_run(run_id)
+    assert run["status"] == "diverged", run["error"]
+    assert "overflow" in run["error"] and run["n_edits_done"] == 1
+    assert len(store.edits_frame(run_id)) == 1
+    assert all(torch_equal(p, snap[n]) for n, p in tiny_llama.model.named_parameters())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", float("nan")])
+def test_nan_config_values_are_refused(value):
+    from editors.base import ConfigError
+    from editors.presets import build_config
+    with pytest.raises(ConfigError, match="clamp_norm_factor.*NaN"):
+        build_config("rome", "default", {"clamp_norm_factor": value})
+    with pytest.raises(ConfigError, match="NaN"):
+        build_config("memit", "default", {"mom2_update_weight": value})
