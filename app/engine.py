@@ -62,6 +62,43 @@ def load_requests(source: str, n: int | None) -> list[EditRequest]:
     return list(data.load_requests(source, n))
 
 
+#: token bounds of one request (``EDITBENCH_MAX_PROMPT_TOKENS`` / ``EDITBENCH_MAX_TARGET_TOKENS``): a prompt or a
+#: target far beyond any fact is a broken record, and it would cost the editor's optimisation memory and time
+DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS = 512, 64
+
+
+def check_token_counts(requests: Sequence[EditRequest], tokenizer, *, source: str = "data") -> None:
+    """Refuse a request whose prompt (or rephrase / locality prompt) or target has more tokens than the bounds.
+
+    Raises:
+        RequestError: naming the record (its case_id), the field, its token count and the bound.
+    """
+    from editors.requests import RequestError
+
+    def bound(name: str, default: int) -> int:
+        try:
+            return max(1, int(os.environ.get(name, default)))
+        except ValueError:
+            return default
+    max_prompt = bound("EDITBENCH_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS)
+    max_target = bound("EDITBENCH_MAX_TARGET_TOKENS", DEFAULT_MAX_TARGET_TOKENS)
+    for r in requests:
+        fields = [("prompt", r.prompt, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS"),
+                  ("target_new", " " + r.target_new, max_target, "EDITBENCH_MAX_TARGET_TOKENS"),
+                  ("target_true", " " + r.target_true if r.target_true else "", max_target,
+                   "EDITBENCH_MAX_TARGET_TOKENS")]
+        fields += [(f"rephrase_prompts[{i}]", p, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS")
+                   for i, p in enumerate(r.rephrase_prompts)]
+        fields += [(f"locality_prompts[{i}]", p, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS")
+                   for i, p in enumerate(r.locality_prompts)]
+        for name, text, limit, env in fields:
+            if text and len(text) > limit:  # a token has at least one character: shorter texts cannot be over
+                n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n > limit:
+                    raise RequestError(source, f"case_id {r.case_id}", name,
+                                       f"{n} tokens, over the limit of {limit} ({env})")
+
+
 def builtin_probes() -> list[tuple[str, str]]:
     """The fixed locality probe set as ``(prompt, answer)`` pairs (:func:`editors.data.builtin_probes`)."""
     return [(str(p), str(a)) for p, a in data.builtin_probes()]
@@ -295,6 +332,7 @@ class SequentialRun:
         self.store.update_run(self.run_id, model=self.lm.name, model_hash=self.lm.model_hash,
                               device=str(self.lm.device), package_versions={**versions, "model_dtype": dtype})
         self.priorities = retention_priorities(cfg.seed, len(self.requests))
+        check_token_counts(self.requests, self.lm.tokenizer, source=cfg.data)
         editor_cls = get_editor_class(cfg.method)
         self.editor = editor_cls(self.lm, self.method_config, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self._notify("prepare")

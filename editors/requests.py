@@ -10,7 +10,50 @@ Normalisation happens once, here, when a request is built: a malformed record ra
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
+
+#: control characters a request's text may not hold (C0 but tab / newline / carriage return, DEL, C1): a NUL or an
+#: escape sequence in a prompt or target is a broken file, not a fact; subjects and targets are one line (no \n)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_BREAK = re.compile(r"[\n\r]")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Size bounds of one request, in characters (a prompt of 2,000 characters is ~500 tokens; the engine also
+    bounds token counts once the tokenizer is known). Defaults from ``EDITBENCH_MAX_PROMPT_CHARS``,
+    ``EDITBENCH_MAX_TARGET_CHARS`` and ``EDITBENCH_MAX_LIST_ITEMS`` (see :func:`request_limits`)."""
+
+    prompt_chars: int = 2000
+    target_chars: int = 300
+    list_items: int = 100
+
+
+def request_limits() -> RequestLimits:
+    """The limits in force: :class:`RequestLimits`' defaults, overridden by the environment variables it names."""
+    d = RequestLimits()
+
+    def env(name: str, default: int) -> int:
+        try:
+            return max(1, int(os.environ.get(name, default)))
+        except ValueError:
+            return default
+    return RequestLimits(env("EDITBENCH_MAX_PROMPT_CHARS", d.prompt_chars),
+                         env("EDITBENCH_MAX_TARGET_CHARS", d.target_chars),
+                         env("EDITBENCH_MAX_LIST_ITEMS", d.list_items))
+
+
+def _check_text(value: str, source, record, name: str, limit: int, one_line: bool) -> None:
+    bad = _CONTROL.search(value) or (_LINE_BREAK.search(value) if one_line else None)
+    if bad:
+        raise RequestError(source, record, name, f"contains the control character {bad.group()!r} at position "
+                                                 f"{bad.start()} (text fields hold printable text"
+                                                 + (" on one line)" if one_line else ")"))
+    if len(value) > limit:
+        raise RequestError(source, record, name, f"{len(value):,} characters, over the limit of {limit:,} "
+                                                 "(EDITBENCH_MAX_PROMPT_CHARS / EDITBENCH_MAX_TARGET_CHARS)")
 
 
 class RequestError(ValueError):
@@ -93,13 +136,16 @@ def make_request(
     locality_prompts=(),
     locality_answers=(),
     relation: str = "",
+    limits: RequestLimits | None = None,
 ) -> EditRequest:
     """Validate and normalise one record into an :class:`EditRequest`.
 
     Raises:
-        RequestError: missing/empty field, subject absent from the prompt, or locality prompts and answers of
-            different lengths.
+        RequestError: missing/empty field, subject absent from the prompt, locality prompts and answers of
+            different lengths, a control character (NUL, escape, ...; a line break in a subject or a target), or a
+            field over the size ``limits`` (default :func:`request_limits`).
     """
+    limits = limits or request_limits()
     for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
         if value is None:
             raise RequestError(source, record, name, "missing")
@@ -111,6 +157,11 @@ def make_request(
         target_true = ""
     if not isinstance(target_true, str):
         raise RequestError(source, record, "target_true", f"expected a string, got {type(target_true).__name__}")
+    texts = [("prompt", prompt, limits.prompt_chars, False), ("subject", subject, limits.target_chars, True),
+             ("target_new", target_new, limits.target_chars, True),
+             ("target_true", target_true, limits.target_chars, True)]
+    for name, value, limit, one_line in texts:
+        _check_text(value, source, record, name, limit, one_line)
     prompt = prompt.strip()
     subject = subject.strip()
     if subject not in prompt:
@@ -124,6 +175,14 @@ def make_request(
     for i, a in enumerate(loca):
         if not a:
             raise RequestError(source, record, f"locality_answers[{i}]", "empty")
+    for name, items, limit, one_line in (("rephrase_prompts", reph, limits.prompt_chars, False),
+                                         ("locality_prompts", locp, limits.prompt_chars, False),
+                                         ("locality_answers", loca, limits.target_chars, True)):
+        if len(items) > limits.list_items:
+            raise RequestError(source, record, name, f"{len(items):,} items, over the limit of {limits.list_items:,} "
+                                                     "(EDITBENCH_MAX_LIST_ITEMS)")
+        for i, item in enumerate(items):
+            _check_text(item, source, record, f"{name}[{i}]", limit, one_line)
     return EditRequest(
         case_id=str(case_id),
         prompt=prompt,

@@ -174,3 +174,123 @@ def test_nan_config_values_are_refused(value):
         build_config("rome", "default", {"clamp_norm_factor": value})
     with pytest.raises(ConfigError, match="NaN"):
         build_config("memit", "default", {"mom2_update_weight": value})
+
+
+# ---- 7. control characters; 6. size bounds and streaming -------------------------------------------------------
+GOOD = {"prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "target_new": "Rome"}
+
+
+@pytest.mark.parametrize("field,value", [("target_new", "Ro\x00me"), ("prompt", "The Eiffel Tower is\x1b[31m in"),
+                                         ("subject", "The Eiffel\x07 Tower"), ("target_new", "Rome\nParis"),
+                                         ("locality_answers", ["To\x00kyo"])])
+def test_control_characters_are_refused_with_the_field(tmp_path, field, value):
+    import json
+
+    from editors.data import load_requests
+    from editors.requests import RequestError
+    rec = dict(GOOD, **{field: value})
+    if field == "subject":
+        rec["prompt"] = "The Eiffel\x07 Tower is in"
+    if field == "locality_answers":
+        rec["locality_prompts"] = ["The capital of Japan is"]
+    path = tmp_path / "edits.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(RequestError, match="control character") as info:
+        load_requests(str(path))
+    named = info.value.field_name
+    assert named.split("[")[0] == field or (field == "subject" and named == "prompt")
+
+
+def test_field_size_limits_name_the_record(tmp_path, monkeypatch):
+    import json
+
+    from editors.data import load_requests
+    from editors.requests import RequestError
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([GOOD, dict(GOOD, prompt="The Eiffel Tower is in " + "x" * 20_000)]))
+    with pytest.raises(RequestError, match=r"record 1.*'prompt'.*20,023 characters.*limit of 2,000"):
+        load_requests(str(path))
+    monkeypatch.setenv("EDITBENCH_MAX_PROMPT_CHARS", "30000")  # configurable
+    assert len(load_requests(str(path))) == 2
+    with pytest.raises(RequestError, match="target_new.*limit"):
+        load_requests(_write(tmp_path / "t.jsonl", [dict(GOOD, target_new="Rome" * 100)]))
+
+
+def _write(path, records) -> str:
+    import json
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".csv"])
+def test_n_records_are_read_from_a_huge_file_without_reading_it_whole(tmp_path, ext):
+    """--n-edits 3 of a long file reads 3 records: the file's later bytes are never read (here they are 8 MB of
+    bytes that are not UTF-8, which a whole-file read refuses)."""
+    from editors.data import DataSourceError, load_requests
+    path = tmp_path / f"many{ext}"
+    with open(path, "wb") as fh:
+        if ext == ".csv":
+            fh.write(b"prompt,subject,target_new\n")
+            fh.writelines(f"Person {i} lives in,Person {i},Rome\n".encode() for i in range(1000))
+        else:
+            fh.writelines(f'{{"prompt": "Person {i} lives in", "subject": "Person {i}", "target_new": "Rome"}}\n'
+                          .encode() for i in range(1000))
+        fh.write(b"\xff\xfe\n" * 3_000_000)
+    reqs = load_requests(str(path), 3)
+    assert [r.subject for r in reqs] == ["Person 0", "Person 1", "Person 2"]
+    assert len(load_requests(str(path), 500)) == 500
+    with pytest.raises(DataSourceError, match="not UTF-8"):  # reading on into the bad bytes still says so
+        load_requests(str(path), 1001)
+
+
+def test_an_over_long_jsonl_line_is_refused_before_parsing(tmp_path, monkeypatch):
+    from editors.data import load_requests
+    from editors.requests import RequestError
+    monkeypatch.setenv("EDITBENCH_MAX_RECORD_KB", "64")
+    path = tmp_path / "long.jsonl"
+    with open(path, "w") as fh:
+        fh.write('{"prompt": "A is in", "subject": "A", "target_new": "Rome"}\n')
+        fh.write('{"prompt": "' + "y" * 200_000 + '"}\n')
+    with pytest.raises(RequestError, match=r"record 1 \(line 2\).*over the limit of 64 KB"):
+        load_requests(str(path))
+    assert len(load_requests(str(path), 1)) == 1
+
+
+def test_a_data_file_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    from editors.data import DataSourceError, load_requests
+    monkeypatch.setenv("EDITBENCH_MAX_DATA_MB", "1")
+    path = tmp_path / "big.json"
+    path.write_text("[" + ",".join(['{"prompt": "A is in", "subject": "A", "target_new": "Rome"}'] * 30_000) + "]")
+    with pytest.raises(DataSourceError, match=r"big.json: .*MB.*over the limit of 1 MB.*EDITBENCH_MAX_DATA_MB"):
+        load_requests(str(path))
+
+
+# ---- 10. precise messages: CSV -------------------------------------------------------------------------------
+def test_a_zsre_csv_is_read_as_zsre(tmp_path):
+    from editors.data import load_requests
+    path = tmp_path / "z.csv"
+    path.write_text("subject,src,alt,answers,rephrase,loc,loc_ans\n"
+                    "Paris,What country is Paris in?,Italy,France,Where is Paris?,nq question: who,someone\n")
+    (req,) = load_requests(f"zsre:{path}")
+    assert req.target_new == "Italy" and req.target_true == "France"
+
+
+def test_an_unterminated_csv_quote_is_reported_as_such(tmp_path):
+    from editors.data import DataSourceError, load_requests
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,subject,target_new\n"The Eiffel Tower is in,The Eiffel Tower,Rome\nA is in,A,B\n')
+    with pytest.raises(DataSourceError, match="unterminated quote.*line 2"):
+        load_requests(str(path))
+
+
+def test_token_bounds_name_the_record(tiny_llama, monkeypatch):
+    from app.engine import check_token_counts
+    from editors.requests import RequestError, make_request
+    ok = make_request(source="t", record=0, case_id="a", prompt="The Eiffel Tower is in", subject="The Eiffel Tower",
+                      target_new="Rome")
+    long = make_request(source="t", record=1, case_id="b", prompt="The Eiffel Tower is in " + "very " * 200,
+                        subject="The Eiffel Tower", target_new="Rome")
+    check_token_counts([ok, long], tiny_llama.tokenizer)
+    monkeypatch.setenv("EDITBENCH_MAX_PROMPT_TOKENS", "100")
+    with pytest.raises(RequestError, match=r"case_id b.*'prompt'.*tokens, over the limit of 100"):
+        check_token_counts([ok, long], tiny_llama.tokenizer, source="f.json")
