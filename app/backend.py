@@ -137,6 +137,7 @@ def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, d
     """Validate a run config (dict of :class:`app.runconfig.RunConfig` fields), create its ``queued`` run row and its
     job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
     from editors.base import ConfigError
+    from editors.models import ModelLoadError
     from editors.registry import UnknownMethodError
 
     from .engine import queue_run
@@ -147,7 +148,7 @@ def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, d
     try:
         rc = RunConfig.from_dict(cfg)
         run_id, _ = queue_run(rc, store, owner_pid=None)  # the job queue owns it until a worker starts it
-    except (ConfigError, UnknownMethodError, TypeError, ValueError) as exc:
+    except (ConfigError, UnknownMethodError, ModelLoadError, TypeError, ValueError) as exc:
         raise JobError(str(exc)) from exc
     job_id = queue.submit("run", {"config": rc.to_dict()}, device=device, run_id=run_id)
     if start_worker:

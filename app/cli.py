@@ -255,7 +255,7 @@ def cmd_run(args) -> int:
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
-    except (ConfigError, UnknownMethodError) as exc:
+    except (ConfigError, UnknownMethodError, ModelLoadError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"run {run_id} -> {store.path}", file=sys.stderr)
     bar = _Progress(config.n_edits, enabled=not args.no_progress)

@@ -631,6 +631,38 @@ def _collapse_to_rows(df, n_edits: int, step: int) -> list[dict]:
     return rows
 
 
+def _layer_values(method_config: EditorConfig) -> dict[str, tuple[int, ...]]:
+    """The method config's layer-index fields (``layer``, ``layers``, ``*_layer``, ``*_layers``) with int values."""
+    out = {}
+    for name, value in method_config.to_dict().items():
+        if name in ("layer", "layers") or name.endswith(("_layer", "_layers")):
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            ints = tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+            if ints:
+                out[name] = ints
+    return out
+
+
+def check_model_and_layers(model: str, method_config: EditorConfig) -> None:
+    """Before a run is queued: the model can be found (:func:`editors.models.check_model_source`) and, when its layer
+    count is known without loading it, every layer index of the method config exists (negative indices count from
+    the end, as the editors read them).
+
+    Raises:
+        ModelLoadError: no such model directory, or not a model directory.
+        ConfigError: a layer index out of range (names the field and the model's range).
+    """
+    from editors.models import check_model_source
+    n_layers = check_model_source(model)
+    if n_layers is None:
+        return
+    for name, values in _layer_values(method_config).items():
+        bad = [v for v in values if v >= n_layers]
+        if bad:
+            raise ConfigError(f"config field {name!r}: layer {bad[0]} out of range: model {model!r} has {n_layers} "
+                              f"layers (0..{n_layers - 1})")
+
+
 def _new_run_fields(config: RunConfig, method_config: EditorConfig, preset_version: int | None) -> dict:
     return {"method": get_editor_class(config.method).name, "model": config.model, "data_source": config.data,
             "config": config.to_dict(), "method_config": method_config.to_dict(), "preset_version": preset_version,
@@ -709,6 +741,7 @@ def queue_run(config: RunConfig, store: RunStore | None = None, *, owner_pid: in
     the store marks the run ``interrupted``. None: the job queue owns it (a worker starts it whenever one runs)."""
     config.validate()
     method_config, preset_version = config.method_config()
+    check_model_and_layers(config.model, method_config)
     store = store if store is not None else RunStore(config.runs_dir)
     run_id = store.create_run(status="queued", pid=os.getpid() if owner_pid == -1 else owner_pid,
                               **_new_run_fields(config, method_config, preset_version))

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import tests.engine_doubles  # noqa: F401  (registers the test editor unit-shift)
 from app.store import RunNotFoundError, RunStore
 
 
@@ -75,7 +76,6 @@ def test_queued_run_of_a_dead_process_becomes_interrupted(tmp_path):
 
 def test_a_submitted_run_is_owned_by_the_queue(tmp_path):
     """The app's runs wait for the worker, not for the web server's process."""
-    import tests.engine_doubles  # noqa: F401
     from app import backend
     from app.jobs import JobQueue
     store, queue = RunStore(tmp_path), JobQueue(tmp_path)
@@ -294,3 +294,30 @@ def test_token_bounds_name_the_record(tiny_llama, monkeypatch):
     monkeypatch.setenv("EDITBENCH_MAX_PROMPT_TOKENS", "100")
     with pytest.raises(RequestError, match=r"case_id b.*'prompt'.*tokens, over the limit of 100"):
         check_token_counts([ok, long], tiny_llama.tokenizer, source="f.json")
+
+
+# ---- 10. precise messages: models and layers ------------------------------------------------------------------
+def test_model_paths_get_precise_messages(tmp_path, capsys):
+    from app.cli import main
+    from app.store import DB_NAME
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "tokenizer.json").write_text("{}")
+    runs = tmp_path / "runs"
+    for model, expected in ((tmp_path / "no" / "such", "no such model directory"),
+                            (empty, "has no config.json"), (empty / "tokenizer.json", "is a file, not a model")):
+        code = main(["run", "--method", "unit-shift", "--model", str(model), "--runs-dir", str(runs),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Repo id" not in err, err
+    assert not (runs / DB_NAME).exists() or RunStore(runs).list_runs().empty  # nothing was queued
+
+
+def test_a_layer_out_of_range_is_a_usage_error_before_anything_runs(tmp_path, capsys, tiny_dir):
+    from app.cli import main
+    runs = tmp_path / "runs"
+    code = main(["run", "--method", "unit-shift", "--model", tiny_dir, "--set", "layer=99", "--runs-dir", str(runs),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "layer 99 out of range" in err and "4 layers" in err, err
+    assert RunStore(runs).list_runs().empty
