@@ -62,6 +62,13 @@ def queue() -> JobQueue:
     return _queue(runs_dir())
 
 
+def bound_everywhere_unasked() -> bool:
+    """Is the server listening on every interface (``server.address`` empty) without anybody having set it (no
+    config file, flag or environment variable: :mod:`app.serve` always sets it)?"""
+    from streamlit import config
+    return not config.get_option("server.address") and config.get_where_defined("server.address") == "<default>"
+
+
 def housekeeping() -> None:
     """Dead workers -> failed jobs; queued jobs without a worker -> start one. Cheap; called on every rerun."""
     try:

@@ -321,3 +321,64 @@ def test_a_layer_out_of_range_is_a_usage_error_before_anything_runs(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "layer 99 out of range" in err and "4 layers" in err, err
     assert RunStore(runs).list_runs().empty
+
+
+# ---- 8. the app binds to this machine wherever it starts -------------------------------------------------------
+def test_serve_command_sets_safe_options_unless_the_user_does():
+    from app.serve import streamlit_command
+    cmd = streamlit_command(["--server.port", "9999"])
+    assert "--server.address=localhost" in cmd and "--browser.gatherUsageStats=false" in cmd
+    assert cmd[-2:] == ["--server.port", "9999"]
+    cmd = streamlit_command(["--server.address=0.0.0.0"])
+    assert not any(a.startswith("--server.address=localhost") for a in cmd)
+    assert "--browser.gatherUsageStats=false" in cmd
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) listening on ``port``."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":
+                out.add(addr)
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the listening sockets from /proc")
+@pytest.mark.timeout(180)
+def test_the_app_started_from_another_directory_listens_on_localhost_only(tmp_path):
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, EDITBENCH_RUNS=str(tmp_path / "runs"), EDITBENCH_NO_WORKER="1")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "ui", "--server.port", str(port),
+                             "--server.fileWatcherType", "none"], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, healthy = time.time() + 120, False
+        while time.time() < deadline and proc.poll() is None and not healthy:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    healthy = r.read().decode().strip() == "ok"
+            except OSError:
+                time.sleep(0.3)
+        assert healthy, proc.stdout.read1().decode() if proc.poll() is not None else "not healthy"
+        addrs = _listening(port)
+        anywhere = {"00000000", "00000000000000000000000000000000"}
+        assert addrs and not addrs & anywhere, addrs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
