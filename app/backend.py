@@ -111,6 +111,33 @@ def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     return requests
 
 
+def check_data_source(data: str, roots: Sequence[str] | None = None) -> str:
+    """``data`` (a run's data source) when it is ``builtin`` or names a file inside one of the data ``roots``
+    (default :func:`app.settings.data_roots`; ``..`` and symlinks are resolved first). A page never reads any other
+    server path a user types in.
+
+    Raises:
+        JobError: the path is outside every root (the message names the roots and how to add one).
+    """
+    from editors.data import source_prefixes
+
+    from .settings import data_roots
+    text = str(data or "").strip()
+    if text == "builtin":
+        return text
+    path = text
+    for prefix in source_prefixes()[1:]:
+        if text.startswith(prefix):
+            path = text[len(prefix):]
+            break
+    roots = [os.path.realpath(r) for r in (roots if roots is not None else data_roots())]
+    real = os.path.realpath(os.path.expanduser(path.strip()))
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise JobError(f"{path.strip()!r} is outside the data folders this app may read ({', '.join(roots)}). Upload "
+                       "the file instead, or start the app with EDITBENCH_DATA_ROOTS naming its folder.")
+    return text
+
+
 def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
     """Write parsed requests as JSON under ``<runs_dir>/uploads/`` (content-addressed); returns the path, which a
     run's ``data`` field can name."""
@@ -133,9 +160,11 @@ def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
 # jobs
 # ---------------------------------------------------------------------------------------------------------------
 def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, device: str = "auto",
-               start_worker: bool = True) -> tuple[str, str]:
+               start_worker: bool = True, data_roots: Sequence[str] | None = None) -> tuple[str, str]:
     """Validate a run config (dict of :class:`app.runconfig.RunConfig` fields), create its ``queued`` run row and its
-    job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
+    job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message, or when the data names a
+    server path outside ``data_roots`` (:func:`check_data_source`)."""
+    check_data_source(config.get("data", "builtin"), data_roots)
     from editors.base import ConfigError
     from editors.models import ModelLoadError
     from editors.registry import UnknownMethodError
@@ -305,7 +334,8 @@ def format_seconds(s: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
-__all__ = ["submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
+__all__ = ["check_data_source",
+           "submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
            "wake_workers", "parse_upload", "save_upload", "method_fields", "available_methods",
            "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError", "playground_entry",
            "playground_state"]
