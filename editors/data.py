@@ -744,7 +744,18 @@ def _build_counterfact(rec: dict, index: int, label: str, name: str, csv_lists: 
         locality_answers=_string_list(rec.get("locality_ground_truth"), name, label, "locality_ground_truth",
                                       csv_lists),
         relation=_plain_str(rec, "relation", name, label),
+        names=_COUNTERFACT_NAMES,
     )
+
+
+_COUNTERFACT_NAMES = {"target_true": "ground_truth", "rephrase_prompts": "rephrase_prompt",
+                      "locality_prompts": "locality_prompt", "locality_answers": "locality_ground_truth"}
+_ZSRE_NAMES = {"prompt": "src", "target_new": "alt", "target_true": "answers", "rephrase_prompts": "rephrase",
+               "locality_prompts": "loc", "locality_answers": "loc_ans"}
+_ROME_NAMES = {"prompt": "requested_rewrite.prompt", "subject": "requested_rewrite.subject",
+               "target_new": "requested_rewrite.target_new", "target_true": "requested_rewrite.target_true",
+               "rephrase_prompts": "paraphrase_prompts", "locality_prompts": "neighborhood_prompts",
+               "locality_answers": "requested_rewrite.target_true"}
 
 
 @register_layout(FMT_ZSRE, title="zsRE (MEND layout)", prefix="zsre",
@@ -767,6 +778,7 @@ def _build_zsre(rec: dict, index: int, label: str, name: str, csv_lists: bool) -
         locality_prompts=_string_list(loc, name, label, "loc", csv_lists),
         locality_answers=_string_list(loc_ans, name, label, "loc_ans", csv_lists),
         relation=_plain_str(rec, "relation", name, label),
+        names=_ZSRE_NAMES,
     )
 
 
@@ -802,6 +814,7 @@ def _build_rome(rec: dict, index: int, label: str, name: str, csv_lists: bool) -
         # as in ROME: the unedited model should still answer the neighbourhood prompts with the true object
         locality_answers=tuple(target_true for _ in neighbours),
         relation=relation if isinstance(relation, str) else str(relation),
+        names=_ROME_NAMES,
     )
 
 

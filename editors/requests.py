@@ -45,14 +45,15 @@ def request_limits() -> RequestLimits:
                          env("EDITBENCH_MAX_LIST_ITEMS", d.list_items))
 
 
-def _check_text(value: str, source, record, name: str, limit: int, one_line: bool) -> None:
+def _check_text(value: str, source, record, name: str, limit: int, one_line: bool, error=None) -> None:
+    error = error or RequestError
     bad = _CONTROL.search(value) or (_LINE_BREAK.search(value) if one_line else None)
     if bad:
-        raise RequestError(source, record, name, f"contains the control character {bad.group()!r} at position "
+        raise error(source, record, name, f"contains the control character {bad.group()!r} at position "
                                                  f"{bad.start()} (text fields hold printable text"
                                                  + (" on one line)" if one_line else ")"))
     if len(value) > limit:
-        raise RequestError(source, record, name, f"{len(value):,} characters, over the limit of {limit:,} "
+        raise error(source, record, name, f"{len(value):,} characters, over the limit of {limit:,} "
                                                  "(EDITBENCH_MAX_PROMPT_CHARS / EDITBENCH_MAX_TARGET_CHARS)")
 
 
@@ -113,14 +114,14 @@ class EditRequest:
         }
 
 
-def _as_tuple(value, source, record, name) -> tuple[str, ...]:
+def _as_tuple(value, source, record, name, error=RequestError) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise RequestError(source, record, name, f"expected a string or a list of strings, got {type(value).__name__}")
+    raise error(source, record, name, f"expected a string or a list of strings, got {type(value).__name__}")
 
 
 def make_request(
@@ -137,6 +138,7 @@ def make_request(
     locality_answers=(),
     relation: str = "",
     limits: RequestLimits | None = None,
+    names: "dict[str, str] | None" = None,
 ) -> EditRequest:
     """Validate and normalise one record into an :class:`EditRequest`.
 
@@ -146,43 +148,49 @@ def make_request(
             field over the size ``limits`` (default :func:`request_limits`).
     """
     limits = limits or request_limits()
+    if names:  # messages name the field as the record's own layout calls it (zsRE's "alt", not "target_new")
+        def error(source, record, field_name, problem):
+            base, _, index = field_name.partition("[")
+            return RequestError(source, record, names.get(base, base) + (f"[{index}" if index else ""), problem)
+    else:
+        error = RequestError
     for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
         if value is None:
-            raise RequestError(source, record, name, "missing")
+            raise error(source, record, name, "missing")
         if not isinstance(value, str):
-            raise RequestError(source, record, name, f"expected a string, got {type(value).__name__}")
+            raise error(source, record, name, f"expected a string, got {type(value).__name__}")
         if not value.strip():
-            raise RequestError(source, record, name, "empty")
+            raise error(source, record, name, "empty")
     if target_true is None:
         target_true = ""
     if not isinstance(target_true, str):
-        raise RequestError(source, record, "target_true", f"expected a string, got {type(target_true).__name__}")
+        raise error(source, record, "target_true", f"expected a string, got {type(target_true).__name__}")
     texts = [("prompt", prompt, limits.prompt_chars, False), ("subject", subject, limits.target_chars, True),
              ("target_new", target_new, limits.target_chars, True),
              ("target_true", target_true, limits.target_chars, True)]
     for name, value, limit, one_line in texts:
-        _check_text(value, source, record, name, limit, one_line)
+        _check_text(value, source, record, name, limit, one_line, error)
     prompt = prompt.strip()
     subject = subject.strip()
     if subject not in prompt:
-        raise RequestError(source, record, "subject", f"subject {subject!r} does not occur in prompt {prompt!r}")
-    reph = tuple(p.strip() for p in _as_tuple(rephrase_prompts, source, record, "rephrase_prompts"))
-    locp = tuple(p.strip() for p in _as_tuple(locality_prompts, source, record, "locality_prompts"))
-    loca = tuple(a.strip() for a in _as_tuple(locality_answers, source, record, "locality_answers"))
+        raise error(source, record, "subject", f"subject {subject!r} does not occur in prompt {prompt!r}")
+    reph = tuple(p.strip() for p in _as_tuple(rephrase_prompts, source, record, "rephrase_prompts", error))
+    locp = tuple(p.strip() for p in _as_tuple(locality_prompts, source, record, "locality_prompts", error))
+    loca = tuple(a.strip() for a in _as_tuple(locality_answers, source, record, "locality_answers", error))
     if len(locp) != len(loca):
-        raise RequestError(source, record, "locality_answers",
+        raise error(source, record, "locality_answers",
                            f"{len(locp)} locality prompts but {len(loca)} answers")
     for i, a in enumerate(loca):
         if not a:
-            raise RequestError(source, record, f"locality_answers[{i}]", "empty")
+            raise error(source, record, f"locality_answers[{i}]", "empty")
     for name, items, limit, one_line in (("rephrase_prompts", reph, limits.prompt_chars, False),
                                          ("locality_prompts", locp, limits.prompt_chars, False),
                                          ("locality_answers", loca, limits.target_chars, True)):
         if len(items) > limits.list_items:
-            raise RequestError(source, record, name, f"{len(items):,} items, over the limit of {limits.list_items:,} "
+            raise error(source, record, name, f"{len(items):,} items, over the limit of {limits.list_items:,} "
                                                      "(EDITBENCH_MAX_LIST_ITEMS)")
         for i, item in enumerate(items):
-            _check_text(item, source, record, f"{name}[{i}]", limit, one_line)
+            _check_text(item, source, record, f"{name}[{i}]", limit, one_line, error)
     return EditRequest(
         case_id=str(case_id),
         prompt=prompt,
