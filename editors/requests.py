@@ -165,7 +165,8 @@ def make_request(
         target_true = ""
     if not isinstance(target_true, str):
         raise error(source, record, "target_true", f"expected a string, got {type(target_true).__name__}")
-    texts = [("prompt", prompt, limits.prompt_chars, False), ("subject", subject, limits.target_chars, True),
+    # the subject first: a bad character in it is in the prompt too, and the subject is where it was written
+    texts = [("subject", subject, limits.target_chars, True), ("prompt", prompt, limits.prompt_chars, False),
              ("target_new", target_new, limits.target_chars, True),
              ("target_true", target_true, limits.target_chars, True)]
     for name, value, limit, one_line in texts:
