@@ -290,10 +290,35 @@ class Progress:
     eta_seconds: float | None
     error: str | None
     job_status: str | None
+    method: str | None = None
+    label: str | None = None
+    #: what the worker is doing, in words ("loading the model", "edit 3 of 6", ...); None when nothing is known
+    phase: str | None = None
+    #: seconds in the current phase
+    phase_seconds: float | None = None
+    #: Cancel was pressed and the run has not stopped yet (it stops after its current step)
+    cancelling: bool = False
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+
+#: the engine's phases (:meth:`app.engine.SequentialRun._notify`) in words
+PHASES = {"load_model": "loading the model", "prepare": "preparing the method (statistics, context templates)",
+          "reference": "scoring the unedited model's locality reference", "pre_eval": "pre-evaluation of the "
+          "unedited model", "general": "general-ability probes of the unedited model",
+          "checkpoint": "checkpoint: re-scoring every edit so far", "done": "writing the last rows"}
+
+
+def phase_text(progress: Mapping[str, Any] | None, done: int, planned: int) -> str | None:
+    """The worker's phase in words; while editing, which edit ("edit 4 of 10")."""
+    if not progress or not progress.get("phase"):
+        return None
+    phase = progress["phase"]
+    if phase == "edit":
+        return f"edit {min(done + 1, planned)} of {planned}" if planned and done < planned else "editing"
+    return PHASES.get(phase, phase.replace("_", " "))
 
 
 def run_progress(store: RunStore, queue: JobQueue, run_id: str) -> Progress:
@@ -305,13 +330,25 @@ def run_progress(store: RunStore, queue: JobQueue, run_id: str) -> Progress:
     started = (job.started if job and job.started else None) or run["created"]
     end = run["updated"] if run["status"] in TERMINAL else time.time()
     seconds = max(0.0, end - started) if run["status"] != "queued" else 0.0
+    report = job.progress if job is not None and job.status == "running" else None
     eta = None
     if run["status"] == "running" and done > 0 and planned > done:
-        eta = seconds / done * (planned - done)
+        # from the first edit on (the setup -- model, statistics, pre-evaluation -- happens once and is not repeated
+        # per edit), averaged over every edit so far, checkpoints included
+        edits_started = (report or {}).get("edits_started")
+        editing = end - edits_started if edits_started else seconds
+        eta = max(0.0, editing) / done * (planned - done)
     error = run.get("error") or (job.error if job is not None else None)
+    cancelling = run["status"] in ("queued", "running") and bool(run.get("cancel_requested") or
+                                                                 (job is not None and job.cancel_requested))
+    since = (report or {}).get("since")
     return Progress(run_id=run["run_id"], status=run["status"], done=done, planned=planned,
                     fraction=(done / planned) if planned else 0.0, seconds=seconds, eta_seconds=eta, error=error,
-                    job_status=job.status if job is not None else None)
+                    job_status=job.status if job is not None else None, method=run.get("method"),
+                    label=run.get("label") or None,
+                    phase=phase_text(report, done, planned) if run["status"] == "running" else None,
+                    phase_seconds=max(0.0, time.time() - since) if since and run["status"] == "running" else None,
+                    cancelling=cancelling)
 
 
 def active_runs(store: RunStore) -> list[str]:

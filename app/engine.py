@@ -344,9 +344,12 @@ class SequentialRun:
         self.reference = ev.locality_reference(self.lm, pairs, batch_size=cfg.eval_batch_size) if pairs else {}
         rows: list[dict] = []
         if cfg.pre_eval:
+            self._notify("pre_eval")
             pre = self._evaluate(self.requests, "pre-edit evaluation")
             common = {"n_edits": 0, "step": 0, "kind": "pre"}
             rows += [{**common, **r} for r in pre] + _mean_rows(pre, **common)
+        if cfg.general != "none":
+            self._notify("general")
         rows += self._general_rows(0)
         return rows
 

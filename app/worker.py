@@ -138,6 +138,29 @@ def ensure_worker(runs_dir: str, device: str = "auto", *, parent_pid: int | None
         os.close(fd)
 
 
+class JobProgress:
+    """The engine's progress callback in the worker: the phase, since when, edits done / planned, and when editing
+    began (the ETA counts from there, not from the setup), written to the job row (:meth:`JobQueue.set_progress`)."""
+
+    def __init__(self, queue: JobQueue, job_id: str):
+        self.queue, self.job_id = queue, job_id
+        self.state: dict[str, Any] = {}
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        phase = str(info.get("phase", ""))
+        now = time.time()
+        if phase == "start" and "edits_started" not in self.state:
+            self.state["edits_started"] = now
+        phase = {"start": "edit", "checkpoint_done": "edit"}.get(phase, phase)
+        if phase != self.state.get("phase"):
+            self.state["since"] = now
+        self.state.update(phase=phase, done=int(done), total=int(total))
+        try:
+            self.queue.set_progress(self.job_id, self.state)
+        except Exception as exc:  # progress must never stop the work it reports on
+            log.debug("progress of job %s not written: %s", self.job_id, exc)
+
+
 class Worker:
     """Serves the job queue of one runs directory on one device (see the module docstring)."""
 
@@ -218,11 +241,14 @@ class Worker:
         from .engine import run_sequential
         from .runconfig import RunConfig
         from .store import TERMINAL
+        report = JobProgress(self.queue, job.job_id)
         try:
             config = RunConfig.from_dict(job.payload["config"])
+            if (config.model, config.dtype) not in self._models:
+                report(0, config.n_edits, {"phase": "load_model"})
             lm = self.model(config.model, config.dtype)
             try:
-                run_sequential(config, self.store, lm=lm, run_id=job.run_id,
+                run_sequential(config, self.store, lm=lm, run_id=job.run_id, progress=report,
                                should_cancel=lambda: self.queue.cancel_requested(job.job_id))
             finally:
                 self._check_restored(config.model, config.dtype)

@@ -122,12 +122,20 @@ def progress() -> None:
             continue
         with st.container(border=True):
             top = st.columns([4, 1])
-            top[0].markdown(f"{ui.status_badge(p.status)} `{rid}` — {p.done}/{p.planned or '?'} edits, "
+            name = f"**{p.method or '?'}**" + (f" · {p.label}" if p.label else "")
+            top[0].markdown(f"{ui.status_badge(p.status)} {name} `{rid}` — {p.done}/{p.planned or '?'} edits, "
                             f"{backend.format_seconds(p.seconds)} elapsed"
                             + (f", about {backend.format_seconds(p.eta_seconds)} left" if p.eta_seconds else ""))
             if p.status in ("queued", "running"):
-                top[1].button("Cancel", key=f"cancel-{rid}", on_click=backend.cancel_run, args=(store, queue, rid))
-                st.progress(min(1.0, p.fraction), text="waiting for the worker" if p.status == "queued" else None)
+                if p.cancelling:
+                    top[1].markdown(":orange-badge[:material/hourglass_top: cancelling]")
+                    text = "cancelling: the run stops after its current step (its rows are kept)"
+                else:
+                    top[1].button("Cancel", key=f"cancel-{rid}", on_click=backend.cancel_run,
+                                  args=(store, queue, rid))
+                    text = "waiting for the worker" if p.status == "queued" else (
+                        f"{p.phase} ({backend.format_seconds(p.phase_seconds)})" if p.phase else None)
+                st.progress(min(1.0, p.fraction), text=text)
             elif p.status == "failed" or p.status == "interrupted":
                 st.error(f"The run {p.status}: {(p.error or 'no error text').splitlines()[0]}")
                 with st.expander("Error details"):

@@ -41,3 +41,71 @@ def test_submit_run_refuses_a_path_outside_the_roots(tmp_path):
     assert store.list_runs().empty
     roots = backend.check_data_source("zsre:../shared/data/zsre/zsre-800.json")
     assert roots.startswith("zsre:")
+
+
+def test_the_worker_reports_its_phases_and_the_card_shows_them(tmp_path, tiny_llama, standins):
+    """The engine's phases reach the job row through the worker's callback; run_progress says them in words, counts
+    the ETA from the first edit (not the setup) and says "cancelling" once Cancel was pressed."""
+    import time
+
+    from app import backend
+    from app.engine import run_sequential
+    from app.jobs import JobQueue
+    from app.runconfig import RunConfig
+    from app.store import RunStore
+    from app.worker import JobProgress
+    store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
+    run_id, job_id = backend.submit_run(store, queue, {"method": "unit-shift", "n_edits": 4, "eval_every": 2,
+                                                      "general": "none", "label": "lecture"}, start_worker=False)
+    queue.claim("auto", os.getpid())
+    seen = []
+    report = JobProgress(queue, job_id)
+
+    def progress(done, total, info):
+        report(done, total, info)
+        p = backend.run_progress(store, queue, run_id)
+        seen.append((queue.get(job_id).progress["phase"], p.phase))
+
+    config = RunConfig.from_dict(queue.get(job_id).payload["config"])
+    run_sequential(config, store, lm=tiny_llama, run_id=run_id, progress=progress)
+    phases = [s[0] for s in seen]
+    for expected in ("prepare", "reference", "pre_eval", "edit", "checkpoint"):
+        assert expected in phases, phases
+    words = dict(seen)
+    assert words["pre_eval"] == "pre-evaluation of the unedited model"
+    assert words["checkpoint"].startswith("checkpoint")
+    assert [w for _, w in seen if w and w.startswith("edit ")][:2] == ["edit 1 of 4", "edit 2 of 4"], seen
+
+    # a running run half-way: the ETA counts from the first edit, not from the (long) setup
+    rid, jid = backend.submit_run(store, queue, {"method": "unit-shift", "n_edits": 10}, start_worker=False)
+    queue.claim("auto", os.getpid())
+    now = time.time()
+    store.update_run(rid, status="running", n_edits_done=5, pid=os.getpid())
+    queue.set_progress(jid, {"phase": "edit", "since": now, "done": 5, "total": 10, "edits_started": now - 50})
+    p = backend.run_progress(store, queue, rid)
+    assert p.method == "unit-shift" and p.phase == "edit 6 of 10" and not p.cancelling
+    assert 45 <= p.eta_seconds <= 60, p.eta_seconds  # 50 s for 5 edits -> ~50 s for the other 5
+    backend.cancel_run(store, queue, rid)
+    p = backend.run_progress(store, queue, rid)
+    assert p.status == "running" and p.cancelling
+
+
+def test_progress_card_says_cancelling_instead_of_offering_cancel(tmp_path, make_app):
+    import time
+
+    from app import backend
+    from app.jobs import JobQueue
+    from app.store import RunStore
+    store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
+    rid, jid = backend.submit_run(store, queue, {"method": "ft", "n_edits": 6, "label": "demo"}, start_worker=False)
+    queue.claim("auto", os.getpid())
+    store.update_run(rid, status="running", n_edits_done=0, pid=os.getpid())
+    queue.set_progress(jid, {"phase": "pre_eval", "since": time.time() - 3, "done": 0, "total": 6})
+    at = make_app(str(tmp_path), "new_run.py", query={"runs": rid})
+    text = " ".join(m.value for m in at.markdown)
+    assert "ft" in text and "demo" in text
+    assert any("pre-evaluation" in (getattr(p, "text", "") or "") for p in at.get("progress")) or \
+        "pre-evaluation" in str(at.get("progress")[0].proto)
+    at.button(key=f"cancel-{rid}").click().run()
+    assert not [b for b in at.button if b.key == f"cancel-{rid}"]
+    assert "cancelling" in " ".join(m.value for m in at.markdown)
