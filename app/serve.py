@@ -5,7 +5,8 @@ elsewhere it listened on every network interface with usage statistics on. This 
 settings as command-line options, which Streamlit applies whatever the working directory:
 
 * ``--server.address localhost`` (this machine only), ``--browser.gatherUsageStats false``,
-  ``--server.headless true``;
+  ``--server.headless true``, and the rest of ``.streamlit/config.toml`` (upload size, no run on save, the viewer
+  toolbar);
 * an option the user gives explicitly wins (``python -m app.serve --server.address 0.0.0.0`` serves the network on
   purpose).
 
@@ -23,7 +24,9 @@ from .settings import ROOT
 MAIN = os.path.join(ROOT, "app", "main.py")
 
 #: the options this entry sets unless the user gives them
-SAFE_OPTIONS = {"server.address": "localhost", "browser.gatherUsageStats": "false", "server.headless": "true"}
+SAFE_OPTIONS = {"server.address": "localhost", "browser.gatherUsageStats": "false", "server.headless": "true",
+                # and the rest of .streamlit/config.toml, which is not read outside the repository root
+                "server.maxUploadSize": "5", "server.runOnSave": "false", "client.toolbarMode": "viewer"}
 
 
 def _given(args: Sequence[str]) -> set[str]:

@@ -125,7 +125,8 @@ def progress() -> None:
             name = f"**{p.method or '?'}**" + (f" · {p.label}" if p.label else "")
             top[0].markdown(f"{ui.status_badge(p.status)} {name} `{rid}` — {p.done}/{p.planned or '?'} edits, "
                             f"{backend.format_seconds(p.seconds)} elapsed"
-                            + (f", about {backend.format_seconds(p.eta_seconds)} left" if p.eta_seconds else ""))
+                            + (f", about {backend.format_seconds(p.eta_seconds)} left"
+                               if p.eta_seconds and not p.cancelling else ""))
             if p.status in ("queued", "running"):
                 if p.cancelling:
                     top[1].markdown(":orange-badge[:material/hourglass_top: cancelling]")
@@ -146,7 +147,8 @@ def progress() -> None:
             elif p.status == "diverged":
                 st.warning(f"The run diverged (NaN/Inf): {(p.error or '').splitlines()[0]}")
             elif p.status == "cancelled":
-                st.info(f"Cancelled after {p.done} edits; its rows are kept.")
+                st.info(f"Cancelled after {p.done} edits; its rows are kept." if p.done else
+                        "Cancelled before its first edit.")
 
 
 progress()
