@@ -109,3 +109,36 @@ def test_progress_card_says_cancelling_instead_of_offering_cancel(tmp_path, make
     at.button(key=f"cancel-{rid}").click().run()
     assert not [b for b in at.button if b.key == f"cancel-{rid}"]
     assert "cancelling" in " ".join(m.value for m in at.markdown)
+
+
+def test_metrics_chart_is_lecture_ready(tmp_path, make_app):
+    """A title naming the protocol and the runs, axis titles with the scale, integer edit ticks, a legend below the
+    x-axis title, and two runs of the same method in two colours."""
+    from app.store import RunStore
+    from tests.app.conftest import plotly_specs
+    from tests.fixtures import synthetic_run
+    store = RunStore(str(tmp_path))
+    a = synthetic_run(store, method="rome", n_edits=8, eval_every=2, hidden=False, per_case=False, seed=0)
+    b = synthetic_run(store, method="rome", n_edits=8, eval_every=2, hidden=False, per_case=False, seed=1)
+    at = make_app(str(tmp_path), "metrics.py", query={"runs": f"{a},{b}"})
+    spec = plotly_specs(at)[0]
+    layout = spec["layout"]
+    assert "tf_token_acc" in layout["title"]["text"] and "rome" in layout["title"]["text"]
+    assert layout["yaxis"]["title"]["text"].startswith("score (0–1")
+    xaxes = [v for k, v in layout.items() if k.startswith("xaxis")]
+    assert all(ax.get("tickformat") == "d" for ax in xaxes)
+    assert any(ax.get("title", {}).get("text") == "edits made (n)" for ax in xaxes)
+    assert layout["legend"]["y"] < -0.12 and layout["legend"]["yanchor"] == "top"
+    colours = {t["line"]["color"] for t in spec["data"] if t.get("line", {}).get("color")}
+    assert len(colours) >= 2
+
+
+def test_weights_chart_names_its_metric(synthetic_store, make_app):
+    from tests.app.conftest import plotly_specs
+    path, rome, _ = synthetic_store
+    at = make_app(path, "weights.py", query={"runs": rome})
+    spec = plotly_specs(at)[0]
+    titles = [a["text"] for a in spec["layout"].get("annotations", [])]
+    assert any("condition number" in t for t in titles), titles
+    assert "condition number" in spec["layout"]["yaxis"]["title"]["text"]
+    assert spec["layout"]["xaxis"]["tickformat"] == "d"
