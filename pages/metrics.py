@@ -28,7 +28,10 @@ same_method = "run" in curves.columns and curves.groupby("method")["run"].nuniqu
 names = list(dict.fromkeys(curves["method"] + " · " + curves["run"])) if "run" in curves.columns else []
 title = (f"{protocol}: {', '.join(kinds)} vs edits — " + (", ".join(names[:3]) + (f" and {len(names) - 3} more"
                                                                                    if len(names) > 3 else "")))
-fig = plots.curve_figure(curves, y="mean", color="run" if same_method else "method", dash="run", facet="panel",
+if same_method:
+    curves = curves.assign(series=curves["method"] + " · " + curves["run"])
+fig = plots.curve_figure(curves, y="mean", color="series" if same_method else "method",
+                         dash=None if same_method else "run", facet="panel",
                          band=False, collapse=markers, cols=3, y_title=f"score (0–1, {protocol})",
                          x_title="edits made (n)", title=title)
 fig.update_yaxes(range=[-0.03, 1.03])  # every curve here is a score in [0, 1]
