@@ -86,15 +86,53 @@ _REQUEST_KEYS = ("case_id", "prompt", "subject", "target_new", "target_true", "r
                  "locality_prompts", "locality_answers", "relation")
 
 
+def size_in_words(n_bytes: float) -> str:
+    """``1,000 bytes``, ``12 KB``, ``7.2 MB``."""
+    if n_bytes < 1024:
+        return f"{int(n_bytes):,} bytes"
+    if n_bytes < 2 ** 20:
+        return f"{n_bytes / 1024:,.0f} KB"
+    mb = n_bytes / 2 ** 20
+    return f"{mb:,.0f} MB" if mb == int(mb) else f"{mb:,.1f} MB"
+
+
+def _person_record(record: object) -> str:
+    """A reader's record label counted from 1, as a person counts: ``"0 (line 1)"`` -> ``"1 (line 1)"``."""
+    text = str(record)
+    head, _, rest = text.partition(" ")
+    return f"{int(head) + 1}{' ' + rest if rest else ''}" if head.isdigit() else text
+
+
+def upload_message(exc: Exception, filename: str) -> str:
+    """The message of an upload's error for a person: the file named once, records counted from 1."""
+    from editors.requests import RequestError
+    if isinstance(exc, RequestError):
+        where = "the header" if str(exc.record) == "header" else f"record {_person_record(exc.record)}"
+        return f"{filename}, {where}: field '{exc.field_name}': {exc.problem}"
+    text = str(exc)
+    for name in (filename, os.path.basename(filename)):
+        if text.startswith(f"{name}: "):
+            text = text[len(name) + 2:]
+    return f"{filename}: {text}"
+
+
+#: the Playground form's labels of the request fields (its errors name the box to fix, not the field)
+PLAYGROUND_LABELS = {"prompt": "Prompt", "subject": "Subject", "target_new": "New target",
+                     "target_true": "Current answer", "rephrase_prompts": "Paraphrase",
+                     "locality_prompts": "Unrelated prompt", "locality_answers": "Its answer"}
+
+
 def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     """Parse a user's edits file (JSON / JSONL / CSV only -- never unpickled) into ``EditRequest`` objects.
 
     Raises:
-        JobError: too large, wrong type, or a bad record (the message names the record and the field).
+        JobError: too large, wrong type, or a bad record (the message names the file once, the record counted from
+            1 and the field; :func:`upload_message`).
     """
     limit = upload_limit_bytes() if limit is None else limit
     if len(data) > limit:
-        raise JobError(f"{filename}: {len(data) / 2 ** 20:.1f} MB is over the upload limit of {limit / 2 ** 20:.1f} MB")
+        raise JobError(f"{filename} is {size_in_words(len(data))}, over the upload limit of {size_in_words(limit)} "
+                       "(EDITBENCH_UPLOAD_MB sets it)")
     ext = os.path.splitext(filename.lower())[1]
     if ext not in (".json", ".jsonl", ".csv"):
         raise JobError(f"{filename}: only .json, .jsonl and .csv files are accepted")
@@ -103,9 +141,9 @@ def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     try:
         requests = parse_user_edits_bytes(data, filename, max_bytes=limit)
     except RequestError as exc:
-        raise JobError(str(exc)) from exc
+        raise JobError(upload_message(exc, filename)) from exc
     except (UnicodeDecodeError, ValueError) as exc:
-        raise JobError(f"{filename}: {exc}") from exc
+        raise JobError(upload_message(exc, filename)) from exc
     if not requests:
         raise JobError(f"{filename}: no edit records found")
     return requests
@@ -198,7 +236,10 @@ def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: st
         r = payload["request"]
         make_request(source="playground", record="edit", case_id="playground",
                      **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r})
-    except (ConfigError, UnknownMethodError, RequestError) as exc:
+    except RequestError as exc:  # named by the form's label
+        base = exc.field_name.split("[")[0]
+        raise JobError(f"{PLAYGROUND_LABELS.get(base, exc.field_name)}: {exc.problem}") from exc
+    except (ConfigError, UnknownMethodError) as exc:
         raise JobError(str(exc)) from exc
     job_id = queue.submit("playground", payload, device=device)
     if start_worker:

@@ -142,3 +142,35 @@ def test_weights_chart_names_its_metric(synthetic_store, make_app):
     assert any("condition number" in t for t in titles), titles
     assert "condition number" in spec["layout"]["yaxis"]["title"]["text"]
     assert spec["layout"]["xaxis"]["tickformat"] == "d"
+
+
+def test_upload_messages_are_for_people():
+    import json
+
+    from app import backend
+    from tests.app.conftest import FACT
+    bad = json.dumps([FACT, {**FACT, "case_id": "t1", "subject": "Big Ben"}]).encode()
+    with pytest.raises(backend.JobError) as info:
+        backend.parse_upload(bad, "my-edits.json")
+    text = str(info.value)
+    assert text.count("my-edits.json") == 1 and "record 2" in text and "'subject'" in text, text
+    with pytest.raises(backend.JobError) as info:
+        backend.parse_upload(b"[" + b" " * (7 * 2 ** 20) + b"]", "big.json", limit=5 * 2 ** 20)
+    assert str(info.value).startswith("big.json is 7.0 MB, over the upload limit of 5 MB"), str(info.value)
+    with pytest.raises(backend.JobError) as info:
+        backend.parse_upload(b"{not json", "broken.json")
+    assert str(info.value).count("broken.json") == 1, str(info.value)
+    lines = (json.dumps(FACT) + "\n" + json.dumps({**FACT, "case_id": "t2", "target_new": ""}) + "\n").encode()
+    with pytest.raises(backend.JobError, match=r"edits.jsonl, record 2 \(line 2"):
+        backend.parse_upload(lines, "edits.jsonl")
+
+
+def test_playground_errors_use_the_form_labels(tmp_path):
+    from app import backend
+    from app.jobs import JobQueue
+    from tests.app.conftest import FACT
+    queue = JobQueue(str(tmp_path))
+    with pytest.raises(backend.JobError) as info:
+        backend.submit_playground(queue, {"model": "default", "method": "rome", "request": {**FACT, "target_new": ""}},
+                                  start_worker=False)
+    assert str(info.value) == "New target: empty"
