@@ -116,6 +116,27 @@ def upload_message(exc: Exception, filename: str) -> str:
     return f"{filename}: {text}"
 
 
+def explain_in_words(explanation: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    """What an edit did, for a lecture: per changed matrix, which layer, how many directions, how large."""
+    subject, new = request.get("subject") or "the subject", request.get("target_new") or "the new target"
+    parts = []
+    for p in explanation.get("params", ()):
+        where = f"the {p.get('kind') or 'weight'} matrix of layer {p.get('layer')}"
+        rank = p.get("rank")
+        if rank == 1:
+            how = (f"a rank-1 update: one new key→value association, so that when the model reads “{subject}” "
+                   f"this layer writes a value that leads to “{new}”; inputs orthogonal to that key pass "
+                   "through unchanged")
+        elif rank:
+            how = f"a rank-{rank} update: the change acts in {rank} independent input directions"
+        else:
+            how = "an update"
+        size = (f" The change is {p['rel_norm']:.2%} of the matrix's size (‖ΔW‖/‖W‖)."
+                if p.get("rel_norm") is not None else "")
+        parts.append(f"It changed {where} with {how}.{size}")
+    return " ".join(parts) or "It changed no weights."
+
+
 #: the Playground form's labels of the request fields (its errors name the box to fix, not the field)
 PLAYGROUND_LABELS = {"prompt": "Prompt", "subject": "Subject", "target_new": "New target",
                      "target_true": "Current answer", "rephrase_prompts": "Paraphrase",

@@ -174,3 +174,13 @@ def test_playground_errors_use_the_form_labels(tmp_path):
         backend.submit_playground(queue, {"model": "default", "method": "rome", "request": {**FACT, "target_new": ""}},
                                   start_worker=False)
     assert str(info.value) == "New target: empty"
+
+
+def test_the_playground_explains_a_rank_one_edit_in_words():
+    from app import backend
+    ex = {"params": [{"param": "model.layers.5.mlp.down_proj.weight", "layer": 5, "kind": "MLP output", "rank": 1,
+                      "delta_norm": 0.8, "rel_norm": 0.0123, "max_abs": 0.01}]}
+    text = backend.explain_in_words(ex, {"subject": "The Eiffel Tower", "target_new": "Rome"})
+    assert "layer 5" in text and "rank-1" in text and "The Eiffel Tower" in text and "Rome" in text
+    assert "1.23%" in text
+    assert "rank-3" in backend.explain_in_words({"params": [{**ex["params"][0], "rank": 3}]}, {})
