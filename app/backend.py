@@ -121,7 +121,8 @@ def explain_in_words(explanation: Mapping[str, Any], request: Mapping[str, Any])
     subject, new = request.get("subject") or "the subject", request.get("target_new") or "the new target"
     parts = []
     for p in explanation.get("params", ()):
-        where = f"the {p.get('kind') or 'weight'} matrix of layer {p.get('layer')}"
+        short = str(p.get("param") or "").removesuffix(".weight").rsplit(f".{p.get('layer')}.", 1)[-1]
+        where = f"the matrix {short or 'of weights'} of layer {p.get('layer')}"
         rank = p.get("rank")
         if rank == 1:
             how = (f"a rank-1 update: one new key→value association, so that when the model reads “{subject}” "
