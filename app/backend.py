@@ -126,8 +126,8 @@ def explain_in_words(explanation: Mapping[str, Any], request: Mapping[str, Any])
         rank = p.get("rank")
         if rank == 1:
             how = (f"a rank-1 update: one new key→value association, so that when the model reads “{subject}” "
-                   f"this layer writes a value that leads to “{new}”; inputs orthogonal to that key pass "
-                   "through unchanged")
+                   f"this layer writes a value that leads to “{new}”; ΔW = u vᵀ, so inputs orthogonal to its one "
+                   "input direction v pass through unchanged")
         elif rank:
             how = f"a rank-{rank} update: the change acts in {rank} independent input directions"
         else:
