@@ -53,8 +53,8 @@ def _check_text(value: str, source, record, name: str, limit: int, one_line: boo
                                                  f"{bad.start()} (text fields hold printable text"
                                                  + (" on one line)" if one_line else ")"))
     if len(value) > limit:
-        raise error(source, record, name, f"{len(value):,} characters, over the limit of {limit:,} "
-                                                 "(EDITBENCH_MAX_PROMPT_CHARS / EDITBENCH_MAX_TARGET_CHARS)")
+        env = "EDITBENCH_MAX_TARGET_CHARS" if one_line else "EDITBENCH_MAX_PROMPT_CHARS"  # subjects, targets: one line
+        raise error(source, record, name, f"{len(value):,} characters, over the limit of {limit:,} ({env})")
 
 
 class RequestError(ValueError):
