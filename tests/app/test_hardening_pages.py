@@ -184,3 +184,23 @@ def test_the_playground_explains_a_rank_one_edit_in_words():
     assert "layer 5" in text and "rank-1" in text and "The Eiffel Tower" in text and "Rome" in text
     assert "1.23%" in text
     assert "rank-3" in backend.explain_in_words({"params": [{**ex["params"][0], "rank": 3}]}, {})
+
+
+def test_general_page_draws_chance_as_a_line_and_geometry_hides_geoedit_for_others(tmp_path, make_app):
+    from app.store import RunStore
+    from tests.app.conftest import plotly_specs
+    from tests.fixtures import synthetic_run
+    store = RunStore(str(tmp_path))
+    run = synthetic_run(store, method="ft", n_edits=8, eval_every=2, hidden=False, per_case=False, seed=0)
+    store.add_metric_rows(run, [{"n_edits": n, "step": n, "kind": "general", "metric": f"{task}/chance",
+                                 "protocol": "logprob_choice", "value": 0.5}
+                                for n in (0, 2, 4, 6, 8) for task in ("nli", "sentiment")])
+    at = make_app(str(tmp_path), "general.py", query={"runs": run})
+    spec = plotly_specs(at)[0]
+    titles = [a["text"] for a in spec["layout"].get("annotations", [])]
+    assert not any(t.endswith("/chance") for t in titles), titles  # no panel of its own
+    lines = [sh for sh in spec["layout"].get("shapes", []) if sh.get("y0") == 0.5 and sh.get("y1") == 0.5]
+    assert len(lines) == 2 and "chance" in titles
+    assert spec["layout"]["yaxis"]["range"] == [-0.02, 1.02]
+    at = make_app(str(tmp_path), "geometry.py", query={"runs": run})
+    assert not [h for h in at.subheader if "GeoEdit" in h.value]
