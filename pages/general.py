@@ -20,7 +20,11 @@ is_chance = curves["metric"].str.endswith("/chance")
 chance = curves[is_chance].assign(task=lambda d: d["metric"].str.rsplit("/", n=1).str[0]).groupby("task")["mean"].mean()
 curves = curves[~is_chance]
 panels = list(dict.fromkeys(curves["metric"]))
-fig = plots.curve_figure(curves, y="mean", color="method", dash="run", facet="metric", band=False,
+same_method = curves.groupby("method")["run"].nunique().max() > 1  # then each run gets a colour of its own
+if same_method:
+    curves = curves.assign(series=curves["method"] + " · " + curves["run"])
+fig = plots.curve_figure(curves, y="mean", color="series" if same_method else "method",
+                         dash=None if same_method else "run", facet="metric", band=False,
                          y_title="accuracy (0–1)", x_title="edits made (n)",
                          title=f"General abilities vs edits — {', '.join(dict.fromkeys(curves['run']))}")
 for i, metric in enumerate(panels):
