@@ -32,12 +32,6 @@ with left:
                                               "../shared/data/counterfact/counterfact-edit.json", key="nr-cf")
     elif source == "zsRE file":
         data = "zsre:" + st.text_input("zsRE JSON path", "../shared/data/zsre/zsre-800.json", key="nr-zsre")
-    if data.startswith(("counterfact:", "zsre:")):  # server paths: only inside the configured data folders
-        try:
-            backend.check_data_source(data)
-        except backend.JobError as exc:
-            st.error(str(exc))
-            data = ""
     elif source == "upload":
         up = st.file_uploader("Your edits (JSON, JSONL or CSV with prompt, subject, target_new, ...)",
                               type=["json", "jsonl", "csv"], key="nr-upload")
@@ -50,6 +44,12 @@ with left:
             else:
                 data = backend.save_upload(store.runs_dir, reqs, up.name)
                 st.success(f"{len(reqs)} edit requests read from {up.name}.")
+    if data.startswith(("counterfact:", "zsre:")):  # server paths: only inside the configured data folders
+        try:
+            backend.check_data_source(data)
+        except backend.JobError as exc:
+            st.error(str(exc))
+            data = ""
 with right:
     st.subheader("Schedule")
     n_edits = st.number_input("Number of edits", 1, 100000, 10, key="nr-n",
