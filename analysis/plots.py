@@ -131,12 +131,16 @@ def curve_figure(curves: pd.DataFrame, *, x: str = "n_edits", y: str = "mean", c
         fig.add_annotation(x=step, y=1.0, yref="paper", text=label, showarrow=False, textangle=-90,
                            xanchor="right", yanchor="top", font={"size": 10, "color": col})
     fig.update_layout(template=TEMPLATE, title=title, height=height or max(320, 300 * rows),
-                      legend={"orientation": "h", "y": -0.15})
+                      # below the x-axis title, not over it
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.12 - 0.25 / rows},
+                      margin={"b": 110})
     fig.update_xaxes(title_text=x_title, row=rows)
     if y_title:
         fig.update_yaxes(title_text=y_title, col=1)
     if log_y:
         fig.update_yaxes(type="log")
+    if x == "n_edits":
+        integer_edit_axis(fig, float(curves[x].max()) if len(curves) else None)
     return fig
 
 
@@ -293,6 +297,30 @@ def spectrum_figure(df: pd.DataFrame, *, x: str = "index", y: str = "sigma", col
 
 LOG_METRICS = ("cond", "delta_cond", "spectral", "delta_spectral")
 
+#: readable names (with the symbol) of the weight diagnostics of :func:`analysis.weights.matrix_stats`
+WEIGHT_METRIC_LABELS = {
+    "fro": "Frobenius norm ‖W‖_F", "spectral": "spectral norm σ_max(W)", "nuclear": "nuclear norm Σσᵢ(W)",
+    "cond": "condition number κ(W) = σ_max / σ_min", "effective_rank": "effective rank of W",
+    "max": "largest entry of W", "min": "smallest entry of W", "mean": "mean entry of W",
+    "median": "median entry of W", "delta_fro": "Frobenius norm of the change ‖ΔW‖_F",
+    "delta_spectral": "spectral norm of the change σ_max(ΔW)", "delta_nuclear": "nuclear norm of the change Σσᵢ(ΔW)",
+    "delta_cond": "condition number of the change κ(ΔW)", "delta_effective_rank": "effective rank of the change ΔW",
+    "delta_rank": "numerical rank of the change ΔW", "rel_change": "relative change ‖ΔW‖_F / ‖W0‖_F",
+}
+
+
+def metric_label(metric: str) -> str:
+    """A weight metric's readable name (the name itself when none is known)."""
+    return WEIGHT_METRIC_LABELS.get(metric, metric)
+
+
+def integer_edit_axis(fig: go.Figure, max_edits: float | None = None) -> go.Figure:
+    """Edit counts are whole numbers: integer tick labels from 0 (every edit when there are at most 12)."""
+    fig.update_xaxes(tickformat="d", rangemode="tozero")
+    if max_edits is not None and max_edits <= 12:
+        fig.update_xaxes(dtick=1, tick0=0)
+    return fig
+
 
 def weights_figure(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, x: str = "n_edits",
                    color: str = "layer", dash: str | None = None, log_metrics: Sequence[str] = LOG_METRICS,
@@ -301,8 +329,8 @@ def weights_figure(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, x:
     panel per metric, one line per ``color`` value (layer, or method); ``log_metrics`` get a log y axis."""
     metrics = list(metrics) if metrics is not None else list(dict.fromkeys(df["metric"]))
     rows, ncols = _grid(len(metrics), cols)
-    fig = make_subplots(rows=rows, cols=ncols, subplot_titles=metrics, horizontal_spacing=0.07,
-                        vertical_spacing=0.14)
+    fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[metric_label(m) for m in metrics],
+                        horizontal_spacing=0.07, vertical_spacing=0.14)
     colors, dashes = _line_styles(df, color, dash)
     shown: set = set()
     for r, c, metric, keys, key, info, g in _panel_groups(df, metrics, "metric", ncols, color, dash, sort=True):
@@ -317,10 +345,13 @@ def weights_figure(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, x:
         if metric in log_metrics:
             fig.update_yaxes(type="log", row=k // ncols + 1, col=k % ncols + 1)
     fig.update_layout(template=TEMPLATE, title=title, height=height or max(320, 280 * rows),
-                      legend={"orientation": "h", "y": -0.12})
-    fig.update_xaxes(title_text="edits", row=rows)
-    return fig
+                      legend={"orientation": "h", "y": -0.22})
+    fig.update_xaxes(title_text="edits made (n)", row=rows)
+    if len(metrics) == 1:
+        fig.update_yaxes(title_text=metric_label(metrics[0]) + (" (log scale)" if metrics[0] in log_metrics else ""))
+    return integer_edit_axis(fig, float(df[x].max()) if len(df) else None)
 
 
-__all__ = ["method_color", "curve_figure", "histogram_figure", "heatmap_figure", "scatter_with_marginals",
+__all__ = ["metric_label", "integer_edit_axis", "WEIGHT_METRIC_LABELS",
+           "method_color", "curve_figure", "histogram_figure", "heatmap_figure", "scatter_with_marginals",
            "spectrum_figure", "weights_figure", "PALETTE", "method_order"]

@@ -86,15 +86,75 @@ _REQUEST_KEYS = ("case_id", "prompt", "subject", "target_new", "target_true", "r
                  "locality_prompts", "locality_answers", "relation")
 
 
+def size_in_words(n_bytes: float) -> str:
+    """``1,000 bytes``, ``12 KB``, ``7.2 MB``."""
+    if n_bytes < 1024:
+        return f"{int(n_bytes):,} bytes"
+    if n_bytes < 2 ** 20:
+        return f"{n_bytes / 1024:,.0f} KB"
+    mb = n_bytes / 2 ** 20
+    return f"{mb:,.0f} MB" if mb == int(mb) else f"{mb:,.1f} MB"
+
+
+def _person_record(record: object) -> str:
+    """A reader's record label counted from 1, as a person counts: ``"0 (line 1)"`` -> ``"1 (line 1)"``."""
+    text = str(record)
+    head, _, rest = text.partition(" ")
+    return f"{int(head) + 1}{' ' + rest if rest else ''}" if head.isdigit() else text
+
+
+def upload_message(exc: Exception, filename: str) -> str:
+    """The message of an upload's error for a person: the file named once, records counted from 1."""
+    from editors.requests import RequestError
+    if isinstance(exc, RequestError):
+        where = "the header" if str(exc.record) == "header" else f"record {_person_record(exc.record)}"
+        return f"{filename}, {where}: field '{exc.field_name}': {exc.problem}"
+    text = str(exc)
+    for name in (filename, os.path.basename(filename)):
+        if text.startswith(f"{name}: "):
+            text = text[len(name) + 2:]
+    return f"{filename}: {text}"
+
+
+def explain_in_words(explanation: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    """What an edit did, for a lecture: per changed matrix, which layer, how many directions, how large."""
+    subject, new = request.get("subject") or "the subject", request.get("target_new") or "the new target"
+    parts = []
+    for p in explanation.get("params", ()):
+        short = str(p.get("param") or "").removesuffix(".weight").rsplit(f".{p.get('layer')}.", 1)[-1]
+        where = f"the matrix {short or 'of weights'} of layer {p.get('layer')}"
+        rank = p.get("rank")
+        if rank == 1:
+            how = (f"a rank-1 update: one new key→value association, so that when the model reads “{subject}” "
+                   f"this layer writes a value that leads to “{new}”; ΔW = u vᵀ, so inputs orthogonal to its one "
+                   "input direction v pass through unchanged")
+        elif rank:
+            how = f"a rank-{rank} update: the change acts in {rank} independent input directions"
+        else:
+            how = "an update"
+        size = (f" The change is {p['rel_norm']:.2%} of the matrix's size (‖ΔW‖/‖W‖)."
+                if p.get("rel_norm") is not None else "")
+        parts.append(f"It changed {where} with {how}.{size}")
+    return " ".join(parts) or "It changed no weights."
+
+
+#: the Playground form's labels of the request fields (its errors name the box to fix, not the field)
+PLAYGROUND_LABELS = {"prompt": "Prompt", "subject": "Subject", "target_new": "New target",
+                     "target_true": "Current answer", "rephrase_prompts": "Paraphrase",
+                     "locality_prompts": "Unrelated prompt", "locality_answers": "Its answer"}
+
+
 def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     """Parse a user's edits file (JSON / JSONL / CSV only -- never unpickled) into ``EditRequest`` objects.
 
     Raises:
-        JobError: too large, wrong type, or a bad record (the message names the record and the field).
+        JobError: too large, wrong type, or a bad record (the message names the file once, the record counted from
+            1 and the field; :func:`upload_message`).
     """
     limit = upload_limit_bytes() if limit is None else limit
     if len(data) > limit:
-        raise JobError(f"{filename}: {len(data) / 2 ** 20:.1f} MB is over the upload limit of {limit / 2 ** 20:.1f} MB")
+        raise JobError(f"{filename} is {size_in_words(len(data))}, over the upload limit of {size_in_words(limit)} "
+                       "(EDITBENCH_UPLOAD_MB sets it)")
     ext = os.path.splitext(filename.lower())[1]
     if ext not in (".json", ".jsonl", ".csv"):
         raise JobError(f"{filename}: only .json, .jsonl and .csv files are accepted")
@@ -103,12 +163,39 @@ def parse_upload(data: bytes, filename: str, limit: int | None = None) -> list:
     try:
         requests = parse_user_edits_bytes(data, filename, max_bytes=limit)
     except RequestError as exc:
-        raise JobError(str(exc)) from exc
+        raise JobError(upload_message(exc, filename)) from exc
     except (UnicodeDecodeError, ValueError) as exc:
-        raise JobError(f"{filename}: {exc}") from exc
+        raise JobError(upload_message(exc, filename)) from exc
     if not requests:
         raise JobError(f"{filename}: no edit records found")
     return requests
+
+
+def check_data_source(data: str, roots: Sequence[str] | None = None) -> str:
+    """``data`` (a run's data source) when it is ``builtin`` or names a file inside one of the data ``roots``
+    (default :func:`app.settings.data_roots`; ``..`` and symlinks are resolved first). A page never reads any other
+    server path a user types in.
+
+    Raises:
+        JobError: the path is outside every root (the message names the roots and how to add one).
+    """
+    from editors.data import source_prefixes
+
+    from .settings import data_roots
+    text = str(data or "").strip()
+    if text == "builtin":
+        return text
+    path = text
+    for prefix in source_prefixes()[1:]:
+        if text.startswith(prefix):
+            path = text[len(prefix):]
+            break
+    roots = [os.path.realpath(r) for r in (roots if roots is not None else data_roots())]
+    real = os.path.realpath(os.path.expanduser(path.strip()))
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise JobError(f"{path.strip()!r} is outside the data folders this app may read ({', '.join(roots)}). Upload "
+                       "the file instead, or start the app with EDITBENCH_DATA_ROOTS naming its folder.")
+    return text
 
 
 def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
@@ -133,10 +220,13 @@ def save_upload(runs_dir: str, requests: Sequence[Any], filename: str) -> str:
 # jobs
 # ---------------------------------------------------------------------------------------------------------------
 def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, device: str = "auto",
-               start_worker: bool = True) -> tuple[str, str]:
+               start_worker: bool = True, data_roots: Sequence[str] | None = None) -> tuple[str, str]:
     """Validate a run config (dict of :class:`app.runconfig.RunConfig` fields), create its ``queued`` run row and its
-    job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message."""
+    job; returns ``(run_id, job_id)``. Raises :class:`JobError` with the validation message, or when the data names a
+    server path outside ``data_roots`` (:func:`check_data_source`)."""
+    check_data_source(config.get("data", "builtin"), data_roots)
     from editors.base import ConfigError
+    from editors.models import ModelLoadError
     from editors.registry import UnknownMethodError
 
     from .engine import queue_run
@@ -146,8 +236,8 @@ def submit_run(store: RunStore, queue: JobQueue, config: Mapping[str, Any], *, d
     cfg.setdefault("device", None if device_key(device) == "auto" else device_key(device))
     try:
         rc = RunConfig.from_dict(cfg)
-        run_id, _ = queue_run(rc, store)
-    except (ConfigError, UnknownMethodError, TypeError, ValueError) as exc:
+        run_id, _ = queue_run(rc, store, owner_pid=None)  # the job queue owns it until a worker starts it
+    except (ConfigError, UnknownMethodError, ModelLoadError, TypeError, ValueError) as exc:
         raise JobError(str(exc)) from exc
     job_id = queue.submit("run", {"config": rc.to_dict()}, device=device, run_id=run_id)
     if start_worker:
@@ -168,7 +258,10 @@ def submit_playground(queue: JobQueue, payload: Mapping[str, Any], *, device: st
         r = payload["request"]
         make_request(source="playground", record="edit", case_id="playground",
                      **{k: r.get(k) for k in _REQUEST_KEYS if k != "case_id" and k in r})
-    except (ConfigError, UnknownMethodError, RequestError) as exc:
+    except RequestError as exc:  # named by the form's label
+        base = exc.field_name.split("[")[0]
+        raise JobError(f"{PLAYGROUND_LABELS.get(base, exc.field_name)}: {exc.problem}") from exc
+    except (ConfigError, UnknownMethodError) as exc:
         raise JobError(str(exc)) from exc
     job_id = queue.submit("playground", payload, device=device)
     if start_worker:
@@ -260,10 +353,35 @@ class Progress:
     eta_seconds: float | None
     error: str | None
     job_status: str | None
+    method: str | None = None
+    label: str | None = None
+    #: what the worker is doing, in words ("loading the model", "edit 3 of 6", ...); None when nothing is known
+    phase: str | None = None
+    #: seconds in the current phase
+    phase_seconds: float | None = None
+    #: Cancel was pressed and the run has not stopped yet (it stops after its current step)
+    cancelling: bool = False
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+
+#: the engine's phases (:meth:`app.engine.SequentialRun._notify`) in words
+PHASES = {"load_model": "loading the model", "prepare": "preparing the method (statistics, context templates)",
+          "reference": "scoring the unedited model's locality reference", "pre_eval": "pre-evaluation of the "
+          "unedited model", "general": "general-ability probes of the unedited model",
+          "checkpoint": "checkpoint: re-scoring every edit so far", "done": "writing the last rows"}
+
+
+def phase_text(progress: Mapping[str, Any] | None, done: int, planned: int) -> str | None:
+    """The worker's phase in words; while editing, which edit ("edit 4 of 10")."""
+    if not progress or not progress.get("phase"):
+        return None
+    phase = progress["phase"]
+    if phase == "edit":
+        return f"edit {min(done + 1, planned)} of {planned}" if planned and done < planned else "editing"
+    return PHASES.get(phase, phase.replace("_", " "))
 
 
 def run_progress(store: RunStore, queue: JobQueue, run_id: str) -> Progress:
@@ -275,13 +393,25 @@ def run_progress(store: RunStore, queue: JobQueue, run_id: str) -> Progress:
     started = (job.started if job and job.started else None) or run["created"]
     end = run["updated"] if run["status"] in TERMINAL else time.time()
     seconds = max(0.0, end - started) if run["status"] != "queued" else 0.0
+    report = job.progress if job is not None and job.status == "running" else None
     eta = None
     if run["status"] == "running" and done > 0 and planned > done:
-        eta = seconds / done * (planned - done)
+        # from the first edit on (the setup -- model, statistics, pre-evaluation -- happens once and is not repeated
+        # per edit), averaged over every edit so far, checkpoints included
+        edits_started = (report or {}).get("edits_started")
+        editing = end - edits_started if edits_started else seconds
+        eta = max(0.0, editing) / done * (planned - done)
     error = run.get("error") or (job.error if job is not None else None)
+    cancelling = run["status"] in ("queued", "running") and bool(run.get("cancel_requested") or
+                                                                 (job is not None and job.cancel_requested))
+    since = (report or {}).get("since")
     return Progress(run_id=run["run_id"], status=run["status"], done=done, planned=planned,
                     fraction=(done / planned) if planned else 0.0, seconds=seconds, eta_seconds=eta, error=error,
-                    job_status=job.status if job is not None else None)
+                    job_status=job.status if job is not None else None, method=run.get("method"),
+                    label=run.get("label") or None,
+                    phase=phase_text(report, done, planned) if run["status"] == "running" else None,
+                    phase_seconds=max(0.0, time.time() - since) if since and run["status"] == "running" else None,
+                    cancelling=cancelling)
 
 
 def active_runs(store: RunStore) -> list[str]:
@@ -304,7 +434,8 @@ def format_seconds(s: float | None) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
-__all__ = ["submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
+__all__ = ["check_data_source",
+           "submit_run", "submit_playground", "cancel_run", "delete_run", "run_progress", "Progress", "housekeeping",
            "wake_workers", "parse_upload", "save_upload", "method_fields", "available_methods",
            "changed_overrides", "field_to_text", "builtin_requests", "format_seconds", "JobError", "playground_entry",
            "playground_state"]

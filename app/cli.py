@@ -9,6 +9,7 @@ Commands::
     methods  methods, their summaries and config fields (help, defaults)
     cancel   ask a running run to stop after its current step
     delete   remove a run and its rows
+    ui       the web app (app/serve.py: localhost only, no usage statistics, from any directory)
     bench    the editor benchmark (``python -m benchmarks.bench_editors`` in a subprocess; arguments passed on)
     study    reproduction studies (app/study.py)
     train    hypernetwork training of malmen / agrade (app/train.py)
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     _add_runs_dir(p)
 
+    sub.add_parser("ui", help="the web app on this machine only, from any directory (app/serve.py; Streamlit "
+                              "options are passed on)", add_help=False)
+
     p = sub.add_parser("bench", help="editor benchmarks (arguments are passed on)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -261,7 +265,7 @@ def cmd_run(args) -> int:
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
-    except (ConfigError, UnknownMethodError) as exc:
+    except (ConfigError, UnknownMethodError, ModelLoadError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"run {run_id} -> {store.path}", file=sys.stderr)
     bar = _Progress(config.n_edits, enabled=not args.no_progress)
@@ -603,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bench` passes everything after it on untouched (including --help)
+    if argv and argv[0] == "ui":  # Streamlit's options pass on untouched
+        from .serve import main as serve
+        return serve(argv[1:])
     if argv and argv[0] == "bench":
         args = argparse.Namespace(command="bench", verbose=0, args=argv[1:])
     else:

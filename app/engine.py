@@ -62,6 +62,43 @@ def load_requests(source: str, n: int | None) -> list[EditRequest]:
     return list(data.load_requests(source, n))
 
 
+#: token bounds of one request (``EDITBENCH_MAX_PROMPT_TOKENS`` / ``EDITBENCH_MAX_TARGET_TOKENS``): a prompt or a
+#: target far beyond any fact is a broken record, and it would cost the editor's optimisation memory and time
+DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TARGET_TOKENS = 512, 64
+
+
+def check_token_counts(requests: Sequence[EditRequest], tokenizer, *, source: str = "data") -> None:
+    """Refuse a request whose prompt (or rephrase / locality prompt) or target has more tokens than the bounds.
+
+    Raises:
+        RequestError: naming the record (its case_id), the field, its token count and the bound.
+    """
+    from editors.requests import RequestError
+
+    def bound(name: str, default: int) -> int:
+        try:
+            return max(1, int(os.environ.get(name, default)))
+        except ValueError:
+            return default
+    max_prompt = bound("EDITBENCH_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS)
+    max_target = bound("EDITBENCH_MAX_TARGET_TOKENS", DEFAULT_MAX_TARGET_TOKENS)
+    for r in requests:
+        fields = [("prompt", r.prompt, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS"),
+                  ("target_new", " " + r.target_new, max_target, "EDITBENCH_MAX_TARGET_TOKENS"),
+                  ("target_true", " " + r.target_true if r.target_true else "", max_target,
+                   "EDITBENCH_MAX_TARGET_TOKENS")]
+        fields += [(f"rephrase_prompts[{i}]", p, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS")
+                   for i, p in enumerate(r.rephrase_prompts)]
+        fields += [(f"locality_prompts[{i}]", p, max_prompt, "EDITBENCH_MAX_PROMPT_TOKENS")
+                   for i, p in enumerate(r.locality_prompts)]
+        for name, text, limit, env in fields:
+            if text and len(text) > limit:  # a token has at least one character: shorter texts cannot be over
+                n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n > limit:
+                    raise RequestError(source, f"case_id {r.case_id}", name,
+                                       f"{n} tokens, over the limit of {limit} ({env})")
+
+
 def builtin_probes() -> list[tuple[str, str]]:
     """The fixed locality probe set as ``(prompt, answer)`` pairs (:func:`editors.data.builtin_probes`)."""
     return [(str(p), str(a)) for p, a in data.builtin_probes()]
@@ -85,6 +122,8 @@ class Cancelled(Exception):
 
 
 _NONFINITE = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+#: messages of numeric blow-ups raised inside an editor (torch, numpy, Python floats)
+_OVERFLOW = re.compile(r"overflow|\b(nan|inf)\b|non-?finite|not finite|infinit", re.IGNORECASE)
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -293,6 +332,7 @@ class SequentialRun:
         self.store.update_run(self.run_id, model=self.lm.name, model_hash=self.lm.model_hash,
                               device=str(self.lm.device), package_versions={**versions, "model_dtype": dtype})
         self.priorities = retention_priorities(cfg.seed, len(self.requests))
+        check_token_counts(self.requests, self.lm.tokenizer, source=cfg.data)
         editor_cls = get_editor_class(cfg.method)
         self.editor = editor_cls(self.lm, self.method_config, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self._notify("prepare")
@@ -304,9 +344,12 @@ class SequentialRun:
         self.reference = ev.locality_reference(self.lm, pairs, batch_size=cfg.eval_batch_size) if pairs else {}
         rows: list[dict] = []
         if cfg.pre_eval:
+            self._notify("pre_eval")
             pre = self._evaluate(self.requests, "pre-edit evaluation")
             common = {"n_edits": 0, "step": 0, "kind": "pre"}
             rows += [{**common, **r} for r in pre] + _mean_rows(pre, **common)
+        if cfg.general != "none":
+            self._notify("general")
         rows += self._general_rows(0)
         return rows
 
@@ -324,6 +367,12 @@ class SequentialRun:
         except EditError as exc:
             if _NONFINITE.search(str(exc)):
                 raise Diverged(str(exc)) from exc
+            raise
+        except (RuntimeError, OverflowError, FloatingPointError, ValueError) as exc:
+            # an overflow or a NaN inside the editor's own maths (e.g. torch's Adam with lr=3e38: "value cannot be
+            # converted to type float without overflow") is a divergence, not a failure of the program
+            if _OVERFLOW.search(str(exc)):
+                raise Diverged(f"{type(exc).__name__} inside the edit: {exc}") from exc
             raise
         params = dict(lm.model.named_parameters())
         touched = result.param_names
@@ -585,6 +634,38 @@ def _collapse_to_rows(df, n_edits: int, step: int) -> list[dict]:
     return rows
 
 
+def _layer_values(method_config: EditorConfig) -> dict[str, tuple[int, ...]]:
+    """The method config's layer-index fields (``layer``, ``layers``, ``*_layer``, ``*_layers``) with int values."""
+    out = {}
+    for name, value in method_config.to_dict().items():
+        if name in ("layer", "layers") or name.endswith(("_layer", "_layers")):
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            ints = tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+            if ints:
+                out[name] = ints
+    return out
+
+
+def check_model_and_layers(model: str, method_config: EditorConfig) -> None:
+    """Before a run is queued: the model can be found (:func:`editors.models.check_model_source`) and, when its layer
+    count is known without loading it, every layer index of the method config exists (negative indices count from
+    the end, as the editors read them).
+
+    Raises:
+        ModelLoadError: no such model directory, or not a model directory.
+        ConfigError: a layer index out of range (names the field and the model's range).
+    """
+    from editors.models import check_model_source
+    n_layers = check_model_source(model)
+    if n_layers is None:
+        return
+    for name, values in _layer_values(method_config).items():
+        bad = [v for v in values if v >= n_layers]
+        if bad:
+            raise ConfigError(f"config field {name!r}: layer {bad[0]} out of range: model {model!r} has {n_layers} "
+                              f"layers (0..{n_layers - 1})")
+
+
 def _new_run_fields(config: RunConfig, method_config: EditorConfig, preset_version: int | None) -> dict:
     return {"method": get_editor_class(config.method).name, "model": config.model, "data_source": config.data,
             "config": config.to_dict(), "method_config": method_config.to_dict(), "preset_version": preset_version,
@@ -655,13 +736,18 @@ def run_summary(store: RunStore, run_id: str) -> dict[str, Any]:
             "seconds_per_edit": spe, "final": final, "error": error.split("\n", 1)[0] if error else None}
 
 
-def queue_run(config: RunConfig, store: RunStore | None = None) -> tuple[str, RunStore]:
-    """Validate ``config`` and create its ``queued`` run row; returns (run_id, store)."""
+def queue_run(config: RunConfig, store: RunStore | None = None, *, owner_pid: int | None = -1
+              ) -> tuple[str, RunStore]:
+    """Validate ``config`` and create its ``queued`` run row; returns (run_id, store).
+
+    ``owner_pid`` is the process that will run it (default: this one); when that process dies before the run starts,
+    the store marks the run ``interrupted``. None: the job queue owns it (a worker starts it whenever one runs)."""
     config.validate()
     method_config, preset_version = config.method_config()
+    check_model_and_layers(config.model, method_config)
     store = store if store is not None else RunStore(config.runs_dir)
-    run_id = store.create_run(status="queued", pid=os.getpid(), **_new_run_fields(config, method_config,
-                                                                                   preset_version))
+    run_id = store.create_run(status="queued", pid=os.getpid() if owner_pid == -1 else owner_pid,
+                              **_new_run_fields(config, method_config, preset_version))
     return run_id, store
 
 

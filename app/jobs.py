@@ -78,6 +78,8 @@ class Job:
     finished: float | None
     worker_pid: int | None
     cancel_requested: bool
+    #: what the worker reports while it runs the job: ``{"phase", "since", "done", "total", "edits_started"}``
+    progress: dict | None = None
 
     @property
     def done(self) -> bool:
@@ -112,6 +114,13 @@ class JobQueue(SQLiteFile):
         with self._read() as conn:
             ensure_wal(conn, self.path)
             conn.executescript(_SCHEMA)
+            cols = {r[1] for r in conn.execute("PRAGMA table_info(jobs)").fetchall()}
+            if "progress_json" not in cols:  # a queue made before the worker reported its phase
+                try:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN progress_json TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def __repr__(self) -> str:
         return f"JobQueue({self.path!r})"
@@ -122,7 +131,8 @@ class JobQueue(SQLiteFile):
                    run_id=row["run_id"], payload=json.loads(row["payload_json"]),
                    result=json.loads(row["result_json"]) if row["result_json"] else None, error=row["error"],
                    created=row["created"], started=row["started"], finished=row["finished"],
-                   worker_pid=row["worker_pid"], cancel_requested=bool(row["cancel_requested"]))
+                   worker_pid=row["worker_pid"], cancel_requested=bool(row["cancel_requested"]),
+                   progress=json.loads(row["progress_json"]) if row["progress_json"] else None)
 
     # ---- producer side (the web app) ------------------------------------------------------------------------
     def submit(self, kind: str, payload: Mapping[str, Any], *, device: str = "auto", run_id: str | None = None) -> str:
@@ -210,6 +220,13 @@ class JobQueue(SQLiteFile):
             conn.execute("UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, worker_pid = ?, host = ?, "
                          "log_path = ? WHERE job_id = ?", (now, now, worker_pid, self.host, log_path, row[0]))
         return self.get(row[0])
+
+    def set_progress(self, job_id: str, progress: Mapping[str, Any]) -> None:
+        """What the worker is doing for this job (a phase and counts; :func:`app.backend.run_progress` shows it);
+        also beats the job's heartbeat."""
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET progress_json = ?, heartbeat = ? WHERE job_id = ?",
+                         (json.dumps(dict(progress), default=str), time.time(), job_id))
 
     def heartbeat(self, job_id: str) -> None:
         with self._tx() as conn:

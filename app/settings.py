@@ -6,6 +6,8 @@
 ``EDITBENCH_DEVICE``      the worker's device key (``auto`` = CUDA when present, else CPU).
 ``EDITBENCH_NO_WORKER``   when set, the app never starts a worker itself (one is started by hand or by a test).
 ``EDITBENCH_UPLOAD_MB``   size limit of an uploaded edits file in MB (default 5).
+``EDITBENCH_DATA_ROOTS``  folders (``os.pathsep``-separated) whose files the app's pages may name as data; default the
+                          shared data folder ``../shared/data``. The runs directory's ``uploads/`` is always one.
 """
 from __future__ import annotations
 
@@ -41,5 +43,15 @@ def upload_limit_bytes() -> int:
     return int(mb * 2 ** 20)
 
 
-__all__ = ["runs_dir", "model_choices", "device_setting", "autostart_worker", "upload_limit_bytes", "ROOT",
+def data_roots() -> list[str]:
+    """The folders whose files a page may name as run data (resolved, symlinks followed): ``EDITBENCH_DATA_ROOTS``
+    or the shared data folder, and always the uploads folder of the runs directory."""
+    given = [p.strip() for p in os.environ.get("EDITBENCH_DATA_ROOTS", "").split(os.pathsep) if p.strip()]
+    roots = given or [os.path.join(os.path.dirname(ROOT), "shared", "data")]
+    roots.append(os.path.join(runs_dir(), "uploads"))
+    return list(dict.fromkeys(os.path.realpath(os.path.expanduser(r)) for r in roots))
+
+
+__all__ = ["data_roots",
+           "runs_dir", "model_choices", "device_setting", "autostart_worker", "upload_limit_bytes", "ROOT",
            "DEFAULT_MODEL"]

@@ -58,6 +58,10 @@ STATUSES = ("queued", "running", "finished", "diverged", "interrupted", "failed"
 #: statuses after which a run never changes again (except by deletion)
 TERMINAL = frozenset({"finished", "diverged", "interrupted", "failed", "cancelled"})
 
+#: the shortest run-id prefix :meth:`RunStore.resolve` accepts (a whole id of any length is always accepted)
+MIN_PREFIX = 4
+_MAX_LISTED = 20
+
 #: metric columns, in order (``metrics_frame`` and ``export`` return these)
 METRIC_COLUMNS = ("run_id", "n_edits", "step", "kind", "layer", "param", "metric", "protocol", "value", "case_id")
 
@@ -339,42 +343,65 @@ class RunStore(SQLiteFile):
         return bool(row and row[0])
 
     def recover_interrupted(self) -> list[str]:
-        """Mark ``running`` runs whose writer is gone as ``interrupted``: on this host, a dead pid; anywhere, a
-        heartbeat older than ``stale_after``. Returns the ids changed."""
+        """Mark runs whose writer is gone as ``interrupted``. ``running``: on this host, a dead pid; anywhere, a
+        heartbeat older than ``stale_after``. ``queued`` with an owner ``pid`` (the process that queued it to run it
+        itself, e.g. ``python -m app run`` killed between queueing and starting): on this host, a dead pid. A queued
+        run without a pid belongs to the job queue (the worker starts it) and is left alone. Returns the ids changed.
+        """
         now = time.time()
         with self._read() as conn:
-            rows = conn.execute("SELECT run_id, pid, host, heartbeat, updated FROM runs WHERE status = 'running'"
-                                ).fetchall()
+            rows = conn.execute("SELECT run_id, status, pid, host, heartbeat, updated FROM runs "
+                                "WHERE status IN ('running', 'queued')").fetchall()
         dead = []
         for r in rows:
             beat = r["heartbeat"] if r["heartbeat"] is not None else r["updated"]
-            if r["host"] == self.host and r["pid"] is not None and not pid_alive(int(r["pid"])):
-                dead.append((r["run_id"], f"the process (pid {r['pid']}) ended without finishing the run"))
+            owner_dead = r["host"] == self.host and r["pid"] is not None and not pid_alive(int(r["pid"]))
+            if r["status"] == "queued":
+                if owner_dead:
+                    dead.append((r["run_id"], "queued", f"the process (pid {r['pid']}) that queued the run ended "
+                                                        "before it started"))
+            elif owner_dead:
+                dead.append((r["run_id"], "running", f"the process (pid {r['pid']}) ended without finishing the run"))
             elif beat is not None and now - beat > self.stale_after:
-                dead.append((r["run_id"], f"no heartbeat for {now - beat:.0f} s"))
+                dead.append((r["run_id"], "running", f"no heartbeat for {now - beat:.0f} s"))
         changed = []
-        for run_id, why in dead:
+        for run_id, was, why in dead:
             with self._tx() as conn:
                 cur = conn.execute("UPDATE runs SET status = 'interrupted', error = COALESCE(error, ?), updated = ? "
-                                   "WHERE run_id = ? AND status = 'running'", (why, now, run_id))
+                                   "WHERE run_id = ? AND status = ?", (why, now, run_id, was))
                 if cur.rowcount:
                     changed.append(run_id)
                     log.info("run %s marked interrupted: %s", run_id, why)
         return changed
 
     def resolve(self, run_id: str) -> str:
-        """The full id of ``run_id`` or of the one run whose id starts with it."""
+        """The full id of ``run_id`` or of the one run whose id starts with it.
+
+        An empty id, or a prefix shorter than :data:`MIN_PREFIX` characters that is not a whole id, is refused (an
+        empty prefix would match every run); a prefix that matches several runs lists them."""
+        run_id = run_id if isinstance(run_id, str) else str(run_id)
+        if not run_id.strip():
+            raise RunNotFoundError("empty run id: give a run id or at least the first "
+                                   f"{MIN_PREFIX} characters of one (`python -m app list` shows them)")
         with self._read() as conn:
             if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
                 return run_id
+            if len(run_id) < MIN_PREFIX:
+                raise RunNotFoundError(f"run id prefix {run_id!r} is too short: give at least {MIN_PREFIX} "
+                                       "characters of a run id")
             like = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            rows = conn.execute("SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' LIMIT 5",
-                                (like,)).fetchall()
+            rows = conn.execute("SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY run_id LIMIT ?",
+                                (like, _MAX_LISTED + 1)).fetchall()
+            n = len(rows) if len(rows) <= _MAX_LISTED else conn.execute(
+                "SELECT COUNT(*) FROM runs WHERE run_id LIKE ? ESCAPE '\\'", (like,)).fetchone()[0]
         if len(rows) == 1:
             return rows[0][0]
         if not rows:
             raise RunNotFoundError(f"no run {run_id!r} in {self.path}")
-        raise RunNotFoundError(f"run id prefix {run_id!r} is ambiguous: {', '.join(r[0] for r in rows)}, ...")
+        listed = ", ".join(r[0] for r in rows[:_MAX_LISTED])
+        more = f" and {n - _MAX_LISTED} more" if n > _MAX_LISTED else ""
+        raise RunNotFoundError(f"run id prefix {run_id!r} is ambiguous: it matches {n} runs: {listed}{more}; "
+                               "give more characters")
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """One run as a dict: every column (times as unix seconds) plus ``config``, ``method_config`` and
@@ -403,6 +430,7 @@ class RunStore(SQLiteFile):
             df[c] = pd.to_datetime(df[c].astype("float64"), unit="s", utc=True)
         for c in ("n_edits_planned", "n_edits_done", "pid"):
             df[c] = df[c].astype("Int64")
+        df["seconds_total"] = df["seconds_total"].astype("float64")  # all NULL (nothing edited yet) -> NaN, not None
         return df
 
     def delete_run(self, run_id: str) -> None:

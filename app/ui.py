@@ -34,11 +34,21 @@ PAGE_SPECS = (
 
 def page(file: str) -> "st.Page":
     spec = next(s for s in PAGE_SPECS if s[0] == file)
-    return st.Page(os.path.join(PAGES_DIR, file), title=spec[1], icon=spec[2], default=file == PAGE_SPECS[0][0])
+    default = file == PAGE_SPECS[0][0]
+    # the default page is served at "/" but would still reserve its own name, which /runs must reach (_runs_alias)
+    return st.Page(os.path.join(PAGES_DIR, file), title=spec[1], icon=spec[2], default=default,
+                   url_path="index" if default else None)
+
+
+def _runs_alias() -> None:
+    """``/runs``: the Runs page is the default page, served at ``/``; its name in the URL opens it too."""
+    st.switch_page(page(PAGE_SPECS[0][0]), query_params=dict(st.query_params))
 
 
 def all_pages() -> list:
-    return [page(f) for f, _, _ in PAGE_SPECS]
+    """Every page, plus the hidden ``/runs`` alias of the default page (not in the menu)."""
+    return [page(f) for f, _, _ in PAGE_SPECS] + [st.Page(_runs_alias, title="Runs", url_path="runs",
+                                                          visibility="hidden")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,6 +70,13 @@ def store() -> RunStore:
 
 def queue() -> JobQueue:
     return _queue(runs_dir())
+
+
+def bound_everywhere_unasked() -> bool:
+    """Is the server listening on every interface (``server.address`` empty) without anybody having set it (no
+    config file, flag or environment variable: :mod:`app.serve` always sets it)?"""
+    from streamlit import config
+    return not config.get_option("server.address") and config.get_where_defined("server.address") == "<default>"
 
 
 def housekeeping() -> None:

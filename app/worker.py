@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -63,28 +64,101 @@ def worker_alive(runs_dir: str, device: str = "auto") -> bool:
         os.close(fd)
 
 
+def starting_path(runs_dir: str, device: str) -> str:
+    """The "a worker is starting" marker of (runs_dir, device): the pid of the last worker :func:`ensure_worker`
+    started, which holds for the seconds between its start and its taking the lock (importing torch)."""
+    return os.path.join(os.path.abspath(runs_dir), f"worker-{device_key(device).replace(':', '_')}.starting")
+
+
+def _is_worker_process(pid: int) -> bool:
+    """Is ``pid`` alive and a ``app.worker`` process (a recycled pid of another program is not)?"""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"app.worker" in fh.read()
+    except OSError:  # no /proc (macOS): trust the pid
+        return True
+
+
+def _starting_pid(runs_dir: str, device: str) -> int | None:
+    """The pid of the marker when that worker still lives (a fresh marker's live pid is trusted; an older one's must
+    still be an ``app.worker`` process, against recycled pids)."""
+    path = starting_path(runs_dir, device)
+    try:
+        with open(path) as fh:
+            pid = int(fh.read().split()[0])
+        age = time.time() - os.path.getmtime(path)
+    except (OSError, ValueError, IndexError):
+        return None
+    if age < 120:
+        return pid if pid_alive(pid) else None
+    return pid if _is_worker_process(pid) else None
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a started worker in a daemon thread, so that its exit leaves no zombie in this process."""
+    threading.Thread(target=proc.wait, name=f"reap-worker-{proc.pid}", daemon=True).start()
+
+
 def ensure_worker(runs_dir: str, device: str = "auto", *, parent_pid: int | None = None,
                   idle_exit: float | None = None, extra_env: dict[str, str] | None = None) -> int | None:
-    """Start a worker for (runs_dir, device) unless one is alive. Returns the new process id, or None."""
-    if worker_alive(runs_dir, device):
-        return None
+    """Start a worker for (runs_dir, device) unless one is alive or starting. Returns the new process id, or None.
+
+    Atomic across threads and processes: the check and the start happen under an exclusive ``flock`` of
+    ``worker-<device>.starting``, and the started worker's pid is written there, so callers during the seconds it
+    needs to take the worker lock see it starting and start none. The started process is reaped when it exits."""
     os.makedirs(runs_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "app.worker", "--runs-dir", os.path.abspath(runs_dir), "--device",
-           device_key(device)]
-    if parent_pid:
-        cmd += ["--parent-pid", str(parent_pid)]
-    if idle_exit:
-        cmd += ["--idle-exit", str(idle_exit)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra_env or {})
-    logfile = open(log_path(runs_dir, device), "ab")
+    fd = os.open(starting_path(runs_dir, device), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for the check and the Popen only (milliseconds)
+        if worker_alive(runs_dir, device) or _starting_pid(runs_dir, device) is not None:
+            return None
+        cmd = [sys.executable, "-m", "app.worker", "--runs-dir", os.path.abspath(runs_dir), "--device",
+               device_key(device)]
+        if parent_pid:
+            cmd += ["--parent-pid", str(parent_pid)]
+        if idle_exit:
+            cmd += ["--idle-exit", str(idle_exit)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(extra_env or {})
+        logfile = open(log_path(runs_dir, device), "ab")
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            logfile.close()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{proc.pid}\n".encode(), 0)
+        _reap(proc)
+        return proc.pid
     finally:
-        logfile.close()
-    return proc.pid
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class JobProgress:
+    """The engine's progress callback in the worker: the phase, since when, edits done / planned, and when editing
+    began (the ETA counts from there, not from the setup), written to the job row (:meth:`JobQueue.set_progress`)."""
+
+    def __init__(self, queue: JobQueue, job_id: str):
+        self.queue, self.job_id = queue, job_id
+        self.state: dict[str, Any] = {}
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        phase = str(info.get("phase", ""))
+        now = time.time()
+        if phase == "start" and "edits_started" not in self.state:
+            self.state["edits_started"] = now
+        phase = {"start": "edit", "checkpoint_done": "edit"}.get(phase, phase)
+        if phase != self.state.get("phase"):
+            self.state["since"] = now
+        self.state.update(phase=phase, done=int(done), total=int(total))
+        try:
+            self.queue.set_progress(self.job_id, self.state)
+        except Exception as exc:  # progress must never stop the work it reports on
+            log.debug("progress of job %s not written: %s", self.job_id, exc)
 
 
 class Worker:
@@ -167,11 +241,14 @@ class Worker:
         from .engine import run_sequential
         from .runconfig import RunConfig
         from .store import TERMINAL
+        report = JobProgress(self.queue, job.job_id)
         try:
             config = RunConfig.from_dict(job.payload["config"])
+            if (config.model, config.dtype) not in self._models:
+                report(0, config.n_edits, {"phase": "load_model"})
             lm = self.model(config.model, config.dtype)
             try:
-                run_sequential(config, self.store, lm=lm, run_id=job.run_id,
+                run_sequential(config, self.store, lm=lm, run_id=job.run_id, progress=report,
                                should_cancel=lambda: self.queue.cancel_requested(job.job_id))
             finally:
                 self._check_restored(config.model, config.dtype)
@@ -257,4 +334,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["Worker", "ensure_worker", "worker_alive", "main", "lock_path", "log_path"]
+__all__ = ["Worker", "ensure_worker", "worker_alive", "main", "lock_path", "log_path", "starting_path"]

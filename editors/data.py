@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .requests import EditRequest, RequestError, make_request
 
@@ -52,6 +53,11 @@ LIST_FIELDS = ("rephrase_prompts", "locality_prompts", "locality_answers")
 CSV_LIST_SEPARATOR = " | "
 _CSV_SPLIT = re.compile(r"\s*\|\s*")
 DEFAULT_MAX_UPLOAD_BYTES = 5_000_000
+#: a data file read whole (JSON; JSONL / CSV when every record is wanted) may have at most this many MB
+#: (``EDITBENCH_MAX_DATA_MB``); JSONL / CSV files are streamed, so ``n`` records of a longer file are still read
+DEFAULT_MAX_DATA_MB = 1024
+#: one JSONL line (one record) may have at most this many KB (``EDITBENCH_MAX_RECORD_KB``)
+DEFAULT_MAX_RECORD_KB = 256
 
 BUILTIN_FACTS = "builtin_facts.json"
 LOCALITY_PROBES = "locality_probes.json"
@@ -113,6 +119,10 @@ class Layout:
 
 _READERS: dict[str, Reader] = {}
 _LAYOUTS: dict[str, Layout] = {}
+#: readers that stream: ``(text file object, its name) -> raw records, read lazily``; a file of such a type is read
+#: only as far as the records asked for
+StreamReader = Callable[[IO[str], str], Iterator[RawRecord]]
+_STREAM_READERS: dict[str, StreamReader] = {}
 
 
 def register_reader(extension: str) -> Callable[[Reader], Reader]:
@@ -394,9 +404,38 @@ def _load_path(path: str, *, n: int | None, formats: Sequence[str] | None,
     if os.path.isdir(path):
         raise DataSourceError(f"{path}: is a directory, not a data file")
     ext = _extension(path)
+    if ext in _STREAM_READERS and n is not None:
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                return _build_all(_STREAM_READERS[ext](fh, path), path, formats, skip_invalid=skip_invalid, n=n)
+        except UnicodeDecodeError as exc:
+            raise DataSourceError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    _check_file_size(path)
     with open(path, "rb") as f:
         text = _decode(f.read(), path)
     return _parse_text(text, path, ext, n=n, formats=formats, skip_invalid=skip_invalid)
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def _check_file_size(path: str) -> None:
+    """Refuse a file to be read whole that is over ``EDITBENCH_MAX_DATA_MB``."""
+    limit_mb = _env_number("EDITBENCH_MAX_DATA_MB", DEFAULT_MAX_DATA_MB)
+    size = os.path.getsize(path)
+    if size > limit_mb * 2 ** 20:
+        raise DataSourceError(f"{path}: {size / 2 ** 20:,.1f} MB is over the limit of {limit_mb:g} MB for a data file "
+                              "read whole (set EDITBENCH_MAX_DATA_MB to raise it; JSONL and CSV files are streamed "
+                              "when a number of edits is given)")
+
+
+def _record_limit_chars() -> int:
+    return int(_env_number("EDITBENCH_MAX_RECORD_KB", DEFAULT_MAX_RECORD_KB) * 1024)
 
 
 def _loads_json(text: str, name: str):
@@ -450,16 +489,21 @@ def _json_records(text: str, name: str, n: int | None) -> list[RawRecord]:
     return [RawRecord(str(i), rec) for i, rec in enumerate(obj)]
 
 
-@register_reader(".jsonl")
-def _jsonl_records(text: str, name: str, n: int | None) -> list[RawRecord]:
-    """One JSON record a line (blank lines skipped)."""
-    out: list[RawRecord] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if n is not None and len(out) >= n:
-            break
+def _jsonl_stream(fh: IO[str], name: str) -> Iterator[RawRecord]:
+    """One JSON record a line (blank lines skipped); a line over ``EDITBENCH_MAX_RECORD_KB`` is refused unparsed."""
+    limit = _record_limit_chars()
+    lineno = count = 0
+    while True:
+        line = fh.readline(limit + 1)
+        if not line:
+            return
+        lineno += 1
+        label = f"{count} (line {lineno})"
+        if len(line) > limit and not line.endswith("\n"):
+            raise RequestError(name, label, "(record)", f"the line is over the limit of {limit // 1024:,} KB for one "
+                                                        "record (EDITBENCH_MAX_RECORD_KB)")
         if not line.strip():
             continue
-        label = f"{len(out)} (line {lineno})"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -467,65 +511,96 @@ def _jsonl_records(text: str, name: str, n: int | None) -> list[RawRecord]:
                                                       f"at column {exc.colno}") from exc
         except RecursionError as exc:
             raise RequestError(name, label, "(json)", f"line {lineno} is nested too deeply") from exc
-        out.append(RawRecord(label, rec))
-    return out
+        count += 1
+        yield RawRecord(label, rec)
+
+
+@register_reader(".jsonl")
+def _jsonl_records(text: str, name: str, n: int | None) -> list[RawRecord]:
+    """One JSON record a line (blank lines skipped)."""
+    return list(itertools.islice(_jsonl_stream(io.StringIO(text, newline=""), name), n))
+
+
+_STREAM_READERS[".jsonl"] = _jsonl_stream
+
+
+def _csv_stream(fh: IO[str], name: str) -> Iterator[RawRecord]:
+    """A header row naming the columns, one record a row; list fields hold ``" | "``-joined items. In the project's
+    schema (and in a header of no known layout) prompt, subject and target_new are required columns; a header of
+    another layout (zsRE's src / alt, ...) is checked by that layout's builder."""
+    reader = csv.reader(fh)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise DataSourceError(f"{name}: not valid CSV: {exc}") from exc
+    header = [h.strip() for h in header]
+    if detect_format(dict.fromkeys(h for h in header if h)) in (None, FMT_SCHEMA):
+        for col in ("prompt", "subject", "target_new"):
+            if col not in header:
+                raise RequestError(name, "header", col,
+                                   f"missing column; columns found: {', '.join(header) or 'none'}")
+    dup = sorted({h for h in header if header.count(h) > 1 and h})
+    if dup:
+        raise RequestError(name, "header", dup[0], "column appears more than once")
+    count = 0
+    try:
+        start = reader.line_num + 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                label = f"{count} (row {reader.line_num})"
+                if len(row) > len(header):
+                    raise RequestError(name, label, "(row)",
+                                       f"{len(row)} cells but the header has {len(header)} columns")
+                if len(row) < len(header) and any("\n" in cell for cell in row) and reader.line_num > start:
+                    raise DataSourceError(f"{name}: unterminated quote? the quoted cell that starts on line {start} "
+                                          f"runs on to line {reader.line_num}, and its row has {len(row)} of "
+                                          f"{len(header)} cells; close the quote")
+                count += 1
+                yield RawRecord(label, {h: cell for h, cell in zip(header, row) if h}, True)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataSourceError(f"{name}: not valid CSV at line {reader.line_num}: {exc}") from exc
 
 
 @register_reader(".csv")
 def _csv_records(text: str, name: str, n: int | None) -> list[RawRecord]:
     """A header row naming the columns (prompt, subject, target_new required), one record a row; list fields
     hold ``" | "``-joined items."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return []
-    except csv.Error as exc:
-        raise DataSourceError(f"{name}: not valid CSV: {exc}") from exc
-    header = [h.strip() for h in header]
-    for col in ("prompt", "subject", "target_new"):
-        if col not in header:
-            raise RequestError(name, "header", col, f"missing column; columns found: {', '.join(header) or 'none'}")
-    dup = sorted({h for h in header if header.count(h) > 1 and h})
-    if dup:
-        raise RequestError(name, "header", dup[0], "column appears more than once")
-    out: list[RawRecord] = []
-    try:
-        for row in reader:
-            if n is not None and len(out) >= n:
-                break
-            if not any(cell.strip() for cell in row):
-                continue
-            label = f"{len(out)} (row {reader.line_num})"
-            if len(row) > len(header):
-                raise RequestError(name, label, "(row)", f"{len(row)} cells but the header has {len(header)} columns")
-            rec = {h: cell for h, cell in zip(header, row) if h}
-            out.append(RawRecord(label, rec, True))
-    except csv.Error as exc:
-        raise DataSourceError(f"{name}: not valid CSV at line {reader.line_num}: {exc}") from exc
-    return out
+    return list(itertools.islice(_csv_stream(io.StringIO(text, newline=""), name), n))
+
+
+_STREAM_READERS[".csv"] = _csv_stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # records -> requests
 # ---------------------------------------------------------------------------------------------------------------
-def _build_all(raw: list[RawRecord], name: str, formats: Sequence[str] | None, *, skip_invalid: bool = False,
+def _build_all(raw: Iterable[RawRecord], name: str, formats: Sequence[str] | None, *, skip_invalid: bool = False,
                n: int | None = None) -> list[EditRequest]:
-    """Build every raw record with the builder of the layout detected from the first record (a file has one
-    layout; a later record in another layout fails on its missing fields)."""
-    first = next((r for r in raw if isinstance(r.record, dict)), None)
+    """Build the raw records (read lazily: no record after the ``n``-th built one is read) with the builder of the
+    layout detected from the first record (a file has one layout; a later record in another layout fails on its
+    missing fields)."""
+    if n == 0:
+        return []
+    it = iter(raw)
+    head: list[RawRecord] = []
+    for r in it:
+        head.append(r)
+        if isinstance(r.record, dict):
+            break
+    first = head[-1] if head and isinstance(head[-1].record, dict) else None
     if first is None:
-        if raw and not skip_invalid:
-            label, rec = raw[0].label, raw[0].record
+        if head and not skip_invalid:
+            label, rec = head[0].label, head[0].record
             raise RequestError(name, label, "(record)", f"expected a JSON object, got {type(rec).__name__}")
         return []
     fmt = _file_format(first.record, _record_label(first.label, first.record), name, formats)
     builder = _LAYOUTS[fmt].build
     out: list[EditRequest] = []
     seen: dict[str, str] = {}
-    for i, (label, rec, csv_lists) in enumerate((r.label, r.record, r.csv_lists) for r in raw):
-        if n is not None and len(out) >= n:
-            break
+    for i, (label, rec, csv_lists) in enumerate((r.label, r.record, r.csv_lists) for r in itertools.chain(head, it)):
         try:
             if not isinstance(rec, dict):
                 raise RequestError(name, label, "(record)", f"expected a JSON object, got {type(rec).__name__}")
@@ -540,6 +615,8 @@ def _build_all(raw: list[RawRecord], name: str, formats: Sequence[str] | None, *
             continue
         seen[req.case_id] = label
         out.append(req)
+        if n is not None and len(out) >= n:
+            break
     return out
 
 
@@ -667,7 +744,18 @@ def _build_counterfact(rec: dict, index: int, label: str, name: str, csv_lists: 
         locality_answers=_string_list(rec.get("locality_ground_truth"), name, label, "locality_ground_truth",
                                       csv_lists),
         relation=_plain_str(rec, "relation", name, label),
+        names=_COUNTERFACT_NAMES,
     )
+
+
+_COUNTERFACT_NAMES = {"target_true": "ground_truth", "rephrase_prompts": "rephrase_prompt",
+                      "locality_prompts": "locality_prompt", "locality_answers": "locality_ground_truth"}
+_ZSRE_NAMES = {"prompt": "src", "target_new": "alt", "target_true": "answers", "rephrase_prompts": "rephrase",
+               "locality_prompts": "loc", "locality_answers": "loc_ans"}
+_ROME_NAMES = {"prompt": "requested_rewrite.prompt", "subject": "requested_rewrite.subject",
+               "target_new": "requested_rewrite.target_new", "target_true": "requested_rewrite.target_true",
+               "rephrase_prompts": "paraphrase_prompts", "locality_prompts": "neighborhood_prompts",
+               "locality_answers": "requested_rewrite.target_true"}
 
 
 @register_layout(FMT_ZSRE, title="zsRE (MEND layout)", prefix="zsre",
@@ -690,6 +778,7 @@ def _build_zsre(rec: dict, index: int, label: str, name: str, csv_lists: bool) -
         locality_prompts=_string_list(loc, name, label, "loc", csv_lists),
         locality_answers=_string_list(loc_ans, name, label, "loc_ans", csv_lists),
         relation=_plain_str(rec, "relation", name, label),
+        names=_ZSRE_NAMES,
     )
 
 
@@ -725,6 +814,7 @@ def _build_rome(rec: dict, index: int, label: str, name: str, csv_lists: bool) -
         # as in ROME: the unedited model should still answer the neighbourhood prompts with the true object
         locality_answers=tuple(target_true for _ in neighbours),
         relation=relation if isinstance(relation, str) else str(relation),
+        names=_ROME_NAMES,
     )
 
 

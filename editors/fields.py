@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 
@@ -110,6 +111,15 @@ def coerce(value: Any, current: Any, annotation: str) -> Any:
     return s
 
 
+def _finite_or_inf(value: Any) -> Any:
+    """``value`` unless it is (or holds) a NaN: no field means anything by NaN, and a NaN reaches the edit as a
+    silent no-op or a NaN update (an infinity may mean "no limit" and passes)."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, float) and math.isnan(v) for v in items):
+        raise ValueError(f"NaN is not a valid value (got {value!r})")
+    return value
+
+
 def check_names(cls: type, names: Iterable[str], *, what: str = "config field", method: str = ""
                 ) -> dict[str, dataclasses.Field]:
     """The fields of the dataclass ``cls``, by name, after checking that every one of ``names`` is one of them.
@@ -144,7 +154,7 @@ def coerce_fields(cls: type, changes: Mapping[str, Any], current: Any = None, *,
         f = valid[key]
         now = getattr(current, key) if current is not None else field_default(f)
         try:
-            out[key] = coerce(value, now, type_name(f.type))
+            out[key] = _finite_or_inf(coerce(value, now, type_name(f.type)))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{what} {key!r}{f' of {method}' if method else ''}: {exc}") from exc
     return out

@@ -158,6 +158,63 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def check_model_source(name: str) -> int | None:
+    """Check, without loading anything heavy, that ``name`` can name a model, and return its layer count when its
+    config can be read locally (None otherwise: a hub id not in the local cache, a default model not unpacked yet).
+
+    Raises:
+        ModelLoadError: a path that does not exist, is not a directory, or has no ``config.json`` (what it holds is
+            said), or a config without a layer count.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError("no model given: 'default', a model directory or a hub id")
+    if name == DEFAULT_MODEL:
+        from .cache import cache_root
+        folder = os.path.join(cache_root(), "models")
+        built = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else ()) if d.startswith(DEFAULT_NAME))
+        config = next((os.path.join(folder, d, "config.json") for d in built
+                       if os.path.isfile(os.path.join(folder, d, "config.json"))), None)
+        return _layer_count(config) if config else None
+    path = os.path.expanduser(name)
+    if _looks_like_path(name):
+        if not os.path.exists(path):
+            raise ModelLoadError(f"no such model directory: {name!r} (give 'default', a model directory or a hub id "
+                                 "such as 'HuggingFaceTB/SmolLM2-135M')")
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"{name!r} is a file, not a model directory (a Hugging Face model directory holds "
+                                 "config.json, the weights and the tokenizer files)")
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            files = sorted(os.listdir(path))
+            held = ", ".join(files[:10]) + (", ..." if len(files) > 10 else "")
+            raise ModelLoadError(f"{name!r} has no config.json, so it is not a Hugging Face model directory "
+                                 f"(it holds: {held or 'nothing'})")
+        return _layer_count(config)
+    try:  # a hub id: only what the local cache already holds
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an id the hub library refuses is reported by load_model
+        return None
+    return _layer_count(cached) if isinstance(cached, str) and os.path.isfile(cached) else None
+
+
+def _layer_count(config_path: str) -> int | None:
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: not a readable model config ({exc})") from exc
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    return next((int(cfg[k]) for k in _LAYER_KEYS if isinstance(cfg.get(k), int)), None)
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_remote_code: bool = False,
                dtype: str | torch.dtype | None = "auto") -> LoadedModel:
     """Load ``name``: "default" (embedded SmolLM2-135M-Instruct), a local directory, or a hub id, with weights in
@@ -170,6 +227,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, *, trust_re
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_model_source(name)
     dev = pick_device(device)
     try:
         torch_dtype = resolve_dtype(dtype, dev)
@@ -213,5 +271,5 @@ def wrap_model(model: nn.Module, tokenizer, *, name: str, display_name: str | No
     return lm
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model", "wrap_model", "pick_device",
-           "weights_fingerprint", "DEFAULT_MODEL", "DTYPE_CHOICES", "resolve_dtype"]
+__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model", "check_model_source", "wrap_model",
+           "pick_device", "weights_fingerprint", "DEFAULT_MODEL", "DTYPE_CHOICES", "resolve_dtype"]

@@ -23,7 +23,7 @@ else:
                                           x_title="angle (degrees)"), f"update-angles-{which}", key="g-angles")
 ui.meaning(which)
 
-st.subheader("GeoEdit: per-neuron angles, raw vs latent")
+st.subheader("One run, at one checkpoint")
 names = dict(zip(angles["run_id"], angles["name"]))
 wanted = st.query_params.get("run")
 run_id = st.selectbox("Run", run_ids, index=run_ids.index(wanted) if wanted in run_ids else 0,
@@ -36,10 +36,8 @@ if steps:
     step = st.select_slider("Edits made (step)", steps, value=want if want in steps else steps[-1], key="g-step")
     ui.qp_set(step=step)
 geo = ui.view("geoedit_angles", [run_id], run_id, step) if step is not None else None
-if geo is None or geo.empty:
-    st.caption("This run stored no per-neuron angles (GeoEdit stores τ_old/τ_new angles in the raw parameter space "
-               "and in its auto-encoder's latent space).")
-else:
+if geo is not None and not geo.empty:  # GeoEdit's own section only for runs that stored its angles
+    st.subheader("GeoEdit: per-neuron angles, raw vs latent")
     ui.show_figure(plots.histogram_figure(geo, x="angle", color="class", facet="space", vlines=(85, 95),
                                           x_title="angle (degrees)"), f"geoedit-angles-{run_id}", key="g-geo")
     st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors: aligned < 85°, "

@@ -48,8 +48,17 @@ curves, markers = ui.view("metrics_view", run_ids, run_ids, kinds=tuple(kinds), 
 if curves.empty:
     st.info("No metric rows yet for these runs — a running run shows its first point after its first step.")
     st.stop()
-fig = plots.curve_figure(curves, y="mean", color="method", dash="run", facet="panel", band=False, collapse=markers,
-                         cols=3, y_title="score")
+# runs of one method get colours of their own (dash = run otherwise)
+same_method = "run" in curves.columns and curves.groupby("method")["run"].nunique().max() > 1
+names = list(dict.fromkeys(curves["method"] + " · " + curves["run"])) if "run" in curves.columns else []
+title = (f"{protocol}: {', '.join(kinds)} vs edits — " + (", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                                                                   if len(names) > 3 else "")))
+if same_method:
+    curves = curves.assign(series=curves["method"] + " · " + curves["run"])
+fig = plots.curve_figure(curves, y="mean", color="series" if same_method else "method",
+                         dash=None if same_method else "run", facet="panel",
+                         band=False, collapse=markers, cols=3, y_title=f"score (0–1, {protocol})",
+                         x_title="edits made (n)", title=title)
 fig.update_yaxes(range=[-0.03, 1.03])  # every curve here is a score in [0, 1]
 ui.show_figure(fig, "metrics", key="metrics-fig")
 ui.meaning("retention", "edit", "reliability", "generality", "locality", "editing_score")

@@ -44,6 +44,12 @@ with left:
             else:
                 data = backend.save_upload(store.runs_dir, reqs, up.name)
                 st.success(f"{len(reqs)} edit requests read from {up.name}.")
+    if data.startswith(("counterfact:", "zsre:")):  # server paths: only inside the configured data folders
+        try:
+            backend.check_data_source(data)
+        except backend.JobError as exc:
+            st.error(str(exc))
+            data = ""
 with right:
     st.subheader("Schedule")
     n_edits = st.number_input("Number of edits", 1, 100000, 10, key="nr-n",
@@ -116,12 +122,21 @@ def progress() -> None:
             continue
         with st.container(border=True):
             top = st.columns([4, 1])
-            top[0].markdown(f"{ui.status_badge(p.status)} `{rid}` — {p.done}/{p.planned or '?'} edits, "
+            name = f"**{p.method or '?'}**" + (f" · {p.label}" if p.label else "")
+            top[0].markdown(f"{ui.status_badge(p.status)} {name} `{rid}` — {p.done}/{p.planned or '?'} edits, "
                             f"{backend.format_seconds(p.seconds)} elapsed"
-                            + (f", about {backend.format_seconds(p.eta_seconds)} left" if p.eta_seconds else ""))
+                            + (f", about {backend.format_seconds(p.eta_seconds)} left"
+                               if p.eta_seconds and not p.cancelling else ""))
             if p.status in ("queued", "running"):
-                top[1].button("Cancel", key=f"cancel-{rid}", on_click=backend.cancel_run, args=(store, queue, rid))
-                st.progress(min(1.0, p.fraction), text="waiting for the worker" if p.status == "queued" else None)
+                if p.cancelling:
+                    top[1].markdown(":orange-badge[:material/hourglass_top: cancelling]")
+                    text = "cancelling: the run stops after its current step (its rows are kept)"
+                else:
+                    top[1].button("Cancel", key=f"cancel-{rid}", on_click=backend.cancel_run,
+                                  args=(store, queue, rid))
+                    text = "waiting for the worker" if p.status == "queued" else (
+                        f"{p.phase} ({backend.format_seconds(p.phase_seconds)})" if p.phase else None)
+                st.progress(min(1.0, p.fraction), text=text)
             elif p.status == "failed" or p.status == "interrupted":
                 st.error(f"The run {p.status}: {(p.error or 'no error text').splitlines()[0]}")
                 with st.expander("Error details"):
@@ -132,7 +147,8 @@ def progress() -> None:
             elif p.status == "diverged":
                 st.warning(f"The run diverged (NaN/Inf): {(p.error or '').splitlines()[0]}")
             elif p.status == "cancelled":
-                st.info(f"Cancelled after {p.done} edits; its rows are kept.")
+                st.info(f"Cancelled after {p.done} edits; its rows are kept." if p.done else
+                        "Cancelled before its first edit.")
 
 
 progress()

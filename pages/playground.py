@@ -134,6 +134,7 @@ for p in ex["params"]:
     lines.append(f"- changed `{p['param']}` (layer {p['layer']}, {p['kind']}): a rank-{p['rank']} update with "
                  f"‖ΔW‖_F = {p['delta_norm']:.4g}{rel}, largest entry change {p['max_abs']:.3g}")
 st.markdown(f"**{ex['method']}** — {ex['summary']}  \n" + "\n".join(lines))
+st.info(backend.explain_in_words(ex, stack[-1]["spec"]["request"]), icon=":material/school:")
 st.caption(f"Computed in {ex['seconds']:.1f} s by the worker. Rank = number of independent directions of the change "
            "(ROME writes one key→value association: rank 1). ‖ΔW‖/‖W‖ = how large the change is next to the weight.")
 
@@ -142,12 +143,17 @@ for k, probe in enumerate(shown["probes"]):
     with st.container(border=True):
         st.markdown(f"**{probe['role'].capitalize()}**: {probe['prompt']}")
         m1, m2, m3 = st.columns(3)
-        m1.markdown(f"before: *…{b['continuation']}*")
-        m2.markdown(f"after: *…{a['continuation']}*")
+        # model text as text (newlines and markdown characters in a continuation are not formatting)
+        m1.caption("before")
+        m1.code("…" + b["continuation"], language=None, wrap_lines=True)
+        m2.caption("after")
+        m2.code("…" + a["continuation"], language=None, wrap_lines=True)
         if b.get("p_new") is not None:
             label = "P(answer)" if probe["role"] == "locality prompt" else "P(new target)"
-            m3.metric(label, ui.fmt_prob(a["p_new"]), ui.fmt_prob(a["p_new"] - b["p_new"], signed=True),
+            m3.metric(f"{label}: before {ui.fmt_prob(b['p_new'])}, after", ui.fmt_prob(a["p_new"]),
+                      ui.fmt_prob(a["p_new"] - b["p_new"], signed=True),
                       help="Probability of the whole target (product over its tokens, teacher-forced).")
         if b.get("p_true") is not None:
-            m3.metric("P(old answer)", ui.fmt_prob(a["p_true"]), ui.fmt_prob(a["p_true"] - b["p_true"], signed=True))
+            m3.metric(f"P(old answer): before {ui.fmt_prob(b['p_true'])}, after", ui.fmt_prob(a["p_true"]),
+                      ui.fmt_prob(a["p_true"] - b["p_true"], signed=True))
         st.plotly_chart(figures.probs_figure(b["top"], a["top"], title="top-5 next tokens"), key=f"pg-probs-{k}")

@@ -353,7 +353,7 @@ def test_upload_parsing_is_json_csv_only_limited_and_names_the_record():
     bad = json.dumps([FACT, {**FACT, "subject": "Big Ben"}]).encode()
     with pytest.raises(backend.JobError) as exc:
         backend.parse_upload(bad, "edits.json")
-    assert "1" in str(exc.value) and "subject" in str(exc.value)
+    assert "record 2" in str(exc.value) and "subject" in str(exc.value)  # the second record, counted from 1
 
 
 def test_changed_overrides_only_keeps_changed_fields():

@@ -91,7 +91,7 @@ def test_failing_run_marks_job_and_run_failed_with_the_error(tmp_path, tiny_dir)
     missing = str(tmp_path / "no-such-edits.json")
     run_id, job_id = backend.submit_run(store, queue, {"model": tiny_dir, "method": "ft", "data": missing,
                                                       "method_overrides": TINY_FT, "n_edits": 2},
-                                        start_worker=False)
+                                        start_worker=False, data_roots=[str(tmp_path)])
     proc = _worker_proc(str(tmp_path), "--max-jobs", "1")
     out, _ = proc.communicate(timeout=300)
     job = queue.get(job_id)
@@ -143,7 +143,8 @@ def test_worker_uses_the_engine_like_the_cli(tmp_path, tiny_dir):
     store, queue = RunStore(str(tmp_path)), JobQueue(str(tmp_path))
     run_id, job_id = backend.submit_run(store, queue, {"model": tiny_dir, "method": "ft", "data": str(data),
                                                       "method_overrides": TINY_FT, "n_edits": 3, "eval_every": 1,
-                                                      "locality_probes": "builtin"}, start_worker=False)
+                                                      "locality_probes": "builtin"}, start_worker=False,
+                                        data_roots=[str(tmp_path)])
     proc = _worker_proc(str(tmp_path), "--max-jobs", "1")
     out, _ = proc.communicate(timeout=300)
     assert queue.get(job_id).status == "finished", out.decode()[-3000:]

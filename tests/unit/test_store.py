@@ -209,7 +209,7 @@ def test_ambiguous_prefix(tmp_path):
     store.create_run(run_id="abc-1")
     store.create_run(run_id="abc-2")
     with pytest.raises(RunNotFoundError, match="ambiguous"):
-        store.resolve("abc")
+        store.resolve("abc-")
     assert store.resolve("abc-2") == "abc-2"
 
 
