@@ -432,7 +432,7 @@ class UltraEditEditor(Editor):
             H = torch.cat([ch.H[m] for ch in feats]).to(torch.float64)
             G = torch.cat([ch.G[m] for ch in feats]).to(torch.float64)
             s = stats[self._group(layer)]
-            if False:
+            if normalization == "off":
                 K_hat, G_hat = H, G
             else:
                 Z_hat = s.normalize(torch.cat([H, G], 1))

@@ -67,6 +67,10 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("adaedit", "llama", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2,
                           "sparsify": "topk_magnitude"}),
     ("adaedit", "gpt2", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "sparsify": "random_drop"}),
+    # UltraEdit's LN ablation, and StableEdit's whitening with a (tiny) warm-up applied to the weights
+    ("ultraedit", "llama", {"layers": (1, 2), "chunk_size": 1, "normalization": "off"}),
+    ("ultraedit", "gpt2", {"layers": (2,), "chunk_size": 1, "normalization": "stable", "warmup_edits": 2,
+                           "warmup_turn": 1, "warmup_data": "builtin"}),
 ]
 
 # How many of REQUESTS a method edits in one call: 2 (to exercise batching) except the methods listed here, whose rows
@@ -285,7 +289,22 @@ def _hypernet_low_rank(lm: LoadedModel, result: EditResult) -> None:
             assert tuple((H.T @ result.artifacts["G_after"][layer]).shape) == (d_in, lm.spec.hidden_size)
 
 
+def _ultraedit_ridge_bound(lm: LoadedModel, result: EditResult) -> None:
+    """ΔW = Vᵀ(HHᵀ + λI)⁻¹H: its rows lie in the span of the turn's N answer-position keys (rank ≤ N up to float32
+    rounding, without a warm-up) and ‖ΔW‖_F ≤ ‖V‖_F / (2√λ)."""
+    lam = float(result.config["ridge"])
+    for layer in result.config["layers"]:
+        d = lm.spec.to_canonical(result.deltas[lm.spec.mlp_out_weight(layer)]).double()
+        li = result.info["layer"][str(layer)]
+        if "warmup_edits" not in result.info:
+            rank = int(torch.linalg.matrix_rank(d, rtol=1e-5))
+            assert rank <= li["n_tokens"], f"layer {layer}: rank {rank} above the token count"
+            assert float(d.norm()) <= li["V_norm"] / (2 * lam ** 0.5) * (1 + 1e-5), f"layer {layer}: norm bound"
+        assert float(d.norm()) > 0, f"layer {layer}: no update"
+
+
 INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
+    "ultraedit": _ultraedit_ridge_bound,
     "lora": _lora_is_merged_product,
     "flearning": _flearning_forgets_then_learns,
     "geoedit": _geoedit_masks_orthogonal,
