@@ -76,6 +76,9 @@ class AdaptorPatch(Protocol):
     def is_finite(self) -> bool:
         """No NaN / Inf in the patch's tensors."""
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The patch's tensors in order (keys, values, ...): for comparisons and the record."""
+
     def apply(self) -> Callable[[], None]:
         """Apply the patch to the live adaptor; returns the exact undo."""
 
