@@ -162,3 +162,19 @@ def test_a_run_never_changes_weights_records_state_and_removes_hooks(tmp_path, t
     again = fresh.state_dict()
     assert set(again) == set(state) and all(np.array_equal(np.asarray(again[k]), state[k]) for k in state)
     assert len(fresh.codebook) == int(size["value"].tolist()[-1])
+
+
+def test_playground_edit_with_an_adaptor_editor(tiny_llama):
+    from app.playground import playground_edit
+    lm = tiny_llama
+    host = lm.model.get_submodule(lm.spec.mlp_out_module(2))
+    n0 = len(host._forward_hooks)
+    snap = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    cache: dict = {}
+    out = playground_edit(lm, {"method": "grace", "overrides": {"layer": 2, "n_iter": 20},
+                               "request": REQS[0].to_dict(), "max_new_tokens": 2}, cache)
+    assert out["explanation"]["adaptor"]["added"] == 1 and out["explanation"]["params"] == []
+    edit = next(p for p in out["probes"] if p["prompt"] == REQS[0].prompt)
+    assert edit["after"]["p_new"] > edit["before"]["p_new"]  # the codebook acted while applied
+    assert len(host._forward_hooks) == n0 and not cache  # detached; adaptor results are not cached
+    assert all(torch.equal(p, snap[n]) for n, p in lm.model.named_parameters())
