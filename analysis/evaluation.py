@@ -7,16 +7,27 @@ Protocols (every stored number carries one):
     with the UNEDITED model's argmax tokens at the same positions).
   * ``prob_margin``: CounterFact success, 1 if log P(target_new) > log P(target_true) (sum over target tokens).
   * ``gen_exact``: greedy generation starts with the target (what a person sees in the playground).
+  * ``wild_gen`` (WILD, Yang et al., "The Mirage of Model Editing", ACL 2025; the authors' code
+    WanliYoung/Revisit-Editing-Evaluation ``test_prediction_acc_real``): free greedy generation with no teacher
+    forcing and no truncation to the target's length, stopped after the first token whose text holds "." or a
+    newline, an end-of-sequence token, or ``wild_max_tokens``; scored by exact match of the SQuAD-normalised answer
+    (``wild_gen``) and by its token-F1 (``wild_gen_f1``, ours: the paper's main score is an LLM judge, which needs a
+    network). Locality: the generated token ids equal the UNEDITED model's (``wild_gen``), F1 of the two texts
+    (``wild_gen_f1``). Selecting ``wild_gen`` gives rows of both labels.
 
 Logits are computed only at the positions the metric needs (the unembedding is the most expensive matmul of a
 small model).
 """
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from editors.models import LoadedModel
 from editors.requests import EditRequest
@@ -24,7 +35,27 @@ from editors.requests import EditRequest
 TF = "tf_token_acc"
 MARGIN = "prob_margin"
 GEN = "gen_exact"
-PROTOCOLS = (TF, MARGIN, GEN)
+WILD = "wild_gen"
+WILD_F1 = "wild_gen_f1"
+#: protocols a run may select
+PROTOCOLS = (TF, MARGIN, GEN, WILD)
+#: every protocol label a stored row may carry (selecting ``wild_gen`` also gives ``wild_gen_f1`` rows)
+PROTOCOL_LABELS = (TF, MARGIN, GEN, WILD, WILD_F1)
+#: one line per label, for forms and pages
+PROTOCOL_HELP = {
+    TF: "teacher-forced token accuracy (EasyEdit)",
+    MARGIN: "P(new) > P(old) (CounterFact success)",
+    GEN: "greedy generation (8 tokens) starts with the target",
+    WILD: "WILD: free greedy generation to the first '.', newline or end token (at most wild_max_tokens), exact "
+          "match of the normalised answer; locality: same tokens as the unedited model",
+    WILD_F1: "WILD generation scored by token-F1 of the normalised answer (locality: F1 against the unedited "
+             "model's text)",
+}
+#: input contexts of ``wild_gen``: the raw prompt (the WILD authors' default 'question-only'), their QA instruction,
+#: or the tokenizer's chat template with a system prompt (what EasyEdit's WILD evaluation always uses)
+WILD_CONTEXTS = ("none", "qa", "chat")
+#: the WILD authors' generation budget (EasyEdit: 512)
+WILD_MAX_TOKENS = 50
 
 
 @dataclass(frozen=True)
@@ -159,11 +190,14 @@ def locality_scores(lm: LoadedModel, pairs: Sequence[tuple[str, str]], reference
 # per-request evaluation in long form
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], reference: LocalityReference, *,
-                      protocols: Sequence[str] = (TF,), batch_size: int = 64, gen_tokens: int = 8) -> list[dict]:
+                      protocols: Sequence[str] = (TF,), batch_size: int = 64, gen_tokens: int = 8,
+                      wild: Mapping[str, WildOut] | None = None, wild_context: str = "none",
+                      wild_max_tokens: int = WILD_MAX_TOKENS) -> list[dict]:
     """Rows ``{case_id, metric, protocol, value}`` for every request: metric in reliability / generality / locality.
 
     Generality averages over a request's rephrases; locality over its locality prompts. Requests without
-    rephrases or locality prompts simply have no row for that metric.
+    rephrases or locality prompts simply have no row for that metric. ``wild`` is the unedited model's WILD
+    generation of the locality prompts (:func:`wild_reference`), needed for WILD locality (KeyError without it).
     """
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
@@ -195,9 +229,11 @@ def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], referenc
         for (r, metric, _), text in zip(items, texts):
             acc.setdefault((r.case_id, metric), []).append(float(starts_with_target(text, r.target_new)))
         rows.extend({"case_id": c, "metric": m, "protocol": GEN, "value": sum(v) / len(v)} for (c, m), v in acc.items())
-    # locality (tf protocol only: agreement with the unedited model)
     lp = [(r, p, a) for r in requests for p, a in zip(r.locality_prompts, r.locality_answers)]
-    if lp:
+    if WILD in protocols:
+        rows.extend(_wild_rows(lm, items, lp, wild or {}, wild_context, wild_max_tokens, batch_size))
+    # locality (tf protocol: agreement with the unedited model)
+    if lp and (TF in protocols or MARGIN in protocols or GEN in protocols):
         scores = locality_scores(lm, [(p, a) for _, p, a in lp], reference, batch_size=batch_size)
         acc2: dict[str, list[float]] = {}
         for (r, _, _), s in zip(lp, scores):
@@ -205,6 +241,182 @@ def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], referenc
         rows.extend({"case_id": c, "metric": "locality", "protocol": TF, "value": sum(v) / len(v)}
                     for c, v in acc2.items())
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WILD: free generation, normalised answers
+# ---------------------------------------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (the WILD authors' fallback scorer): lower case, drop punctuation, drop the
+    articles a / an / the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD v1.1 token-F1 of the normalised strings (whitespace tokens, multiset overlap); two empty strings score
+    1, one empty string 0."""
+    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    overlap = sum((Counter(p) & Counter(g)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(p), overlap / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class WildOut:
+    """One WILD generation: the generated token ids up to and including the stop token, and the answer text
+    (decoded, then one trailing ".", one newline and the end-of-sequence text stripped, in the authors' order)."""
+
+    ids: tuple[int, ...]
+    text: str
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids = set()
+    for src in (lm.tokenizer.eos_token_id, getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def wild_stop_mask(lm: LoadedModel) -> torch.Tensor:
+    """Boolean ``[vocab]``: the tokens after which a WILD generation stops (their text holds "." or a newline, as
+    HF ``stop_strings=[".", "\\n"]`` fires for single characters, or they end a sequence)."""
+    tok = lm.tokenizer
+    n = max(len(tok), lm.model.get_output_embeddings().weight.shape[0])
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[i for i, t in enumerate(texts) if "." in t or "\n" in t]] = True
+    for i in _eos_ids(lm):
+        if i < n:
+            mask[i] = True
+    return mask
+
+
+class _StopAfterMask(StoppingCriteria):
+    """Per row: the last token is in the stop mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.mask.to(input_ids.device)[input_ids[:, -1]]
+
+
+def wild_inputs(lm: LoadedModel, prompt: str, context: str = "none") -> list[int]:
+    """Token ids WILD generation starts from: the raw prompt, the authors' QA instruction, or the chat template."""
+    tok = lm.tokenizer
+    if context == "none":
+        return list(tok(prompt, add_special_tokens=True)["input_ids"])
+    if context == "qa":
+        return list(tok(f"Please answer the question:\n\nQ: {prompt}\nA:", add_special_tokens=True)["input_ids"])
+    if context == "chat":
+        text = tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    raise ValueError(f"unknown wild context {context!r}; valid: {', '.join(WILD_CONTEXTS)}")
+
+
+def wild_answer_text(lm: LoadedModel, ids: Sequence[int]) -> str:
+    text = lm.tokenizer.decode(list(ids), skip_special_tokens=False)
+    eos = lm.tokenizer.eos_token or ""
+    for tail in (".", "\n", eos):
+        if tail and text.endswith(tail):
+            text = text[:-len(tail)]
+    return text
+
+
+@torch.no_grad()
+def wild_generate(lm: LoadedModel, prompts: Sequence[str], *, context: str = "none",
+                  max_new_tokens: int = WILD_MAX_TOKENS, batch_size: int = 64,
+                  stop_mask: torch.Tensor | None = None) -> list[WildOut]:
+    """Greedy WILD generation for each prompt: batches of similar length, LEFT-padded (the padding side is
+    restored afterwards, also after an error), KV cache, each row cut after its first stop token."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    model, tok = lm.model, lm.tokenizer
+    mask = wild_stop_mask(lm) if stop_mask is None else stop_mask
+    stop_list = StoppingCriteriaList([_StopAfterMask(mask)])
+    inputs = [wild_inputs(lm, p, context) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    out: list[WildOut | None] = [None] * len(inputs)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(inputs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(inputs[i]):] = torch.tensor(inputs[i])
+                att[r, width - len(inputs[i]):] = 1
+            gen = model.generate(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                 stopping_criteria=stop_list)
+            for r, i in enumerate(idx):
+                row = gen[r, width:].tolist()
+                cut = next((j for j, t in enumerate(row) if bool(mask[t])), len(row) - 1)
+                kept = tuple(row[:cut + 1])
+                out[i] = WildOut(kept, wild_answer_text(lm, kept))
+    finally:
+        tok.padding_side = side
+    return out  # type: ignore[return-value]
+
+
+WildReference = dict[str, WildOut]
+
+
+def wild_reference(lm: LoadedModel, prompts: Iterable[str], *, context: str = "none",
+                   max_new_tokens: int = WILD_MAX_TOKENS, batch_size: int = 64) -> WildReference:
+    """The UNEDITED model's WILD generation of each prompt (compute before any edit): WILD locality compares with it."""
+    uniq = list(dict.fromkeys(prompts))
+    outs = wild_generate(lm, uniq, context=context, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return dict(zip(uniq, outs))
+
+
+def wild_locality_scores(lm: LoadedModel, prompts: Sequence[str], reference: Mapping[str, WildOut], *,
+                         context: str = "none", max_new_tokens: int = WILD_MAX_TOKENS, batch_size: int = 64,
+                         stop_mask: torch.Tensor | None = None) -> list[tuple[float, float]]:
+    """(same token ids as the reference, token-F1 of the two texts) for each prompt."""
+    missing = [p for p in prompts if p not in reference]
+    if missing:
+        raise KeyError(f"locality prompt {missing[0]!r} has no WILD reference from the unedited model")
+    outs = wild_generate(lm, prompts, context=context, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         stop_mask=stop_mask)
+    return [(float(o.ids == reference[p].ids), token_f1(o.text, reference[p].text)) for p, o in zip(prompts, outs)]
+
+
+def _wild_rows(lm, items, lp, reference, context, max_tokens, batch_size) -> list[dict]:
+    mask = wild_stop_mask(lm)
+    outs = wild_generate(lm, [p for _, _, p in items], context=context, max_new_tokens=max_tokens,
+                         batch_size=batch_size, stop_mask=mask)
+    acc: dict[tuple[str, str, str], list[float]] = {}
+    for (r, metric, _), o in zip(items, outs):
+        acc.setdefault((r.case_id, metric, WILD), []).append(exact_match(o.text, r.target_new))
+        acc.setdefault((r.case_id, metric, WILD_F1), []).append(token_f1(o.text, r.target_new))
+    if lp:
+        scores = wild_locality_scores(lm, [p for _, p, _ in lp], reference, context=context,
+                                      max_new_tokens=max_tokens, batch_size=batch_size, stop_mask=mask)
+        for (r, _, _), (same, f1) in zip(lp, scores):
+            acc.setdefault((r.case_id, "locality", WILD), []).append(same)
+            acc.setdefault((r.case_id, "locality", WILD_F1), []).append(f1)
+    return [{"case_id": c, "metric": m, "protocol": p, "value": sum(v) / len(v)} for (c, m, p), v in acc.items()]
 
 
 def summarize(rows: Sequence[dict]) -> dict[tuple[str, str], float]:

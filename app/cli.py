@@ -150,9 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "edited matrices' Frobenius norm and condition number relative to the unedited "
                                    "model. A method already finished with the same settings is not run again.")
     p.add_argument("study", choices=("collapse",), help="which study")
-    p.add_argument("--n", type=int, default=200, help="sequential edits per method (default 200)")
+    p.add_argument("--n", type=int, default=None, help="sequential edits per method (default 200, or the preset's)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: the study's methods, app.study.DEFAULT_METHODS)")
+                   help="comma-separated methods, METHOD:VARIANT for a preset variant (default: the study's methods, "
+                        "app.study.DEFAULT_METHODS, or the preset's)")
+    p.add_argument("--preset", default=None,
+                   help="named study settings (app.study.STUDY_PRESETS): 'lifelong' = 1,000 edits of ROME, MEMIT, "
+                        "AlphaEdit, PRUNE, MOSE, UltraEdit with and without LN and GRACE, geometric checkpoints, "
+                        "tf_token_acc + wild_gen; explicit options win")
+    p.add_argument("--protocols", default=None,
+                   help="comma-separated evaluation protocols of the runs, e.g. tf_token_acc,wild_gen (default: the "
+                        "run default, or the preset's)")
     p.add_argument("--data", default=None,
                    help="request source (default: the CounterFact edit split, app.study.DEFAULT_DATA)")
     _add_runs_dir(p)
@@ -517,9 +525,17 @@ def cmd_study(args) -> int:
     from editors.fields import parse_method_sets
     from editors.registry import UnknownMethodError
 
-    from .study import DEFAULT_DATA, DEFAULT_METHODS, collapse_study, format_table
+    from .study import DEFAULT_DATA, DEFAULT_METHODS, collapse_study, format_table, study_preset
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
+    try:
+        preset = study_preset(args.preset) if args.preset else {}
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from exc
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else list(preset.get("methods", DEFAULT_METHODS)))
+    n = args.n if args.n is not None else int(preset.get("n", 200))
+    protocols = ([p.strip() for p in args.protocols.split(",") if p.strip()] if args.protocols
+                 else preset.get("protocols"))
     data = args.data or DEFAULT_DATA
     try:
         overrides = parse_method_sets(args.sets)
@@ -531,12 +547,13 @@ def cmd_study(args) -> int:
             print(f"[{method}] {info.get('phase')} {done}/{total}", file=sys.stderr, flush=True)
 
     try:
-        table = collapse_study(methods, args.n, data, args.runs_dir, eval_every=args.eval_every,
+        table = collapse_study(methods, n, data, args.runs_dir, eval_every=args.eval_every,
                                seed=args.seed, device=args.device, general=args.general, method_overrides=overrides,
-                               report_only=args.report, progress=progress)
+                               protocols=protocols, run_overrides=preset.get("run"), report_only=args.report,
+                               progress=progress)
     except (ConfigError, UnknownMethodError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
-    print(f"collapse study: {args.n} sequential edits per method, data {data}, store {args.runs_dir}")
+    print(f"collapse study: {n} sequential edits per method, data {data}, store {args.runs_dir}")
     print(format_table(table))
     if args.json:
         print(table.to_json(orient="records"))

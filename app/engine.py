@@ -249,6 +249,8 @@ class SequentialRun:
         self.requests: list[EditRequest] = []
         self.probes: list[tuple[str, str]] = []
         self.reference: ev.LocalityReference = {}
+        self.wild_reference: ev.WildReference = {}  # the unedited model's WILD generations (wild_gen only)
+        self.wild_subset: set[int] | None = None  # request indices of intermediate WILD retention (None = all)
         self.W0: dict[str, torch.Tensor] = {}  # exact copies of every edited parameter before the first edit
         self.prev_update: dict[str, tuple[int, torch.Tensor]] = {}  # param -> (n_edits, last update)
         self.hidden_baseline: dict[int, np.ndarray] = {}  # layer -> states before it was first edited
@@ -288,9 +290,25 @@ class SequentialRun:
             log.warning("non-finite logits at padded positions during %s ignored (unpadded logits are finite)", what)
         return out
 
-    def _evaluate(self, requests: Sequence[EditRequest], what: str) -> list[dict]:
+    def _evaluate(self, requests: Sequence[EditRequest], what: str, protocols: Sequence[str] | None = None
+                  ) -> list[dict]:
+        cfg = self.config
+        protocols = tuple(cfg.protocols if protocols is None else protocols)
+        if not requests or not protocols:
+            return []
         return self._guarded(what, ev.evaluate_requests, self.lm, requests, self.reference,
-                             protocols=self.config.protocols, batch_size=self.config.eval_batch_size)
+                             protocols=protocols, batch_size=cfg.eval_batch_size, wild=self.wild_reference,
+                             wild_context=cfg.wild_context, wild_max_tokens=cfg.wild_max_tokens)
+
+    def _retention(self, indices: Sequence[int]) -> list[dict]:
+        """Retention of the edits ``indices`` (every edit so far, or the run's retention sample); WILD at
+        intermediate checkpoints on its own fixed subset (``wild_retention_max``) of the edits made so far."""
+        done = [self.requests[i] for i in indices]
+        if self.wild_subset is None or self.n_done >= len(self.requests):
+            return self._evaluate(done, "retention evaluation")
+        rest = [p for p in self.config.protocols if p != ev.WILD]
+        sub = [self.requests[i] for i in sorted(self.wild_subset) if i < self.n_done]
+        return self._evaluate(done, "retention evaluation", rest) + self._evaluate(sub, "WILD retention", (ev.WILD,))
 
     def _general_rows(self, step: int) -> list[dict]:
         if self.config.general == "none":
@@ -337,11 +355,22 @@ class SequentialRun:
         self.editor = editor_cls(self.lm, self.method_config, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self._notify("prepare")
         self.editor.prepare()
+        params = dict(self.lm.model.named_parameters())
+        for name in self.editor.watched_params():  # matrices an adaptor sits on: their (flat) diagnostics
+            if name in params:
+                self.W0.setdefault(name, params[name].detach().clone())
         # the locality reference of the UNEDITED model: requests' locality prompts and the fixed probe set
         self.probes = builtin_probes() if cfg.locality_probes == "builtin" else []
         pairs = ev.locality_pairs(self.requests) + list(self.probes)
         self._notify("reference")
         self.reference = ev.locality_reference(self.lm, pairs, batch_size=cfg.eval_batch_size) if pairs else {}
+        if ev.WILD in cfg.protocols:
+            self.wild_reference = ev.wild_reference(self.lm, [p for p, _ in pairs], context=cfg.wild_context,
+                                                    max_new_tokens=cfg.wild_max_tokens,
+                                                    batch_size=cfg.eval_batch_size)
+            if cfg.wild_retention_max and len(self.requests) > cfg.wild_retention_max:
+                rng = random.Random(cfg.seed)
+                self.wild_subset = set(rng.sample(range(len(self.requests)), cfg.wild_retention_max))
         rows: list[dict] = []
         if cfg.pre_eval:
             self._notify("pre_eval")
@@ -471,8 +500,8 @@ class SequentialRun:
         common = {"n_edits": self.n_done, "step": self.step}
         rows: list[dict] = []
         artifacts = []
-        done = [self.requests[i] for i in stratified_sample(self.n_done, cfg.retention_sample, self.priorities)]
-        retention = self._evaluate(done, "retention evaluation")
+        scored = stratified_sample(self.n_done, cfg.retention_sample, self.priorities)
+        retention = self._retention(scored)
         rcommon = {**common, "kind": "retention"}
         rows += [{**rcommon, **r} for r in retention] + _mean_rows(retention, **rcommon)
         if self.probes:
@@ -481,6 +510,14 @@ class SequentialRun:
             lcommon = {**common, "kind": "locality", "metric": "locality", "protocol": ev.TF}
             rows += [{**lcommon, "value": s, "case_id": f"probe:{i}"} for i, s in enumerate(scores)]
             rows.append({**lcommon, "value": float(np.mean(scores)), "case_id": None})
+            if self.wild_reference:
+                pairs = self._guarded("WILD locality probes", ev.wild_locality_scores, lm,
+                                      [p for p, _ in self.probes], self.wild_reference, context=cfg.wild_context,
+                                      max_new_tokens=cfg.wild_max_tokens, batch_size=cfg.eval_batch_size)
+                for label, k in ((ev.WILD, 0), (ev.WILD_F1, 1)):
+                    wcommon = {**lcommon, "protocol": label}
+                    rows += [{**wcommon, "value": v[k], "case_id": f"probe:{i}"} for i, v in enumerate(pairs)]
+                    rows.append({**wcommon, "value": float(np.mean([v[k] for v in pairs])), "case_id": None})
         rows += self._general_rows(self.step)
         t_diag = time.perf_counter()
         if cfg.weights and self.W0:
@@ -490,6 +527,7 @@ class SequentialRun:
                 artifacts.append(("singular_values", svals, self.n_done, self.step))
         if cfg.hidden_states and self.W0:
             rows += self._hidden_rows(artifacts)
+        rows += self._editor_rows(artifacts)
         diag = time.perf_counter() - t_diag
         self.diag_seconds += diag
         eval_seconds = time.perf_counter() - t0
@@ -498,7 +536,7 @@ class SequentialRun:
         rows += [{**tcommon, "metric": "seconds_per_edit", "value": self.edit_seconds / max(1, self.n_done)},
                  {**tcommon, "metric": "peak_mem_mb", "value": self.peak_mem},
                  {**tcommon, "metric": "eval_seconds", "value": eval_seconds},
-                 {**tcommon, "metric": "retention_scored", "value": float(len(done))},
+                 {**tcommon, "metric": "retention_scored", "value": float(len(scored))},
                  # cumulative split of the run's time so far (the diagnostics' share is a benchmark figure)
                  {**tcommon, "metric": "edit_seconds_total", "value": self.edit_seconds},
                  {**tcommon, "metric": "evaluation_seconds_total", "value": self.eval_seconds_total},
@@ -508,6 +546,18 @@ class SequentialRun:
                               seconds_total=time.time() - self.started)
         means = {f"{m}/{p}": v for (m, p), v in ev.summarize(retention).items()}
         self._notify("checkpoint_done", retention=means, eval_seconds=eval_seconds)
+
+    def _editor_rows(self, artifacts: list) -> list[dict]:
+        """The editor's own state (:meth:`Editor.state_metrics`: ``kind="editor"`` rows) and its
+        :meth:`Editor.state_dict` as the artifact ``editor_state`` (a resumed or replayed run restores it)."""
+        metrics = self._guarded("editor state", self.editor.state_metrics, self._state_prompts())
+        rows = [{"n_edits": self.n_done, "step": self.step, "kind": "editor", "metric": str(m["metric"]),
+                 "value": float(m["value"]), "layer": m.get("layer"), "protocol": m.get("protocol")}
+                for m in metrics]
+        state = self.editor.state_dict()
+        if state:
+            artifacts.append(("editor_state", state, self.n_done, self.step))
+        return rows
 
     def _hidden_rows(self, artifacts: list) -> list[dict]:
         """Capture the probe states at every edited layer (an artifact) and, against each layer's states before
@@ -607,6 +657,8 @@ class SequentialRun:
                 store.update_status(run_id, status, error=error, n_edits_done=self.n_done,
                                     seconds_total=time.time() - self.started, heartbeat=time.time())
             finally:
+                if self.editor is not None:
+                    self.editor.close()
                 if self.given_lm is not None:
                     self.restore()
                 self._notify("done", status=status)

@@ -114,16 +114,30 @@ def explain(lm, result: EditResult, summary: str = "") -> dict[str, Any]:
     scalars = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool)) and
                not (isinstance(v, float) and not math.isfinite(v))}
     return {"method": result.method, "summary": summary, "params": rows, "info": scalars,
-            "seconds": float(result.seconds), "config": result.config}
+            "seconds": float(result.seconds), "config": result.config,
+            "adaptor": result.adaptor.summary() if result.adaptor is not None else None}
 
 
-def compute_result(lm, spec: Mapping[str, Any], *, cache_dir: str | None = None, seed: int = 0) -> EditResult:
+def compute_result(lm, spec: Mapping[str, Any], *, cache_dir: str | None = None, seed: int = 0,
+                   opened: list | None = None) -> EditResult:
     """One edit of ``spec`` (``{"method", "overrides", "request"}``) on ``lm`` as it is now, with the config a run of
-    the method on this model would use (:func:`editors.presets.build_config`: preset, then the overrides)."""
+    the method on this model would use (:func:`editors.presets.build_config`: preset, then the overrides).
+
+    An editor whose result is an adaptor patch (GRACE) stays attached to the model so that the patch acts when it is
+    applied: it is appended to ``opened`` for the caller to ``close()``, or closed here when ``opened`` is None."""
     config, _ = build_config(spec["method"], lm.name, spec.get("overrides"))
     editor = get_editor_class(spec["method"])(lm, config, cache_dir=cache_dir, seed=seed)
     editor.prepare()
-    return editor.edit([request_from_dict(spec["request"])])
+    try:
+        result = editor.edit([request_from_dict(spec["request"])])
+    except BaseException:
+        editor.close()
+        raise
+    if opened is not None:
+        opened.append(editor)
+    else:
+        editor.close()
+    return result
 
 
 def playground_edit(lm, payload: Mapping[str, Any], cache: MutableMapping[str, EditResult] | None = None, *,
@@ -151,13 +165,15 @@ def playground_edit(lm, payload: Mapping[str, Any], cache: MutableMapping[str, E
     req = request_from_dict(spec["request"])
     get_editor_class(spec["method"])  # an unknown method fails before any model work
     undos = []
+    opened: list = []  # editors with an adaptor attached (closed at the end; their results are not cached)
     try:
         for i, s in enumerate(stack):
             key = spec_key(model_name, stack[:i + 1])
             res = cache.get(key)
             if res is None:
-                res = compute_result(lm, s, seed=seed)
-                cache[key] = res
+                res = compute_result(lm, s, seed=seed, opened=opened)
+                if res.adaptor is None:
+                    cache[key] = res
             undos.append(apply_result(lm, res))
             if heartbeat:
                 heartbeat()
@@ -165,8 +181,9 @@ def playground_edit(lm, payload: Mapping[str, Any], cache: MutableMapping[str, E
         key = spec_key(model_name, [*stack, spec])
         result = cache.get(key)
         if result is None:
-            result = compute_result(lm, spec, seed=seed)
-            cache[key] = result
+            result = compute_result(lm, spec, seed=seed, opened=opened)
+            if result.adaptor is None:
+                cache[key] = result
         if heartbeat:
             heartbeat()
         explanation = explain(lm, result, get_editor_class(spec["method"]).summary)
@@ -175,6 +192,8 @@ def playground_edit(lm, payload: Mapping[str, Any], cache: MutableMapping[str, E
     finally:
         for undo in reversed(undos):
             undo(lm.model)
+        for editor in opened:
+            editor.close()
     while len(cache) > cache_size:  # oldest first (dicts keep insertion order)
         cache.pop(next(iter(cache)))
     probes = [{"role": b["role"], "prompt": b["prompt"], "target": b["target"], "before": b, "after": a}

@@ -150,7 +150,18 @@ class RunConfig:
     runs_dir: str = field(default="runs", metadata=help_meta("Directory of the run store (runs.sqlite)."))
     protocols: tuple[str, ...] = field(default=(ev.TF, ev.MARGIN), metadata=help_meta(
         "Evaluation protocols of edit and retention metrics: tf_token_acc, prob_margin, gen_exact "
-        "(EVALUATION.md). Locality is always tf_token_acc agreement with the unedited model."))
+        "(EVALUATION.md), wild_gen (WILD: free generation to the first '.', newline or end token, exact match and "
+        "token-F1 (wild_gen_f1) of the normalised answer; locality against the unedited model's generation). "
+        "Locality is tf_token_acc agreement with the unedited model, plus wild_gen's when it is selected."))
+    wild_context: str = field(default="none", metadata=help_meta(
+        "wild_gen input: 'none' = the raw prompt (the WILD authors' default, question-only), 'qa' = their QA "
+        "instruction, 'chat' = the chat template with a system prompt (what EasyEdit's WILD evaluation uses)."))
+    wild_max_tokens: int = field(default=ev.WILD_MAX_TOKENS, metadata=help_meta(
+        "wild_gen: at most this many generated tokens when no stop token comes (WILD authors: 50; EasyEdit: 512)."))
+    wild_retention_max: int = field(default=200, metadata=help_meta(
+        "wild_gen retention at intermediate checkpoints scores a fixed, seeded subset of at most this many of the "
+        "planned requests (the same ones at every checkpoint, those already edited); the last checkpoint scores every "
+        "edit. 0 = every edit at every checkpoint. Teacher-forced protocols always score every edit."))
     eval_batch_size: int = field(default=64, metadata=help_meta("Prompts per forward pass during evaluation."))
     locality_probes: str = field(default="builtin", metadata=help_meta(
         "Fixed locality probe set scored at every checkpoint against the unedited model: 'builtin' or 'none'."))
@@ -200,6 +211,12 @@ class RunConfig:
         if bad or not self.protocols:
             raise ConfigError(f"unknown protocol {bad[0] if bad else '(none given)'!r}; valid: "
                               f"{', '.join(ev.PROTOCOLS)}")
+        if self.wild_context not in ev.WILD_CONTEXTS:
+            raise ConfigError(f"wild_context must be one of {', '.join(ev.WILD_CONTEXTS)}, got {self.wild_context!r}")
+        if not isinstance(self.wild_max_tokens, int) or self.wild_max_tokens < 1:
+            raise ConfigError(f"wild_max_tokens must be an integer >= 1, got {self.wild_max_tokens!r}")
+        if not isinstance(self.wild_retention_max, int) or self.wild_retention_max < 0:
+            raise ConfigError(f"wild_retention_max must be an integer >= 0, got {self.wild_retention_max!r}")
         if self.locality_probes not in PROBE_CHOICES:
             raise ConfigError(f"locality_probes must be one of {', '.join(PROBE_CHOICES)}, "
                               f"got {self.locality_probes!r}")

@@ -14,6 +14,12 @@ The papers' claims this reproduces (at a small scale): additive methods (ROME, M
 condition number and lose their edits; RECT / AlphaEdit / PRUNE slow that down (MOSE Fig. 2, Table 1; PRUNE);
 AdaEdit keeps the norm near its original (AdaEdit Tables 1, 4, 5); MOSE keeps both exactly (MOSE Eq. 5-14).
 
+The lifelong paradigms (issue 18) join them: UltraEdit (lifelong normalisation, and ``ultraedit:no_ln``, the
+ablation StableEdit says collapses at once) and GRACE (memory: flat weights, a codebook). A method entry may name a
+preset variant as ``method:variant``. With ``protocols`` including ``wild_gen`` the table also gives the WILD
+(free-generation) exact-match retention next to the teacher-forced one. The ``lifelong`` preset
+(:data:`STUDY_PRESETS`) sets all of this at 1,000 edits with geometric checkpoints.
+
 A method whose finished run with the same study label already exists in the store is not run again (``reuse``), so
 an interrupted study can be continued by running the same command.
 """
@@ -27,6 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from analysis import evaluation as ev
+from editors.base import ConfigError
 from editors.registry import collapse_study_methods, get_editor_class
 
 from .engine import run_sequential, run_summary
@@ -42,13 +50,53 @@ DEFAULT_DATA = "counterfact:../shared/data/counterfact/counterfact-edit.json"
 
 TABLE_COLUMNS = ("method", "status", "n_edits", "reliability", "generality", "locality", "probe_locality",
                  "fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max", "layers", "seconds_per_edit", "run_id")
+#: extra columns when a run used wild_gen: WILD exact-match retention and probe locality at the last checkpoint
+WILD_COLUMNS = ("reliability_wild", "generality_wild", "locality_wild", "probe_locality_wild")
+
+#: named study settings (``python -m app study collapse --preset NAME``); explicit arguments win over them
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    # issue 18: the paradigms side by side over 1,000+ sequential edits. Additive (ROME, MEMIT), constrained
+    # (AlphaEdit, PRUNE), multiplicative (MOSE), lifelong-normalised (UltraEdit with and without LN), memory (GRACE).
+    # Checkpoints on the geometric schedule of RunConfig.checkpoint_schedule (issue 16); WILD retention on a fixed
+    # sample of 200 edits at intermediate checkpoints, every edit at the last.
+    "lifelong": {
+        "n": 1000,
+        "methods": ("rome", "memit", "alphaedit", "prune", "mose", "ultraedit", "ultraedit:no_ln", "grace"),
+        "protocols": (ev.TF, ev.MARGIN, ev.WILD),
+        "run": {"checkpoint_schedule": "geometric", "wild_retention_max": 200, "update_angles": False},
+    },
+}
 
 
-def study_label(method: str, n: int, data: str, seed: int, overrides: Mapping[str, Any] | None = None) -> str:
-    """The label that identifies one method's run of a collapse study in the store."""
+def study_preset(name: str) -> dict[str, Any]:
+    """The settings of a named study preset; raises ConfigError for an unknown name, or when it needs a run field
+    this version of :class:`RunConfig` does not have."""
+    if name not in STUDY_PRESETS:
+        raise ConfigError(f"unknown study preset {name!r}; valid: {', '.join(sorted(STUDY_PRESETS))}")
+    preset = STUDY_PRESETS[name]
+    known = {f.name for f in RunConfig.__dataclass_fields__.values()}
+    missing = sorted(set(preset.get("run", {})) - known)
+    if missing:
+        raise ConfigError(f"study preset {name!r} needs the run field(s) {', '.join(missing)}, which this RunConfig "
+                          "does not have (checkpoint_schedule: issue 16, the geometric schedule)")
+    return {**preset, "run": dict(preset.get("run", {}))}
+
+
+def split_method(entry: str) -> tuple[str, str]:
+    """``"ultraedit:no_ln"`` -> ``("ultraedit", "no_ln")`` (a preset variant); ``"rome"`` -> ``("rome", "")``."""
+    name, _, variant = str(entry).partition(":")
+    return name.strip(), variant.strip()
+
+
+def study_label(method: str, n: int, data: str, seed: int, overrides: Mapping[str, Any] | None = None,
+                run: Mapping[str, Any] | None = None) -> str:
+    """The label that identifies one method's run (``method`` may be ``name:variant``) of a collapse study in the
+    store; ``run`` are the run fields the study changed (protocols, schedule)."""
     label = f"collapse-study {method} n={n} seed={seed} data={data}"
     if overrides:
         label += " set=" + json.dumps(dict(overrides), sort_keys=True, default=str)
+    if run:
+        label += " run=" + json.dumps(dict(run), sort_keys=True, default=str)
     return label
 
 
@@ -72,15 +120,28 @@ def collapse_table(store: RunStore, run_ids: Sequence[str], reference: Mapping[s
         reference: ``{param: {"fro", "cond"}}`` of the unedited matrices (:func:`unedited_matrix_stats`).
     """
     rows = []
+    wild = False
     for run_id in run_ids:
         run = store.get_run(run_id)
         summary = run_summary(store, run_id)
-        df = store.metrics_frame([run_id], kinds=["weights", "locality"])
-        row: dict[str, Any] = {"method": run["method"], "status": run["status"], "n_edits": summary["n_edits"],
+        df = store.metrics_frame([run_id], kinds=["weights", "locality", "retention"])
+        variant = (run.get("config") or {}).get("preset_variant") if isinstance(run.get("config"), dict) else ""
+        row: dict[str, Any] = {"method": run["method"] + (f":{variant}" if variant else ""), "status": run["status"],
+                               "n_edits": summary["n_edits"],
                                **{k: summary["final"][k] for k in ("reliability", "generality", "locality")},
                                "seconds_per_edit": summary["seconds_per_edit"], "run_id": run_id}
-        probes = df[(df["kind"] == "locality") & df["case_id"].isna()]
+        agg = df[df["case_id"].isna()]
+        probes = agg[(agg["kind"] == "locality") & (agg["protocol"].isna() | (agg["protocol"] == ev.TF))]
         row["probe_locality"] = (float(probes.loc[probes["n_edits"].idxmax(), "value"]) if len(probes) else None)
+        ret = agg[(agg["kind"] == "retention") & (agg["protocol"] == ev.WILD)]
+        if len(ret):
+            wild = True
+            last = ret[ret["n_edits"] == ret["n_edits"].max()]
+            for metric in ("reliability", "generality", "locality"):
+                v = last.loc[last["metric"] == metric, "value"]
+                row[f"{metric}_wild"] = float(v.iloc[0]) if len(v) else None
+            wp = agg[(agg["kind"] == "locality") & (agg["protocol"] == ev.WILD)]
+            row["probe_locality_wild"] = float(wp.loc[wp["n_edits"].idxmax(), "value"]) if len(wp) else None
         w = df[df["kind"] == "weights"]
         fro_rel, cond_rel, layers = [], [], []
         if len(w):
@@ -100,7 +161,10 @@ def collapse_table(store: RunStore, run_ids: Sequence[str], reference: Mapping[s
         row["cond_rel_max"] = max(cond_rel, key=lambda v: abs(v - 1)) if cond_rel else None
         row["layers"] = ",".join(str(x) for x in sorted(layers))
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    columns = list(TABLE_COLUMNS)
+    if wild:
+        columns[7:7] = WILD_COLUMNS  # after probe_locality
+    return pd.DataFrame(rows, columns=columns)
 
 
 def format_table(df: pd.DataFrame) -> str:
@@ -108,13 +172,16 @@ def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no runs)"
     view = df.copy()
-    for col in ("reliability", "generality", "locality", "probe_locality"):
+    for col in ("reliability", "generality", "locality", "probe_locality", *WILD_COLUMNS):
+        if col not in view.columns:
+            continue
         view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.3f}")
     for col in ("fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max"):
         view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.4f}")
     view["seconds_per_edit"] = view["seconds_per_edit"].map(lambda v: "n/a" if v is None or pd.isna(v)
                                                             else f"{v:.1f}")
-    view = view.rename(columns={"seconds_per_edit": "s/edit", "probe_locality": "probe_loc"})
+    view = view.rename(columns={"seconds_per_edit": "s/edit", "probe_locality": "probe_loc",
+                                "probe_locality_wild": "probe_loc_wild"})
     return view.to_string(index=False)
 
 
@@ -122,13 +189,15 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
                    runs_dir: str = "runs", *, eval_every: int | None = None, model: str = "default",
                    seed: int = 0, device: str | None = None, general: str = "none",
                    locality_probes: str = "builtin",
-                   method_overrides: Mapping[str, Mapping[str, Any]] | None = None, reuse: bool = True,
+                   method_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                   protocols: Sequence[str] | None = None, run_overrides: Mapping[str, Any] | None = None,
+                   reuse: bool = True,
                    report_only: bool = False, lm=None, progress: Callable[[str, int, int, dict], None] | None = None
                    ) -> pd.DataFrame:
     """Run ``n`` sequential single edits per method into one run store and return the summary table.
 
     Args:
-        methods: registry names, run in this order.
+        methods: registry names, run in this order; ``name:variant`` runs a preset variant (its own row).
         n: edits per method (the first ``n`` requests of ``data``), one edit per step.
         data: request source of the engine ('counterfact:PATH', 'zsre:PATH', 'builtin', PATH).
         runs_dir: the run store's directory.
@@ -136,7 +205,11 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
             None = every ``max(1, n // 10)``; the last edit is always a checkpoint.
         general: general-ability probes of the engine ('none' by default: the table does not use them).
         locality_probes: the engine's fixed locality probe set ('builtin' or 'none').
-        method_overrides: ``{method: {field: value}}`` on top of each method's preset.
+        method_overrides: ``{method: {field: value}}`` on top of each method's preset (keyed by the entry, e.g.
+            ``"ultraedit:no_ln"``, or by the bare name for every variant of it).
+        protocols: the runs' evaluation protocols (default: RunConfig's); with ``wild_gen`` the table gets the WILD
+            columns :data:`WILD_COLUMNS`.
+        run_overrides: other run fields ``{field: value}`` (e.g. ``checkpoint_schedule``), part of the label.
         reuse: skip a method whose finished run with this study's label is already in the store.
         report_only: run nothing; summarise the latest run of each method with this study's label, whatever its
             status (e.g. a study still running in another process: its last checkpoint).
@@ -146,7 +219,11 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
     Returns:
         the table of :func:`collapse_table` (one row per method).
     """
-    methods = [get_editor_class(m).name for m in methods]  # unknown names fail before any work
+    entries = [split_method(m) for m in methods]
+    methods = [get_editor_class(m).name + (f":{v}" if v else "") for m, v in entries]  # unknown names fail here
+    run_fields = dict(run_overrides or {})
+    if protocols is not None:
+        run_fields["protocols"] = tuple(protocols)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     every = max(1, n // 10) if eval_every is None else int(eval_every)
@@ -156,32 +233,37 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
         lm = load_model(model, device=device)
     run_ids: list[str] = []
     for method in methods:
-        overrides = dict((method_overrides or {}).get(method, {}))
-        label = study_label(method, n, data, seed, overrides)
+        name, variant = split_method(method)
+        mo = method_overrides or {}
+        overrides = {**dict(mo.get(name, {})), **(dict(mo.get(method, {})) if variant else {})}
+        label = study_label(method, n, data, seed, overrides, {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in run_fields.items()})
         if report_only:
-            found = store.list_runs(method=method)
+            found = store.list_runs(method=name)
             found = found[found["label"] == label] if len(found) else found
             if len(found):
                 run_ids.append(str(found.sort_values("created")["run_id"].iloc[-1]))
             continue
         if reuse:
-            done = store.list_runs(method=method, status="finished")
+            done = store.list_runs(method=name, status="finished")
             done = done[done["label"] == label] if len(done) else done
             if len(done):
                 run_id = str(done.sort_values("created")["run_id"].iloc[-1])
                 log.info("%s: reusing finished run %s", method, run_id)
                 run_ids.append(run_id)
                 continue
-        config = RunConfig(model=model, method=method, method_overrides=overrides, data=data, n_edits=n,
+        config = RunConfig(model=model, method=name, method_overrides=overrides, data=data, n_edits=n,
                            batch_size=1, eval_every=every, seed=seed, device=device, runs_dir=runs_dir,
-                           general=general, locality_probes=locality_probes, label=label)
+                           general=general, locality_probes=locality_probes, label=label, preset_variant=variant)
+        if run_fields:
+            config = config.replace(**run_fields)
         t0 = time.time()
         cb = (lambda done, total, info, _m=method: progress(_m, done, total, info)) if progress else None
         try:
             run_id = run_sequential(config, store, lm=lm, progress=cb)
         except Exception as exc:  # one failing method must not lose the others; the store has the error
             log.error("%s failed: %s: %s", method, type(exc).__name__, exc)
-            failed = store.list_runs(method=method)
+            failed = store.list_runs(method=name)
             failed = failed[failed["label"] == label] if len(failed) else failed
             if not len(failed):
                 raise
@@ -194,4 +276,5 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
 
 
 __all__ = ["collapse_study", "collapse_table", "format_table", "unedited_matrix_stats", "study_label",
-           "DEFAULT_METHODS", "DEFAULT_DATA", "TABLE_COLUMNS"]
+           "study_preset", "split_method", "STUDY_PRESETS", "DEFAULT_METHODS", "DEFAULT_DATA", "TABLE_COLUMNS",
+           "WILD_COLUMNS"]

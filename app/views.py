@@ -131,7 +131,9 @@ def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[st
     """Curves vs edits, one per run (:func:`analysis.curves.metric_curves` grouped by method and run): columns
     ``method, run_id, run, kind, metric, n_edits, mean, lo, hi, std, n_runs, panel``.
 
-    ``panel`` is "<kind> · <metric>". Locality probe rows are kept whatever the protocol (they have one protocol).
+    ``panel`` is "<kind> · <metric>". Locality probe rows (``kind="locality"``) follow the protocol when the runs
+    recorded probe rows under it (tf_token_acc, wild_gen, wild_gen_f1), and fall back to tf_token_acc otherwise
+    (prob_margin / gen_exact have none).
     Retention adds an ``editing_score`` panel (harmonic mean of reliability, generality, locality at each
     checkpoint) when all three exist.
     """
@@ -139,7 +141,10 @@ def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[st
     from analysis.evaluation import editing_score as _score
     runs = runs_frame(store, run_ids)
     df = aggregate_metrics(store, run_ids, kinds=list(kinds), metrics=["reliability", "generality", "locality"])
-    df = df[df["protocol"].isna() | (df["protocol"] == protocol) | (df["kind"] == "locality")]
+    probe = df["kind"] == "locality"
+    probe_protocol = protocol if bool((df.loc[probe, "protocol"] == protocol).any()) else "tf_token_acc"
+    df = df[(~probe & (df["protocol"].isna() | (df["protocol"] == protocol)))
+            | (probe & (df["protocol"].isna() | (df["protocol"] == probe_protocol)))]
     if df.empty:
         return pd.DataFrame(columns=["method", "run_id", "run", "kind", "metric", "n_edits", "mean", "lo", "hi",
                                      "std", "n_runs", "panel"])
@@ -206,6 +211,20 @@ def final_summary(curves: pd.DataFrame) -> pd.DataFrame:
 # Weights page
 # ---------------------------------------------------------------------------------------------------------------
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def editor_state_curves(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
+    """The editors' own state at checkpoints (``kind="editor"`` rows of :meth:`editors.base.Editor.state_metrics`,
+    e.g. a codebook's size and hit shares): ``run_id, method, name, run, series, layer, metric, n_edits, value``.
+    Empty for editors whose state is their weights only."""
+    runs = runs_frame(store, run_ids)
+    df = aggregate_metrics(store, run_ids, kinds=["editor"])
+    cols = ["run_id", "method", "name", "run", "series", "layer", "metric", "n_edits", "value"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = _attach_names(df, runs)
+    df["series"] = df["run"] + df["layer"].map(lambda v: "" if pd.isna(v) else f" · L{int(v)}")
+    return df[cols]
 
 
 def layer_of(param: str) -> int | None:

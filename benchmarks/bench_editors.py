@@ -12,6 +12,8 @@ rolled back between steps (each result is applied, then ``after_apply`` is calle
   ``median_cpu_s``: process CPU seconds per request (all threads), which is less sensitive to other processes;
   ``median_z_s / median_solve_s``: for the locate-then-edit methods, the part of ``median_s`` spent optimising the
   target values (per request, inherently per-fact work) and solving the layer updates (shared by a batch);
+  ``median_features_s``: for UltraEdit, the forward+backward pass that gives keys and output gradients (its
+  ``median_solve_s`` is then the per-layer ridge solves, statistics included in neither);
 * ``peak_mem_mb``: peak growth during ``edit()`` over the memory before it: resident set size sampled every 20 ms
   on CPU, ``torch.cuda.max_memory_allocated`` on CUDA;
 * ``rel_immediate``: mean reliability (``tf_token_acc``) of each step's requests right after the step;
@@ -191,7 +193,7 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
             editor.prepare()
             setup_s, setup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             undos = []
-            per_req_s, per_req_cpu, mems, rel_imm, z_s, solve_s = [], [], [], [], [], []
+            per_req_s, per_req_cpu, mems, rel_imm, z_s, solve_s, feat_s = [], [], [], [], [], [], []
             try:
                 for start in range(0, len(requests), bs):
                     batch = requests[start:start + bs]
@@ -222,6 +224,11 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                     if "seconds_z" in timed:
                         z_s.append(timed["seconds_z"] / len(batch))
                         solve_s.append(timed.get("seconds_layers", 0.0) / len(batch))
+                    # UltraEdit: the forward+backward that gives the features vs the per-layer ridge solves
+                    if "seconds_features" in result.info:
+                        feat_s.append(result.info["seconds_features"] / len(batch))
+                        solve_s.append(sum(v.get("seconds_solve", 0.0) for v in result.info.get("layer", {}).values()
+                                           if isinstance(v, dict)) / len(batch))
                     steps.append({"method": method, "batch_size": bs, "step": len(rel_imm), "edits": start + len(batch),
                                   "seconds_per_edit": secs / len(batch), "cpu_seconds_per_edit": cpu / len(batch),
                                   "peak_mem_mb": mem, "reliability": rel,
@@ -232,6 +239,7 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
             finally:
                 for undo in reversed(undos):
                     undo(lm.model)
+                editor.close()  # an adaptor editor (GRACE) detaches its hook
             rows.append({
                 "method": method, "batch_size": bs, "n_edits": len(requests), "preset_version": preset_version,
                 "overrides": ",".join(f"{k}={v}" for k, v in sorted(fields_.items())),
@@ -240,6 +248,7 @@ def run_bench(methods: Sequence[str], n_edits: int = 20, batch_sizes: Sequence[i
                 "median_cpu_s": statistics.median(per_req_cpu),
                 "median_z_s": statistics.median(z_s) if z_s else None,
                 "median_solve_s": statistics.median(solve_s) if solve_s else None,
+                "median_features_s": statistics.median(feat_s) if feat_s else None,
                 "peak_mem_mb": max(mems),
                 "rel_immediate": sum(rel_imm) / len(rel_imm),
                 "rel_final": final.get(("reliability", E.TF)),

@@ -4,10 +4,13 @@ Editors return what they would change; they never leave the model changed (kmeng
 function == model at end of function"). The run engine applies an :class:`EditResult` with :func:`apply_result`,
 which returns an :class:`Undo` that restores the touched parameters bit for bit.
 
-Two kinds of change exist:
+Three kinds of change exist:
   * additive ``deltas[name]`` in the parameter's own layout: ``W <- W + delta``;
   * left-multiplicative ``factors[name]`` (MOSE): in the canonical ``[d_out, d_in]`` orientation ``W <- R W``
-    with ``R`` of shape ``[d_out, d_out]``.
+    with ``R`` of shape ``[d_out, d_out]``;
+  * an ``adaptor`` patch (:class:`AdaptorPatch`) for an editor whose state is not a weight delta (GRACE's
+    codebook): the editor attaches its adaptor to the model (a hook) and the patch changes the adaptor's state;
+    applying it returns an exact undo, like the weights'.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -64,6 +67,25 @@ def make_config(config_cls: type[EditorConfig], overrides: dict | None = None, *
     return cfg
 
 
+class AdaptorPatch(Protocol):
+    """A change to an editor's adaptor (not to a parameter), built by the editor's :meth:`Editor.edit`."""
+
+    def validate(self) -> None:
+        """Raise :class:`EditError` on a malformed patch (shapes, unknown entries); nothing applied yet."""
+
+    def is_finite(self) -> bool:
+        """No NaN / Inf in the patch's tensors."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The patch's tensors in order (keys, values, ...): for comparisons and the record."""
+
+    def apply(self) -> Callable[[], None]:
+        """Apply the patch to the live adaptor; returns the exact undo."""
+
+    def summary(self) -> dict:
+        """Scalars for the record (entries added, radii changed, ...)."""
+
+
 @dataclass
 class EditResult:
     """What one call to :meth:`Editor.edit` computed.
@@ -76,6 +98,7 @@ class EditResult:
         artifacts: tensors / arrays for the analysis layer (e.g. GeoEdit's per-neuron angles, AlphaEdit's P dims).
         config: the config the edit ran with (dict), with ``config_version``.
         seconds: wall time of the computation.
+        adaptor: a change of the editor's adaptor state (:class:`AdaptorPatch`), or None.
     """
 
     method: str
@@ -86,26 +109,31 @@ class EditResult:
     config: dict[str, Any] = field(default_factory=dict)
     config_version: int = 1
     seconds: float = 0.0
+    adaptor: AdaptorPatch | None = None
 
     @property
     def param_names(self) -> list[str]:
         return sorted(set(self.deltas) | set(self.factors))
 
     def is_finite(self) -> bool:
-        return all(torch.isfinite(t).all().item() for t in (*self.deltas.values(), *self.factors.values()))
+        return all(torch.isfinite(t).all().item() for t in (*self.deltas.values(), *self.factors.values())) and (
+            self.adaptor is None or bool(self.adaptor.is_finite()))
 
 
 @dataclass
 class Undo:
-    """Exact copies of the parameters an :func:`apply_result` touched."""
+    """Exact copies of the parameters an :func:`apply_result` touched, and the undo of its adaptor patch."""
 
     saved: dict[str, torch.Tensor]
+    extra: list[Callable[[], None]] = field(default_factory=list)
 
     def __call__(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in self.saved.items():
                 params[name].copy_(value)
+        for fn in reversed(self.extra):
+            fn()
 
 
 def apply_result(lm: LoadedModel, result: EditResult, *, keep_undo: bool = True) -> Undo | None:
@@ -124,6 +152,8 @@ def apply_result(lm: LoadedModel, result: EditResult, *, keep_undo: bool = True)
                             f"parameter has {tuple(params[name].shape)}")
     if not result.is_finite():
         raise EditError(f"{result.method}: the computed update contains NaN or Inf; the model was not changed")
+    if result.adaptor is not None:
+        result.adaptor.validate()
     saved = {n: params[n].detach().clone() for n in result.param_names} if keep_undo else {}
     with torch.no_grad():
         for name, R in result.factors.items():
@@ -134,7 +164,8 @@ def apply_result(lm: LoadedModel, result: EditResult, *, keep_undo: bool = True)
             p.copy_(lm.spec.to_param_layout(new).to(p.dtype))
         for name, d in result.deltas.items():
             add_update_(params[name], d)
-    return Undo(saved) if keep_undo else None
+    extra = [result.adaptor.apply()] if result.adaptor is not None else []
+    return Undo(saved, extra) if keep_undo else None
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,6 +228,32 @@ class Editor:
 
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         """Called by the engine after ``result`` was applied (sequential state updates)."""
+
+    # ---- state that is not a weight delta (base: none) --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The editor's sequential state as flat ``{key: numpy array}`` (running statistics, a codebook, ...); the
+        engine stores it as the artifact ``editor_state`` at every checkpoint. Empty: nothing beyond the weights."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (resume / replay)."""
+        if state:
+            raise ValueError(f"{self.name}: this editor keeps no state, got keys {sorted(state)[:3]}")
+
+    def state_metrics(self, prompts: Sequence[str]) -> list[dict]:
+        """Scalars describing the editor's own state at a checkpoint, ``[{metric, value, layer?}]`` (the engine
+        records them as ``kind="editor"`` rows next to the weight diagnostics; e.g. a codebook's size and the share of
+        ``prompts`` it answers). Must not change the model."""
+        return []
+
+    def watched_params(self) -> list[str]:
+        """Parameters whose weight diagnostics the engine records although no result touches them (an editor that
+        works beside the weights names the matrices it sits on, so their exactly flat curves are shown)."""
+        return []
+
+    def close(self) -> None:
+        """Release what the editor attached to the model (hooks, adaptors). Idempotent; the engine calls it when the
+        run ends, also after an error."""
 
     # helper for subclasses
     def _result(self, deltas=None, factors=None, info=None, artifacts=None, started: float | None = None

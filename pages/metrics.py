@@ -1,6 +1,7 @@
 """Metrics: edit, retention and locality curves against the number of edits; several runs overlaid."""
 import streamlit as st
 
+from analysis import evaluation as ev
 from analysis import plots
 from app import sweep_views, ui, views
 
@@ -36,10 +37,9 @@ run_ids = ui.run_picker()
 if not run_ids:
     st.stop()
 c1, c2 = st.columns([1, 2])
-protocol = c1.selectbox("Protocol", ["tf_token_acc", "prob_margin", "gen_exact"], key="m-protocol",
-                        help="tf_token_acc: teacher-forced token accuracy (EasyEdit); prob_margin: P(new) > P(old) "
-                             "(CounterFact success); gen_exact: greedy generation starts with the target. Only "
-                             "protocols the run recorded have data.")
+protocol = c1.selectbox("Protocol", list(ev.PROTOCOL_LABELS), key="m-protocol",
+                        help="; ".join(f"{k}: {v}" for k, v in ev.PROTOCOL_HELP.items())
+                        + ". Only protocols the run recorded have data.")
 kinds = c2.multiselect("Curves", list(views.CURVE_KINDS), default=["retention", "edit", "locality"], key="m-kinds",
                        format_func={"retention": "retention (all edits so far, at checkpoints)",
                                     "edit": "immediate (edits of each step)",

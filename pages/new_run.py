@@ -1,6 +1,7 @@
 """New run: configure a sequential editing run, submit it to the worker, watch its progress."""
 import streamlit as st
 
+from analysis import evaluation as ev
 from app import backend, settings, ui
 
 ui.header("New run", "Edit the model step by step (never rolled back) and record what happens. The run executes in "
@@ -73,11 +74,11 @@ with right:
                            help="Small zero-shot tasks scored at the start and at every checkpoint.")
     locality = st.selectbox("Locality probe set", ["builtin", "none"], key="nr-locality",
                             help="Unrelated facts scored against the UNEDITED model at every checkpoint (drift).")
-    protocols = st.multiselect("Protocols", ["tf_token_acc", "prob_margin", "gen_exact"],
-                               default=["tf_token_acc", "prob_margin"], key="nr-protocols",
-                               help="tf_token_acc: teacher-forced token accuracy (EasyEdit); prob_margin: "
-                                    "P(new) > P(old) (CounterFact success); gen_exact: greedy generation starts "
-                                    "with the target.")
+    protocols = st.multiselect("Protocols", list(ev.PROTOCOLS), default=["tf_token_acc", "prob_margin"],
+                               key="nr-protocols",
+                               help="; ".join(f"{k}: {ev.PROTOCOL_HELP[k]}" for k in ev.PROTOCOLS)
+                               + ". wild_gen also records wild_gen_f1 and generates up to 50 tokens per prompt: "
+                                 "slower than the teacher-forced protocols.")
     devices = ["auto", "cpu"] + (["cuda"] if backend.cuda_available() else [])
     device = st.selectbox("Device", devices, key="nr-device", help="auto = CUDA when present, else CPU.")
     dtype = st.selectbox("Precision", ["auto", "float32", "bfloat16", "float16"], key="nr-dtype",

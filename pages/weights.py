@@ -46,4 +46,18 @@ else:
                    f"spectrum-{run_id}-{step}", key="w-spec")
     st.caption("σᵢ of W (solid) and of the accumulated change ΔW = W − W0 (dashed), largest first. A few large σ "
                "of ΔW = the edits pile up in a few directions; a falling tail of W = a growing condition number.")
+st.subheader("Editor state")
+state = ui.view("editor_state_curves", run_ids, run_ids)
+if state.empty:
+    st.caption("No editor-state rows: these runs' editors keep no state beside the weights (a memory editor such as "
+               "GRACE records its codebook size, radii and hit shares here at every checkpoint).")
+else:
+    state_metrics = sorted(state["metric"].unique())
+    chosen_state = st.multiselect("Editor-state metrics", state_metrics, default=state_metrics[:4], key="w-state")
+    sel = state[state["metric"].isin(chosen_state)]
+    if not sel.empty:
+        ui.show_figure(plots.weights_figure(sel, metrics=chosen_state, color="method", dash="series", cols=2,
+                                            height=360), "editor-state", key="w-state-fig")
+    st.caption("What the editor itself holds at each checkpoint (Editor.state_metrics), next to the weights above: "
+               "for GRACE the weights stay exactly flat while its codebook grows.")
 ui.share_link()

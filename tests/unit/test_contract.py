@@ -67,6 +67,10 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("adaedit", "llama", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2,
                           "sparsify": "topk_magnitude"}),
     ("adaedit", "gpt2", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "sparsify": "random_drop"}),
+    # UltraEdit's LN ablation, and StableEdit's whitening with a (tiny) warm-up applied to the weights
+    ("ultraedit", "llama", {"layers": (1, 2), "chunk_size": 1, "normalization": "off"}),
+    ("ultraedit", "gpt2", {"layers": (2,), "chunk_size": 1, "normalization": "stable", "warmup_edits": 2,
+                           "warmup_turn": 1, "warmup_data": "builtin"}),
 ]
 
 # How many of REQUESTS a method edits in one call: 2 (to exercise batching) except the methods listed here, whose rows
@@ -285,7 +289,30 @@ def _hypernet_low_rank(lm: LoadedModel, result: EditResult) -> None:
             assert tuple((H.T @ result.artifacts["G_after"][layer]).shape) == (d_in, lm.spec.hidden_size)
 
 
+def _ultraedit_ridge_bound(lm: LoadedModel, result: EditResult) -> None:
+    """ΔW = Vᵀ(HHᵀ + λI)⁻¹H: its rows lie in the span of the turn's N answer-position keys (rank ≤ N up to float32
+    rounding, without a warm-up) and ‖ΔW‖_F ≤ ‖V‖_F / (2√λ)."""
+    lam = float(result.config["ridge"])
+    for layer in result.config["layers"]:
+        d = lm.spec.to_canonical(result.deltas[lm.spec.mlp_out_weight(layer)]).double()
+        li = result.info["layer"][str(layer)]
+        if "warmup_edits" not in result.info:
+            rank = int(torch.linalg.matrix_rank(d, rtol=1e-5))
+            assert rank <= li["n_tokens"], f"layer {layer}: rank {rank} above the token count"
+            assert float(d.norm()) <= li["V_norm"] / (2 * lam ** 0.5) * (1 + 1e-5), f"layer {layer}: norm bound"
+        assert float(d.norm()) > 0, f"layer {layer}: no update"
+
+
+def _grace_codebook_only(lm: LoadedModel, result: EditResult) -> None:
+    """GRACE changes no weight: the result is a codebook patch that adds one entry per request to a fresh codebook
+    (the two requests are far apart at ε₀)."""
+    assert not result.deltas and not result.factors
+    assert result.adaptor is not None and result.adaptor.summary()["added"] == result.info["n_added"] >= 1
+
+
 INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
+    "grace": _grace_codebook_only,
+    "ultraedit": _ultraedit_ridge_bound,
     "lora": _lora_is_merged_product,
     "flearning": _flearning_forgets_then_learns,
     "geoedit": _geoedit_masks_orthogonal,
@@ -331,6 +358,7 @@ class _Run:
     flags_changed: list[str]
     training_changed: bool
     config: EditorConfig
+    editor: Editor
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +383,7 @@ def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
     editor = cls(lm, cfg, seed=123)
     editor.prepare()
     result = editor.edit(requests)
+    editor.close()  # an adaptor (GRACE's hook) is detached; test_apply_then_undo_is_exact re-attaches it
     changed = _changed(lm, snap)
     flags_changed = [n for n, p in lm.model.named_parameters() if p.requires_grad != flags[n]]
     training_changed = lm.model.training != training
@@ -362,7 +391,8 @@ def _run(runs: dict, row: tuple[str, str, dict]) -> _Run:
     again = cls(lm, make_config(cls.config_cls, overrides, method=method), seed=123)
     again.prepare()
     repeat = again.edit(requests)
-    runs[key] = _Run(lm, snap, result, repeat, changed, flags_changed, training_changed, cfg)
+    again.close()
+    runs[key] = _Run(lm, snap, result, repeat, changed, flags_changed, training_changed, cfg, editor)
     return runs[key]
 
 
@@ -440,7 +470,7 @@ def test_result_shapes_and_record(row, runs):
     res, lm = run.result, run.lm
     params = dict(lm.model.named_parameters())
     assert res.method == row[0]
-    assert res.param_names, "the result changes nothing"
+    assert res.param_names or res.adaptor is not None, "the result changes nothing"
     for name, d in res.deltas.items():
         assert name in params, f"unknown parameter {name}"
         assert tuple(d.shape) == tuple(params[name].shape), f"{name}: delta {tuple(d.shape)}"
@@ -449,16 +479,42 @@ def test_result_shapes_and_record(row, runs):
         d_out = lm.spec.to_canonical(params[name]).shape[0]
         assert tuple(R.shape) == (d_out, d_out), f"{name}: factor {tuple(R.shape)}, expected [{d_out}, {d_out}]"
     assert res.is_finite()
-    assert any(d.abs().max().item() > 0 for d in res.deltas.values()) or any(
+    assert res.adaptor is not None or any(d.abs().max().item() > 0 for d in res.deltas.values()) or any(
         not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype)) for R in res.factors.values())
     assert res.config == run.config.to_dict() and res.config_version == type(run.config).version
     assert res.seconds >= 0
+
+
+def _outputs(lm: LoadedModel) -> torch.Tensor:
+    ids = lm.tokenizer([r.prompt for r in REQUESTS], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return lm.model(**ids).logits
+
+
+def _apply_then_undo_adaptor(run: _Run) -> None:
+    """An adaptor result (not a weight delta): applying it changes the model's outputs and no parameter; the undo
+    gives bit-identical outputs again."""
+    lm, res = run.lm, run.result
+    run.editor.prepare()  # re-attach the adaptor the run closed
+    try:
+        before = _outputs(lm)
+        undo = apply_result(lm, res)
+        try:
+            assert not _changed(lm, run.snapshot), "an adaptor result changed parameters"
+            assert not torch.equal(_outputs(lm), before), "applying the adaptor patch changed no output"
+        finally:
+            undo(lm.model)
+        assert torch.equal(_outputs(lm), before), "undo did not restore the outputs bit for bit"
+    finally:
+        run.editor.close()
 
 
 @pytest.mark.parametrize("row", ROW_PARAMS)
 def test_apply_then_undo_is_exact(row, runs):
     run = _run(runs, row)
     lm, res = run.lm, run.result
+    if res.adaptor is not None:
+        return _apply_then_undo_adaptor(run)
     undo = apply_result(lm, res)
     try:
         changed = set(_changed(lm, run.snapshot))
@@ -479,6 +535,10 @@ def test_same_seed_same_result(row, runs):
         assert torch.equal(a.deltas[name], b.deltas[name]), f"{name}: deltas differ between runs with one seed"
     for name in a.factors:
         assert torch.equal(a.factors[name], b.factors[name]), f"{name}: factors differ between runs with one seed"
+    assert (a.adaptor is None) == (b.adaptor is None)
+    if a.adaptor is not None:
+        ta, tb = a.adaptor.tensors(), b.adaptor.tensors()
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), "adaptor patches differ"
 
 
 @pytest.mark.parametrize("row", ROW_PARAMS)

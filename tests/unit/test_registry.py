@@ -57,10 +57,12 @@ def test_order_and_collapse_study_defaults():
     ordered = [m for m in order if registry.method_info(m).order is not None]
     assert [registry.method_info(m).order for m in ordered] == sorted(registry.method_info(m).order for m in ordered)
     assert order[:4] == ["rome", "ft", "ft-c", "memit"]
-    assert registry.collapse_study_methods() == ["rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose"]
+    assert registry.collapse_study_methods() == ["rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose",
+                                                 "ultraedit", "grace"]  # issue 18: the lifelong paradigms
     assert registry.methods_in_family("hypernetwork") == ["malmen", "agrade"]
     assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit"]
-    assert registry.methods_in_family("memory") == []
+    assert registry.methods_in_family("memory") == ["grace"]
+    assert registry.methods_in_family("lifelong") == ["ultraedit"]
     with pytest.raises(ValueError, match="unknown method family"):
         registry.methods_in_family("hypernet")
 
