@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import editors.finetune as finetune_mod
 import editors.geoedit as geo_mod
 from editors.base import EditError, apply_result, make_config
 from editors.finetune import finetune
@@ -74,7 +75,7 @@ class _Capture:
 def _captured_edit(monkeypatch, lm, overrides, reqs=REQS):
     """Run a GeoEdit edit, capturing both fine-tunings, the AE training (its kl_term) and the geometric step."""
     ft, ae_train = _Capture(finetune), _Capture(train_autoencoder)
-    monkeypatch.setattr(geo_mod, "finetune", ft)
+    monkeypatch.setattr(finetune_mod, "finetune", ft)
     monkeypatch.setattr(geo_mod, "train_autoencoder", ae_train)
     editor = GeoEditEditor(lm, make_config(GeoEditConfig, overrides, method="geoedit"), seed=0)
     res = editor.edit(reqs)
