@@ -12,9 +12,10 @@
 # minutes per mutant on two cores; MUTATION_FULL=0 skips it). Prints the mutation score and lists the survivors
 # (`mutmut show NAME` in the copy prints a mutant's diff).
 #
-# Env: MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
+# Env: OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
 # shared machine), MUTATION_FULL (default 1).
 set -euo pipefail
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"  # one core per test process
 method="${1:?usage: scripts/mutation.sh METHOD [MUTANT_GLOB]}"
 glob="${2:-}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,7 +38,7 @@ command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install mut
 work="${MUTATION_DIR:-/tmp/editbench-mutation-$method}"
 rm -rf "$work"
 mkdir -p "$work"
-(cd "$root" && tar cf - --exclude=__pycache__ editors analysis tests pytest.ini) | (cd "$work" && tar xf -)
+(cd "$root" && tar cf - --exclude=__pycache__ editors analysis tests pyproject.toml) | (cd "$work" && tar xf -)
 cd "$work"
 
 configure() {  # $1: the test files (one per line)

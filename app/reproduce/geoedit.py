@@ -427,39 +427,128 @@ def format_markdown(rep: GeoEditReproduction) -> str:
     return "\n".join(lines)
 
 
+# ---- the app.reproduce interface (python -m app study reproduce --paper geoedit) ---------------------------------
+PAPER = "GeoEdit (Feng et al. 2025, arXiv 2502.19953)"
+DEFAULT_N = 16
+#: --option rows=...: which Table 1 rows run ('all'; 'geoedit': the original model and the GeoEdit rows; or a
+#: comma-separated list of registry methods, 'none' standing for the original model)
+ROW_SETS = ("all", "geoedit")
+OPTIONS = ("datasets", "rows")
+#: --quick: one dataset, the GeoEdit_FT rows, short fine-tunings (a smoke test of every table and figure)
+QUICK = {"n": 4, "datasets": ("counterfact",), "settings": {"num_steps": 4, "ae_steps": 20, "ae_kl_every": 10}}
+
+
+def select_rows(spec: str) -> tuple[Row, ...]:
+    """Table 1 rows of ``--option rows=SPEC`` (see :data:`ROW_SETS`).
+
+    Raises:
+        ValueError: a method that has no Table 1 row (the message lists the valid ones).
+    """
+    spec = (spec or "all").strip().lower()
+    if spec == "all":
+        return TABLE1_ROWS
+    if spec == "geoedit":
+        return tuple(r for r in TABLE1_ROWS if r.method in (None, "geoedit"))
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    known = {r.method or "none" for r in TABLE1_ROWS}
+    bad = sorted(wanted - known)
+    if bad:
+        raise ValueError(f"rows: no Table 1 row for {', '.join(bad)}; valid: {', '.join(ROW_SETS)} or a comma list "
+                         f"of {', '.join(sorted(known))}")
+    return tuple(r for r in TABLE1_ROWS if (r.method or "none") in wanted)
+
+
+def long_table(rep: GeoEditReproduction) -> pd.DataFrame:
+    """The reproduction as the app.reproduce long table: Table 1 per dataset and Table 2 (reliability / generality
+    / locality in %, the paper's LLaMA2-7B numbers beside ours), Fig. 3 (angle statistics; the paper reports its
+    figure only qualitatively: ``paper`` NaN, its statement in the note) and Fig. 4 (α / β statistics)."""
+    out: list[dict] = []
+    names = {"counterfact": "CounterFact", "zsre": "zsRE"}
+    for r in rep.table1.itertuples():
+        note = r.variant if r.variant else ""
+        if isinstance(r.classes, str) and r.classes:
+            note = (f"{note}; classes aligned/orthogonal/conflicting {r.classes}, |τ_edit|/|τ_new| "
+                    f"{r.edit_to_new_norm:.3f}")
+        for m in ("reliability", "generality", "locality"):
+            ours = getattr(r, m)
+            if r.row == "Original model" and m == "locality":
+                ours = math.nan  # agreement with itself: 100 by definition, the paper prints "/"
+            out.append({"table": f"Table 1 ({names.get(r.dataset, r.dataset)})", "row": r.row, "metric": m,
+                        "paper": getattr(r, f"paper_{m}"), "ours": 100 * ours, "se": 100 * getattr(r, f"{m}_se"),
+                        "n": r.n, "variant": r.variant, "note": note})
+    for r in rep.table2.itertuples():
+        for m in ("reliability", "generality", "locality"):
+            out.append({"table": f"Table 2 ({names.get(rep.context.get('table2_dataset'), '')}; paper: zsRE)",
+                        "row": r.row, "metric": m, "paper": getattr(r, f"paper_{m}"), "ours": 100 * getattr(r, m),
+                        "se": 100 * getattr(r, f"{m}_se"), "n": r.n, "variant": r.variant,
+                        "note": f"|τ_edit|/|τ_new| {r.edit_to_new_norm:.3f}"})
+    for r in rep.fig3_summary.itertuples():
+        for m, v in (("mean angle (°)", r.mean), ("std (°)", r.std), ("share 85-95°", r.share_85_95),
+                     ("share > 95°", r.share_above_95), ("Spearman with raw", r.spearman_with_raw)):
+            out.append({"table": "Fig. 3", "row": f"{r.space} ({r.ae} AE)" if r.space == "latent" else "raw",
+                        "metric": m, "paper": math.nan, "ours": v, "note": PAPER_FIG3 if m.startswith("mean") else ""})
+    for r in rep.fig4_summary.itertuples():
+        for m, v in (("β median", r.beta_median), ("share β > 0.5", r.share_beta_above_half),
+                     ("Spearman(β, |τ_new|)", r.spearman_beta_tau_new), ("Spearman(α, β)", r.spearman_alpha_beta),
+                     ("|τ_edit|/|τ_new|", r.edit_to_new_norm)):
+            out.append({"table": "Fig. 4", "row": f"importance fusion, {r.norm} α/β", "metric": m, "paper": math.nan,
+                        "ours": v, "note": PAPER_FIG4 if m == "β median" else ""})
+    return pd.DataFrame(out)
+
+
+def run(args) -> pd.DataFrame:
+    """``python -m app study reproduce --paper geoedit``: :func:`reproduce_geoedit` on ``args.n`` records (default
+    16) of each dataset; writes geoedit.md and the CSVs into ``args.out``; returns :func:`long_table`.
+
+    Options (``--option KEY=VALUE``): ``datasets`` (comma list of counterfact, zsre; default both), ``rows``
+    (:func:`select_rows`; default all). ``--set geoedit.KEY=VALUE`` applies to every GeoEdit run (and
+    ``METHOD.KEY=VALUE`` to that method's rows).
+
+    Raises:
+        ReproduceError: an unknown option, dataset or row.
+    """
+    from editors.base import ConfigError
+    from editors.fields import parse_method_sets
+
+    from . import ReproduceError, load_lm
+
+    opts = dict(getattr(args, "options", {}) or {})
+    bad = sorted(set(opts) - set(OPTIONS))
+    if bad:
+        raise ReproduceError(f"geoedit: unknown option(s) {', '.join(bad)}; valid: {', '.join(OPTIONS)}")
+    try:
+        settings = {k: dict(v) for k, v in parse_method_sets(getattr(args, "sets", []) or []).items()}
+        datasets = tuple(d.strip() for d in opts.get("datasets", ",".join(DATASETS)).split(",") if d.strip())
+        for d in datasets:
+            if d not in DATASETS:
+                raise ValueError(f"datasets: unknown dataset {d!r}; valid: {', '.join(DATASETS)}")
+        rows = select_rows(opts.get("rows", "all"))
+    except (ConfigError, ValueError) as exc:
+        raise ReproduceError(f"geoedit: {exc}") from exc
+    n = int(args.n or DEFAULT_N)
+    if getattr(args, "quick", False):
+        n = min(n, QUICK["n"])
+        datasets = datasets if "datasets" in opts else QUICK["datasets"]
+        rows = rows if "rows" in opts else tuple(r for r in TABLE1_ROWS if r.method in (None, "geoedit")
+                                                 and "LoRA" not in r.label)
+        settings["geoedit"] = {**QUICK["settings"], **settings.get("geoedit", {})}
+    lm = load_lm(args)
+    rep = reproduce_geoedit(lm, n=n, datasets=datasets, rows=rows, data_dir=args.data_dir, settings=settings,
+                            seed=args.seed, progress=lambda m: log.warning("%s", m))
+    rep.write(args.out)
+    return long_table(rep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Thin runner: ``python -m app.reproduce.geoedit [--n 16] [--out reproductions] [--threads 1]``."""
-    import argparse
-
-    import torch
-
-    from editors.models import load_model
-    ap = argparse.ArgumentParser(prog="python -m app.reproduce.geoedit", description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=16, help="records per dataset (one batch per method)")
-    ap.add_argument("--datasets", default="counterfact,zsre", help="comma-separated: counterfact, zsre")
-    ap.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
-    ap.add_argument("--out", default="reproductions", help="folder for geoedit.md and the CSV files")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args(argv)
-    if args.n < 1 or args.threads < 1:
-        ap.error("--n and --threads must be >= 1")
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    lm = load_model("default", device=args.device)
-    rep = reproduce_geoedit(lm, n=args.n, datasets=[d.strip() for d in args.datasets.split(",") if d.strip()],
-                            data_dir=args.data_dir, seed=args.seed, progress=lambda m: print(m, flush=True))
-    for path in rep.write(args.out):
-        print("wrote", path)
-    print(rep.markdown())
-    return 0
+    """``python -m app.reproduce.geoedit ...``: the same as ``python -m app study reproduce --paper geoedit ...``."""
+    from app.cli import main as cli_main
+    return cli_main(["study", "reproduce", "--paper", "geoedit", *(argv or [])])
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_ROWS", "TABLE2_ROWS", "FT_RECIPE", "Row", "GeoEditReproduction",
-           "reproduce_geoedit", "run_table", "run_ablations", "figure3", "figure4", "format_markdown",
-           "load_dataset", "main"]
+__all__ = ["PAPER", "DEFAULT_N", "run", "long_table", "select_rows", "PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_ROWS",
+           "TABLE2_ROWS", "FT_RECIPE", "Row", "GeoEditReproduction", "reproduce_geoedit", "run_table", "run_ablations",
+           "figure3", "figure4", "format_markdown", "load_dataset", "main"]

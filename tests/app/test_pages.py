@@ -149,9 +149,8 @@ def test_geometry_page_angles_geoedit_and_maps(synthetic_store, make_app):
 def test_geometry_page_geoedit_variant_summary_and_fig4(tmp_path, make_app):
     """A GeoEdit run: the page names the variant that ran (here '+MW', a deviation from the paper), shows the class
     counts, norms, α/β and the latent/raw agreement of the chosen step, and Fig. 4 (|τ| beside α/β)."""
-    from app.fixtures import synthetic_run
-
     from app.store import RunStore
+    from tests.fixtures import synthetic_run
     store = RunStore(str(tmp_path))
     run = synthetic_run(store, method="geoedit", n_edits=4, eval_every=2, geoedit=True, hidden=False, seed=3,
                         method_config={"fusion": "fixed", "fixed_alpha": 0.3, "fixed_beta": 1.0, "ae": "linear",
