@@ -340,10 +340,10 @@ def geoedit_variant(store: RunStore, run_id: str) -> str | None:
     """What a GeoEdit run ran (:func:`editors.geoedit.variant_label` of its stored method config): the paper's full
     method or which deviation (e.g. '+MW'); None for other methods."""
     run = store.get_run(run_id)
-    if run.get("method") != "geoedit":
+    if run.get("method") not in ("geoedit", "geoedit-mw"):
         return None
     from editors.geoedit import variant_label
-    return variant_label(run.get("method_config") or {})
+    return f"{run['method']}: {variant_label(run.get('method_config') or {})}"
 
 
 def geoedit_summary(store: RunStore, run_id: str, n_edits: int) -> pd.DataFrame:

@@ -20,7 +20,8 @@ Scaled / changed, and why (the reproduction's notes repeat them beside the numbe
   presets;
 * MEND is not run: it needs a trained hypernetwork (MALMEN's, hours on two cores);
 * GeoEdit is shown twice: the paper's full method (importance fusion, rank-normalised α / β, see
-  ``GeoEditConfig.importance_norm``) and the workbench default ('+MW'); the label of each row says which.
+  ``GeoEditConfig.importance_norm``; method ``geoedit``) and the '+MW' ablation that edits reliably here (method
+  ``geoedit-mw``); the label of each row says which.
 
 :func:`reproduce_geoedit` computes everything into a :class:`GeoEditReproduction`; ``markdown()`` renders the tables
 (docs/reproductions.md holds a run of it, with the measured reasons for each disagreement) and ``write(out_dir)``
@@ -94,7 +95,7 @@ TABLE1_ROWS: tuple[Row, ...] = (
     Row("LoRA", "LoRA", "lora", LORA_RECIPE),
     Row("F-Learning_LoRA", "F-Learning_LoRA", "flearning", {**FT_RECIPE, "mode": "lora"}),
     Row("GeoEdit_LoRA (paper: importance fusion)", "GeoEdit_LoRA", "geoedit", {"mode": "lora", "fusion": "importance"}),
-    Row("GeoEdit_LoRA +MW (workbench default)", "GeoEdit_LoRA", "geoedit", {"mode": "lora", "fusion": "fixed"}),
+    Row("GeoEdit_LoRA +MW (geoedit-mw)", "GeoEdit_LoRA", "geoedit-mw", {"mode": "lora"}),
     # FT-c on its own defaults: GeoEdit's recipe with ft-c's box 2e-3 at layer 24 edits nothing
     Row("FT-c", "FT-c", "ft-c", {}),
     Row("Full-FT", "Full-FT", "ft", FT_RECIPE),
@@ -103,7 +104,7 @@ TABLE1_ROWS: tuple[Row, ...] = (
     Row("RECT", "RECT", "rect", {}, preset=True),
     Row("F-Learning_FT", "F-Learning_FT", "flearning", FT_RECIPE),
     Row("GeoEdit_FT (paper: importance fusion)", "GeoEdit_FT", "geoedit", {"fusion": "importance"}),
-    Row("GeoEdit_FT +MW (workbench default)", "GeoEdit_FT", "geoedit", {"fusion": "fixed"}),
+    Row("GeoEdit_FT +MW (geoedit-mw)", "GeoEdit_FT", "geoedit-mw", {}),
 )
 #: Table 2's ablations of GeoEdit_FT (the paper's full method with one part replaced), on zsRE
 TABLE2_ROWS: tuple[tuple[str, dict], ...] = (
@@ -197,7 +198,8 @@ def run_table(lm, dataset: str, requests, rows: Sequence[Row] = TABLE1_ROWS, *,
               progress: Callable[[str], None] | None = None, geo: dict | None = None) -> list[dict]:
     """Table 1 rows of one dataset: every ``rows`` method edits ``requests`` as one batch from the unedited model.
 
-    ``settings``: method -> overrides applied on top of every row of that method (tests shrink models this way).
+    ``settings``: method -> overrides applied on top of every row of that method (tests shrink models this way);
+    ``settings["geoedit"]`` applies to the ``geoedit-mw`` rows too.
     GeoEdit rows of the same ``mode`` share their two fine-tunings (they differ only after step 1). ``geo``, when
     given, receives ``{(mode, fusion): (EditResult, GeoEditDetails)}`` of the GeoEdit rows.
     """
@@ -210,8 +212,10 @@ def run_table(lm, dataset: str, requests, rows: Sequence[Row] = TABLE1_ROWS, *,
         if row.method is None:
             scores = _scores(lm, requests, reference)
         else:
-            cls, cfg = _config(row.method, lm, {**row.overrides, **dict((settings or {}).get(row.method, {}))},
-                               row.preset)
+            own = dict((settings or {}).get(row.method, {}))
+            if row.method == "geoedit-mw":  # GeoEdit's settings apply to its +MW method as well
+                own = {**dict((settings or {}).get("geoedit", {})), **own}
+            cls, cfg = _config(row.method, lm, {**row.overrides, **own}, row.preset)
             editor = cls(lm, cfg, seed=seed)
             editor.prepare()
             if isinstance(editor, GeoEditEditor):
@@ -430,9 +434,10 @@ def format_markdown(rep: GeoEditReproduction) -> str:
 # ---- the app.reproduce interface (python -m app study reproduce --paper geoedit) ---------------------------------
 PAPER = "GeoEdit (Feng et al. 2025, arXiv 2502.19953)"
 DEFAULT_N = 16
-#: --option rows=...: which Table 1 rows run ('all'; 'geoedit': the original model and the GeoEdit rows; or a
-#: comma-separated list of registry methods, 'none' standing for the original model)
-ROW_SETS = ("all", "geoedit")
+#: --option rows=...: which Table 1 rows run ('all'; 'geoedit': the original model and the GeoEdit rows;
+#: 'geoedit-ft': the original model and the GeoEdit_FT rows; or a comma-separated list of registry methods, 'none'
+#: standing for the original model)
+ROW_SETS = ("all", "geoedit", "geoedit-ft")
 OPTIONS = ("datasets", "rows")
 #: --quick: one dataset, the GeoEdit_FT rows, short fine-tunings (a smoke test of every table and figure)
 QUICK = {"n": 4, "datasets": ("counterfact",), "settings": {"num_steps": 4, "ae_steps": 20, "ae_kl_every": 10}}
@@ -447,8 +452,9 @@ def select_rows(spec: str) -> tuple[Row, ...]:
     spec = (spec or "all").strip().lower()
     if spec == "all":
         return TABLE1_ROWS
-    if spec == "geoedit":
-        return tuple(r for r in TABLE1_ROWS if r.method in (None, "geoedit"))
+    if spec in ("geoedit", "geoedit-ft"):
+        return tuple(r for r in TABLE1_ROWS if r.method in (None, "geoedit", "geoedit-mw")
+                     and (spec == "geoedit" or "LoRA" not in r.label))
     wanted = {w.strip() for w in spec.split(",") if w.strip()}
     known = {r.method or "none" for r in TABLE1_ROWS}
     bad = sorted(wanted - known)
@@ -529,8 +535,7 @@ def run(args) -> pd.DataFrame:
     if getattr(args, "quick", False):
         n = min(n, QUICK["n"])
         datasets = datasets if "datasets" in opts else QUICK["datasets"]
-        rows = rows if "rows" in opts else tuple(r for r in TABLE1_ROWS if r.method in (None, "geoedit")
-                                                 and "LoRA" not in r.label)
+        rows = rows if "rows" in opts else select_rows("geoedit-ft")
         settings["geoedit"] = {**QUICK["settings"], **settings.get("geoedit", {})}
     lm = load_lm(args)
     rep = reproduce_geoedit(lm, n=n, datasets=datasets, rows=rows, data_dir=args.data_dir, settings=settings,

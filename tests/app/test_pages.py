@@ -152,12 +152,12 @@ def test_geometry_page_geoedit_variant_summary_and_fig4(tmp_path, make_app):
     from app.store import RunStore
     from tests.fixtures import synthetic_run
     store = RunStore(str(tmp_path))
-    run = synthetic_run(store, method="geoedit", n_edits=4, eval_every=2, geoedit=True, hidden=False, seed=3,
+    run = synthetic_run(store, method="geoedit-mw", n_edits=4, eval_every=2, geoedit=True, hidden=False, seed=3,
                         method_config={"fusion": "fixed", "fixed_alpha": 0.3, "fixed_beta": 1.0, "ae": "linear",
                                        "mode": "ft"})
     at = make_app(str(tmp_path), "geometry.py", {"runs": run})
     text = _texts(at)
-    assert "**Variant:** GeoEdit_FT (+MW: fixed α=0.3, β=1" in text
+    assert "**Variant:** geoedit-mw: GeoEdit_FT (+MW: fixed α=0.3, β=1" in text
     table = next(d.value for d in at.dataframe if "quantity" in d.value.columns)
     shown = dict(zip(table["quantity"], table["value"]))
     assert {"aligned neurons (φ < φ1, synergistic)", "|τ_new| (Frobenius)", "β median",

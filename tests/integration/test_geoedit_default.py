@@ -1,8 +1,8 @@
-"""GeoEdit on the embedded default model (SmolLM2-135M) with its default config, on the first 8 CounterFact
-edit-split records (one batch, layer 24): the orientation-preserving AE populates all three classes of Eq. 11
-(measured 1,295 aligned / 230 orthogonal / 11 conflicting of 1,536 neurons), its latent angles agree with the raw ones
-(Spearman ~0.997), a neuron's τ and −τ come out conflicting, and the edit succeeds (teacher-forced reliability >= 0.8,
-EVALUATION.md ``tf_token_acc``); the edit is undone and ``clean_default_lm`` checks that bit for bit.
+"""GeoEdit +MW (geoedit-mw) on the embedded default model (SmolLM2-135M) with its default config, on the first 8
+CounterFact edit-split records (one batch, layer 24): the orientation-preserving AE populates all three classes of Eq.
+11 (measured 1,295 aligned / 230 orthogonal / 11 conflicting of 1,536 neurons), its latent angles agree with the raw
+ones (Spearman ~0.997), a neuron's τ and −τ come out conflicting, and the edit succeeds (teacher-forced reliability >=
+0.8, EVALUATION.md ``tf_token_acc``); the edit is undone and ``clean_default_lm`` checks that bit for bit.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from analysis.evaluation import TF, evaluate_requests, locality_pairs, locality_reference
 from editors.base import apply_result, make_config
 from editors.data import load_requests
-from editors.geoedit import CONFLICTING, GeoEditConfig, GeoEditEditor, classify, row_angles
+from editors.geoedit import CONFLICTING, GeoEditMWConfig, GeoEditMWEditor, classify, row_angles
 from tests.conftest import shared_path
 
 pytestmark = [
@@ -29,7 +29,7 @@ def test_geoedit_counterfact_batch_has_all_three_classes_and_edits(clean_default
     lm = clean_default_lm
     requests = load_requests("counterfact:" + shared_path("counterfact", "counterfact-edit.json"), N_FACTS)
     reference = locality_reference(lm, locality_pairs(requests))
-    editor = GeoEditEditor(lm, make_config(GeoEditConfig, {}, method="geoedit"), seed=0)
+    editor = GeoEditMWEditor(lm, make_config(GeoEditMWConfig, {}, method="geoedit-mw"), seed=0)
     editor.prepare()
     result, details = editor.edit_with_details(requests)
     info, art = result.info, result.artifacts
@@ -43,7 +43,7 @@ def test_geoedit_counterfact_batch_has_all_three_classes_and_edits(clean_default
     with torch.no_grad():
         ang = row_angles(details.ae.encode(x.float()), details.ae.encode(-x.float()))
     assert (classify(ang, 85.0, 95.0) == CONFLICTING).all() and float(ang.min()) > 179.9
-    assert "+MW" in info["variant"]  # the labelled default deviation (GeoEditConfig.fusion)
+    assert "+MW" in info["variant"]  # the labelled deviation (geoedit-mw, GeoEditMWConfig.fusion)
 
     undo = apply_result(lm, result)
     try:

@@ -259,7 +259,7 @@ def test_alpha_from_the_old_run_beta_from_the_new_run(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # GeoEdit end to end on a tiny model
 # ---------------------------------------------------------------------------------------------------------------
-# the paper's importance fusion (Eq. 11-13); the default for SmolLM2 is the fixed '+MW' weights (GeoEditConfig.fusion)
+# the paper's importance fusion (Eq. 11-13), geoedit's default; 'geoedit-mw' uses the fixed '+MW' weights
 GEO_SMALL = {"layers": (1,), "num_steps": 3, "ae_steps": 20, "ae_kl_every": 10, "fusion": "importance"}
 
 
@@ -493,3 +493,19 @@ def test_edit_with_details_reuses_given_fine_tunings():
     other = make_config(GeoEditConfig, {**GEO_SMALL, "ae_steps": 10, "neuron_axis": "out"}, method="geoedit")
     with pytest.raises(EditError, match="do not match"):
         GeoEditEditor(lm, other, seed=0).edit_with_details(REQS, runs=details.runs)
+
+
+def test_geoedit_is_the_paper_method_and_geoedit_mw_names_the_deviation():
+    from editors.geoedit import GeoEditMWConfig, GeoEditMWEditor
+    from editors.presets import build_config
+    from editors.registry import get_editor_class
+    paper, _ = build_config("geoedit", "default", use_preset=False)
+    mw, _ = build_config("geoedit-mw", "default", use_preset=False)
+    assert paper.fusion == "importance" and paper.importance_norm == "rank" and type(paper) is GeoEditConfig
+    assert isinstance(mw, GeoEditMWConfig) and mw.fusion == "fixed" and (mw.fixed_alpha, mw.fixed_beta) == (0.3, 1.0)
+    cls = get_editor_class("geoedit-mw")
+    assert cls is GeoEditMWEditor and issubclass(cls, GeoEditEditor) and "+MW" in cls.summary
+    assert "paper" in get_editor_class("geoedit").summary
+    # both share every field but fusion's default
+    assert {f for f in paper.to_dict()} == {f for f in mw.to_dict()}
+    assert {k for k, v in paper.to_dict().items() if mw.to_dict()[k] != v} == {"fusion"}

@@ -19,6 +19,7 @@ from editors.geoedit import (
     CONFLICTING,
     ORTHOGONAL,
     GeoEditConfig,
+    GeoEditMWConfig,
     LinearAE,
     ReluMLPAE,
     average_ranks,
@@ -420,8 +421,9 @@ def test_variant_label_names_each_deviation():
     full = make_config(GeoEditConfig, {"fusion": "importance"}, method="geoedit")
     assert variant_label(full) == "GeoEdit_FT (paper method: importance fusion, rank-normalised α/β)"
     assert "min-max α/β as the paper" in variant_label({**full.to_dict(), "importance_norm": "minmax"})
-    mw = make_config(GeoEditConfig, {}, method="geoedit")
-    assert "+MW" in variant_label(mw) and "paper method" not in variant_label(mw)
+    assert variant_label(make_config(GeoEditConfig, {}, method="geoedit")) == variant_label(full)  # the default
+    mw = make_config(GeoEditMWConfig, {}, method="geoedit-mw")  # the deviation has its own name
+    assert mw.fusion == "fixed" and "+MW" in variant_label(mw) and "paper method" not in variant_label(mw)
     abl = variant_label({**full.to_dict(), "orthogonal": False, "mode": "lora"})
     assert abl.startswith("GeoEdit_LoRA") and "- Orthogonal" in abl and "paper method" not in abl
     assert "mlp-relu" in variant_label({**full.to_dict(), "ae": "mlp-relu"})

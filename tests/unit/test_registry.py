@@ -59,7 +59,7 @@ def test_order_and_collapse_study_defaults():
     assert order[:4] == ["rome", "ft", "ft-c", "memit"]
     assert registry.collapse_study_methods() == ["rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose"]
     assert registry.methods_in_family("hypernetwork") == ["malmen", "agrade"]
-    assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit"]
+    assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit", "geoedit-mw"]
     assert registry.methods_in_family("memory") == []
     with pytest.raises(ValueError, match="unknown method family"):
         registry.methods_in_family("hypernet")

@@ -112,8 +112,10 @@ def test_geoedit_options_are_checked():
                            ({"rows": "mend"}, "no Table 1 row for mend")):
         with pytest.raises(rp.ReproduceError, match=match):
             geoedit.run(rp.make_args("geoedit", options=options, lm=object()))
-    assert [r.method for r in geoedit.select_rows("geoedit")] == [None] + ["geoedit"] * 4
+    assert [r.method for r in geoedit.select_rows("geoedit")] == [None] + ["geoedit", "geoedit-mw"] * 2
     assert [r.label for r in geoedit.select_rows("none,rome")] == ["Original model", "ROME"]
+    assert [r.label for r in geoedit.select_rows("geoedit-ft")] == [
+        "Original model", "GeoEdit_FT (paper: importance fusion)", "GeoEdit_FT +MW (geoedit-mw)"]
 
 
 @pytest.mark.timeout(600)
@@ -127,8 +129,8 @@ def test_geoedit_runs_through_the_dispatcher_on_a_tiny_model(tmp_path):
     assert tables == ["Table 1 (zsRE)", "Table 2 (zsRE; paper: zsRE)", "Fig. 3", "Fig. 4"]
     t1 = table[table["table"] == "Table 1 (zsRE)"]
     assert list(dict.fromkeys(t1["row"])) == ["Original model", "GeoEdit_FT (paper: importance fusion)",
-                                              "GeoEdit_FT +MW (workbench default)"]
-    mw = t1[(t1["row"] == "GeoEdit_FT +MW (workbench default)") & (t1["metric"] == "reliability")].iloc[0]
+                                              "GeoEdit_FT +MW (geoedit-mw)"]
+    mw = t1[(t1["row"] == "GeoEdit_FT +MW (geoedit-mw)") & (t1["metric"] == "reliability")].iloc[0]
     assert mw["paper"] == 85.21 and 0 <= mw["ours"] <= 100 and "+MW" in mw["note"] and "classes" in mw["note"]
     orig = t1[t1["row"] == "Original model"].set_index("metric")
     assert orig.loc["reliability", "paper"] == 43.70 and math.isnan(orig.loc["locality", "ours"])

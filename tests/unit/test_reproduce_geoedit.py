@@ -21,7 +21,7 @@ FACTS = [make_request(source="t", record=i, case_id=f"c{i}", prompt=p, subject=s
               "Danielle Darrieux speaks natively", "The Louvre is in", "Paris")])]
 TINY = {"geoedit": {"layers": (1,), "num_steps": 2, "ae_steps": 2, "ae_kl_every": 2}}
 ROWS = tuple(r for r in TABLE1_ROWS if r.label in ("Original model", "GeoEdit_FT (paper: importance fusion)",
-                                                 "GeoEdit_FT +MW (workbench default)"))
+                                                 "GeoEdit_FT +MW (geoedit-mw)"))
 
 
 def test_reproduction_on_a_tiny_model(tmp_path):
@@ -47,7 +47,7 @@ def test_reproduction_on_a_tiny_model(tmp_path):
     assert set(rep.fig4_summary["norm"]) == {"rank", "minmax"}
     assert set(rep.fig4["label"]) == {"|τ_old|", "|τ_new|", "α", "β"}
     text = rep.markdown()
-    assert "**Table 1, zsre**" in text and "| GeoEdit_FT +MW (workbench default) |" in text
+    assert "**Table 1, zsre**" in text and "| GeoEdit_FT +MW (geoedit-mw) |" in text
     assert "**Fig. 3**" in text and "**Fig. 4**" in text
     paths = rep.write(str(tmp_path))
     assert all(os.path.exists(p) for p in paths) and os.path.basename(paths[-1]) == "geoedit.md"
