@@ -109,9 +109,9 @@ class GeoEditConfig(TwoTaskConfig):
     version: ClassVar[int] = 5
 
     layers: tuple[int, ...] = field(default=(24,), metadata={"help": (
-        "Decoder layers whose weights are fine-tuned (0-based). Default 24 of SmolLM2-135M's 30 (version 3), "
-        "measured on 4 built-in facts: τ_new alone at layers 5-20 and 4-8 changed 'The capital of France is' to "
-        "'Tehran'; at 24 it kept Paris.")})
+        "Decoder layers whose weights are fine-tuned (0-based). Default 24 of SmolLM2-135M's 30 (version 3): there "
+        "the new-fact task vector leaves unrelated facts alone and the raw FFN-neuron angles concentrate near 90° "
+        "as in the paper's Fig. 3 (docs/DEFAULTS.md).")})
     neuron_axis: str = field(default="auto", metadata={"help": (
         "What one neuron θ_i ∈ R^{d_n} of Eq. 10-12 is, in the canonical [d_out, d_in] matrix: 'in' = a COLUMN "
         "(one input unit with all its outgoing weights, d_n = d_out), 'out' = a ROW (one output unit with its "
@@ -130,8 +130,7 @@ class GeoEditConfig(TwoTaskConfig):
     lr: float = field(default=2e-3, metadata={"help": (
         "Adam learning rate of both fine-tunings (full mode; 'lora_lr' in LoRA mode). 4x ft's 5e-4 because a batch "
         "of 4 takes one step per epoch where ft (batch 1) takes four; GeoEdit keeps only a weighted part of τ_new "
-        "(β <= 1), so τ_new must have learnt the new facts with margin. 5e-4 with batch 4 needed ~25 epochs to "
-        "reach loss 0.05 on four facts.")})
+        "(β <= 1), so τ_new must have learnt the new facts with margin.")})
     batch_size: int = field(default=4, metadata={"help": (
         "Requests per Adam step (the paper: batch 4 with 4 accumulation steps, geoedit.txt Appendix C).")})
     importance_decay: float = field(default=0.85, metadata={"help": (
@@ -188,12 +187,9 @@ class GeoEditConfig(TwoTaskConfig):
     fusion: str = field(default="importance", metadata={"help": (
         "'importance': α, β from the normalised EMA importance (Eq. 11-13, the paper's full method; the default of "
         "'geoedit'). 'fixed': the paper's '+MW' variant (Table 2), the same fixed_alpha / fixed_beta for every "
-        "neuron (the default of 'geoedit-mw'); the result's info['variant'] and the Geometry page say which ran. "
-        "Measured on SmolLM2-135M, the first 16 CounterFact edit records, one batch at layer 24 (teacher-forced "
-        "reliability / generality / locality): importance with rank-normalised α/β 0.438 / 0.062 / 0.198, with "
-        "the paper's min-max 0.031 / 0.031 / 0.875 (|τ_edit| = 10% of |τ_new|), '+MW' 1.000 / 0.344 / 0.292. The "
-        "importance follows each neuron's activation size on the edit prompts, so it down-weights the neurons "
-        "that carry the edit-specific part of τ_new (docs/reproductions.md, GeoEdit).")})
+        "neuron (the default of 'geoedit-mw', which edits SmolLM2-135M reliably where importance fusion does not: "
+        "docs/DEFAULTS.md, docs/reproductions.md); the result's info['variant'] and the Geometry page say which "
+        "ran.")})
     fixed_alpha: float = field(default=0.3, metadata={"help": (
         "α of fusion 'fixed' (+MW); 0.3 found by grid search in the paper (Sec. 5.2).")})
     fixed_beta: float = field(default=1.0, metadata={"help": "β of fusion 'fixed' (+MW); 1 as the paper."})
@@ -239,10 +235,8 @@ class GeoEditMWConfig(GeoEditConfig):
 
     fusion: str = field(default="fixed", metadata={"help": (
         "'fixed' (default here): the paper's '+MW' variant (Table 2), fixed_alpha / fixed_beta for every neuron. "
-        "'importance' turns this into 'geoedit' (the paper's method). Measured on SmolLM2-135M, the first 16 "
-        "CounterFact edit records, one batch at layer 24 (teacher-forced reliability / generality / locality): "
-        "'+MW' 1.000 / 0.344 / 0.292, importance fusion (rank-normalised α/β) 0.438 / 0.062 / 0.198 "
-        "(docs/reproductions.md, GeoEdit).")})
+        "'importance' turns this into 'geoedit' (the paper's method). Why this is a method of its own: "
+        "docs/DEFAULTS.md (geoedit) and docs/reproductions.md (GeoEdit).")})
 
 
 def variant_label(config: Mapping) -> str:
