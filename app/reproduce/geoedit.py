@@ -544,16 +544,6 @@ def run(args) -> pd.DataFrame:
     return long_table(rep)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m app.reproduce.geoedit ...``: the same as ``python -m app study reproduce --paper geoedit ...``."""
-    from app.cli import main as cli_main
-    return cli_main(["study", "reproduce", "--paper", "geoedit", *(argv or [])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = ["PAPER", "DEFAULT_N", "run", "long_table", "select_rows", "PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_ROWS",
            "TABLE2_ROWS", "FT_RECIPE", "Row", "GeoEditReproduction", "reproduce_geoedit", "run_table", "run_ablations",
-           "figure3", "figure4", "format_markdown", "load_dataset", "main"]
+           "figure3", "figure4", "format_markdown", "load_dataset"]
