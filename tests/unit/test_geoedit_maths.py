@@ -206,11 +206,12 @@ def test_kl_divergence_is_kl_p_given_q_per_token():
 
 
 def test_autoencoder_loss_is_mse_plus_lambda_kl():
-    """Seven Adam steps of train_autoencoder against a manual Adam on MSE + λ·KL (a KL term with a known gradient),
-    with the KL every third step, the task index alternating, minibatches larger than d_n."""
+    """Ten Adam steps of train_autoencoder against a manual Adam on MSE + λ·KL (a KL term with a known gradient),
+    with the KL every third step, the task index alternating old, new, old (three KL steps: a cycle of three tasks
+    would show), minibatches larger than d_n."""
     X = _low_rank_data(n=64, d_n=16, k=3)
     Y = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
-    lam, lr, every, steps, batch = 0.5, 1e-2, 3, 7, 24
+    lam, lr, every, steps, batch = 0.5, 1e-2, 3, 10, 24
     calls = []
 
     def kl_term(ae, task):
@@ -221,7 +222,7 @@ def test_autoencoder_loss_is_mse_plus_lambda_kl():
     ae = LinearAE(16, 3)
     mse, kls = train_autoencoder(ae, X, steps=steps, lr=lr, batch_size=batch, kl_every=every, kl_weight=lam,
                                  kl_term=kl_term, generator=torch.Generator().manual_seed(5))
-    assert calls == [0, 1] and len(mse) == steps
+    assert calls == [0, 1, 0] and len(mse) == steps
 
     torch.manual_seed(0)
     ref = LinearAE(16, 3)
@@ -331,6 +332,8 @@ def test_rank_normalisation_and_ties():
         assert f(np.array([2.0])).shape == (1,) and f(np.array([2.0]))[0] == 1.0
         out = f(np.array([1.0, 3.0, 2.0], dtype=np.float32))
         assert out.dtype == np.float64 and np.allclose(out, [0.0, 1.0, 0.5])  # α, β are float64
+        for flat in (np.array([5, 5]), np.array([7], dtype=np.float32)):  # also on the all-equal path
+            assert f(flat).dtype == np.float64, (f.__name__, flat.dtype)
     assert np.allclose(minmax(np.array([2.0, 4.0, 3.0])), [0.0, 1.0, 0.5])
     assert np.allclose(normalise_importance(np.array([2.0, 4.0, 10.0]), "minmax"), [0.0, 0.25, 1.0])
     assert np.allclose(normalise_importance(np.array([2.0, 4.0, 10.0]), "rank"), [0.0, 0.5, 1.0])
