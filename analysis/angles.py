@@ -258,6 +258,40 @@ def neuron_angle_frame(raw_angles, latent_angles=None, classes=None, *, phi1: fl
     return df
 
 
+def latent_angle_sweep(encode: Callable[[torch.Tensor], torch.Tensor], X, angles: Sequence[float] = (
+        0.0, 30.0, 60.0, 85.0, 90.0, 95.0, 120.0, 150.0, 180.0), *, n_pairs: int = 50, seed: int = 0
+                       ) -> pd.DataFrame:
+    """How an encoder maps raw angles: for ``n_pairs`` random pairs of rows (x, z) of ``X`` ``[n, d]`` (e.g. neuron
+    task vectors), y(θ) = |x|(cos θ u + sin θ w) with u = x/|x| and w the unit part of z orthogonal to x, so the raw
+    angle between x and y(θ) is exactly θ inside the data's own span; the latent angle is the angle between
+    ``encode(x)`` and ``encode(y)``.
+
+    Returns:
+        columns ``pair, raw, latent`` (degrees), one row per (pair, θ).
+    """
+    Xd = _t64(X)
+    if Xd.ndim != 2 or Xd.shape[0] < 2:
+        raise ValueError("X must be [n >= 2, d]")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for pair in range(n_pairs):
+        i, j = torch.randperm(Xd.shape[0], generator=gen)[:2].tolist()
+        x, z = Xd[i], Xd[j]
+        if float(x.norm()) == 0:
+            continue
+        u = x / x.norm()
+        w = z - (z @ u) * u
+        if float(w.norm()) == 0:
+            continue
+        w = w / w.norm()
+        ys = torch.stack([x.norm() * (math.cos(math.radians(t)) * u + math.sin(math.radians(t)) * w) for t in angles])
+        with torch.no_grad():
+            h = _t64(encode(torch.cat([x[None], ys]).to(torch.float32)))
+        lat = row_angles(h[:1].expand(len(angles), -1), h[1:])
+        rows.extend({"pair": pair, "raw": float(t), "latent": float(v)} for t, v in zip(angles, lat))
+    return pd.DataFrame(rows, columns=["pair", "raw", "latent"])
+
+
 def angle_summary(angles, phi1: float = PHI1, phi2: float = PHI2) -> dict[str, float]:
     """``mean, std, share_85_95`` (share within [φ1, φ2]) plus ``share_below_85, share_above_95, n`` (NaN dropped)."""
     a = np.asarray(angles, dtype=np.float64).reshape(-1)
@@ -273,4 +307,5 @@ def angle_summary(angles, phi1: float = PHI1, phi2: float = PHI2) -> dict[str, f
 
 __all__ = ["flat_angle", "top_singular_vectors", "principal_angle", "factor_delta", "update_angles",
            "preserved_basis", "subspace_share", "subspace_angle", "key_angle_frame", "row_angles",
-           "classify_angles", "neuron_angle_frame", "angle_summary", "PHI1", "PHI2", "CLASSES"]
+           "classify_angles", "neuron_angle_frame", "latent_angle_sweep", "angle_summary", "PHI1", "PHI2",
+           "CLASSES"]

@@ -149,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table per method at N: retention reliability / generality / locality and the "
                                    "edited matrices' Frobenius norm and condition number relative to the unedited "
                                    "model. A method already finished with the same settings is not run again.")
-    p.add_argument("study", choices=("collapse",), help="which study")
-    p.add_argument("--n", type=int, default=None, help="sequential edits per method (default 200, or the preset's)")
+    p.add_argument("study", choices=("collapse", "reproduce"),
+                   help="which study: collapse, or reproduce (a seed paper's tables under its own protocol, "
+                        "--paper; app/reproduce)")
+    p.add_argument("--n", type=int, default=None,
+                   help="collapse: sequential edits per method (default 200, or the preset's); reproduce: records / "
+                        "edits per setting (default: the paper module's)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, METHOD:VARIANT for a preset variant (default: the study's methods, "
                         "app.study.DEFAULT_METHODS, or the preset's)")
@@ -175,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="run nothing: the table of the latest matching run of each method (any status)")
     p.add_argument("--json", action="store_true", help="print the table as JSON records (last stdout line)")
+    p.add_argument("--paper", default=None, help="reproduce: which paper (geoedit, adaedit, mose, agrade: the "
+                                                 "modules of app/reproduce)")
+    p.add_argument("--out", default=None, help="reproduce: output folder (default runs/reproduce/<paper>)")
+    p.add_argument("--model", default="default", help="reproduce: the model (default: the embedded default)")
+    p.add_argument("--quick", action="store_true", help="reproduce: the smallest meaningful run (a smoke test)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="reproduce: a paper-specific option (repeatable; see the paper module's docstring)")
 
     # ---- train (app/train.py) ----------------------------------------------------------------------------
     from .train import HYPERNET_METHODS  # light: the trainer's heavy imports happen when it runs
@@ -521,6 +532,8 @@ def cmd_bench(args) -> int:
 
 # ---- study (app/study.py) --------------------------------------------------------------------------------
 def cmd_study(args) -> int:
+    if args.study == "reproduce":
+        return cmd_reproduce(args)
     from editors.base import ConfigError
     from editors.fields import parse_method_sets
     from editors.registry import UnknownMethodError
@@ -555,6 +568,29 @@ def cmd_study(args) -> int:
         raise CLIError(str(exc)) from exc
     print(f"collapse study: {n} sequential edits per method, data {data}, store {args.runs_dir}")
     print(format_table(table))
+    if args.json:
+        print(table.to_json(orient="records"))
+    return EXIT_OK
+
+
+def cmd_reproduce(args) -> int:
+    """``study reproduce --paper NAME``: app.reproduce's dispatcher; prints the markdown table (JSON with --json)."""
+    from editors.base import ConfigError
+    from editors.registry import UnknownMethodError
+
+    from .reproduce import ReproduceError, format_table, make_args, papers, parse_options, reproduce
+
+    if not args.paper:
+        raise CLIError(f"study reproduce needs --paper (one of: {', '.join(papers())})")
+    try:
+        rargs = make_args(args.paper, model=args.model, n=args.n, seed=args.seed, device=args.device,
+                          threads=args.threads, out=args.out, quick=args.quick, options=parse_options(args.options),
+                          sets=args.sets)
+        table = reproduce(args.paper, rargs)
+    except (ReproduceError, ConfigError, UnknownMethodError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(format_table(table, str(table["paper_name"].iloc[0]) if len(table) else args.paper))
+    print(f"wrote {os.path.join(rargs.out, 'table.csv')} and table.md")
     if args.json:
         print(table.to_json(orient="records"))
     return EXIT_OK

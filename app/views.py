@@ -322,12 +322,68 @@ def geoedit_angles(store: RunStore, run_id: str, n_edits: int) -> pd.DataFrame:
             lat = latent.get(lkey) if lkey else None
             if lat is not None and np.size(lat) != np.size(r):
                 lat = None
+            cls = arrays.get(key.replace("raw_angle", "neuron_class")) if "raw_angle" in key else None
+            if cls is not None and np.size(cls) != np.size(r):
+                cls = None
+            # the classes GeoEdit used (its own φ1/φ2, on the latent angles) when stored, else recomputed
             f = neuron_angle_frame(np.asarray(r).reshape(-1), None if lat is None else np.asarray(lat).reshape(-1),
+                                   None if cls is None else np.asarray(cls).reshape(-1).astype(np.int64),
                                    param=key.split("|")[0], layer=layer_of(key))
             f["n_edits"] = n
             frames.append(f)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["layer", "param", "neuron", "space", "angle", "class", "n_edits"])
+
+
+#: GeoEdit's per-edit diagnostics (editors.geoedit info keys, stored as kind="info" metrics) -> display names
+GEOEDIT_SUMMARY = (
+    ("class_counts.aligned", "aligned neurons (φ < φ1, synergistic)"),
+    ("class_counts.orthogonal", "orthogonal neurons (φ1 ≤ φ ≤ φ2, no update)"),
+    ("class_counts.conflicting", "conflicting neurons (φ > φ2, forget-then-learn)"),
+    ("class_shares.aligned", "share aligned"),
+    ("class_shares.orthogonal", "share orthogonal"),
+    ("class_shares.conflicting", "share conflicting"),
+    ("tau_old_norm", "|τ_old| (Frobenius)"),
+    ("tau_new_norm", "|τ_new| (Frobenius)"),
+    ("edit_to_new_norm", "|τ_edit| / |τ_new|"),
+    ("tau_new_energy_shares.orthogonal", "share of |τ_new|² in orthogonal neurons (masked)"),
+    ("alpha_median", "α median"),
+    ("alpha_mean", "α mean"),
+    ("beta_median", "β median"),
+    ("beta_mean", "β mean"),
+    ("angle_spearman", "Spearman(latent angle, raw angle)"),
+)
+
+
+def geoedit_variant(store: RunStore, run_id: str) -> str | None:
+    """What a GeoEdit run ran (:func:`editors.geoedit.variant_label` of its stored method config): the paper's full
+    method or which deviation (e.g. '+MW'); None for other methods."""
+    run = store.get_run(run_id)
+    if run.get("method") not in ("geoedit", "geoedit-mw"):
+        return None
+    from editors.geoedit import variant_label
+    return f"{run['method']}: {variant_label(run.get('method_config') or {})}"
+
+
+def geoedit_summary(store: RunStore, run_id: str, n_edits: int) -> pd.DataFrame:
+    """GeoEdit's per-edit diagnostics of the step that made ``n_edits`` edits (``GEOEDIT_SUMMARY``): columns
+    ``key, quantity, value``; empty when the run stored none."""
+    df = aggregate_metrics(store, [run_id], kinds=["info"], metrics=[k for k, _ in GEOEDIT_SUMMARY])
+    df = df[df["n_edits"] == int(n_edits)].drop_duplicates("metric", keep="last").set_index("metric")
+    rows = [{"key": k, "quantity": label, "value": float(df.loc[k, "value"])} for k, label in GEOEDIT_SUMMARY
+            if k in df.index]
+    return pd.DataFrame(rows, columns=["key", "quantity", "value"])
+
+
+def geoedit_fusion_weights(store: RunStore, run_id: str, n_edits: int) -> pd.DataFrame:
+    """GeoEdit Fig. 4 of one step: per neuron |τ_old|, |τ_new| beside α, β, each min-max scaled to [0, 1]
+    (:func:`analysis.importance.fusion_weights_frame`); empty when the run stored no such arrays."""
+    from analysis.importance import fusion_weights_frame
+    keys = ("tau_old_norm", "tau_new_norm", "alpha", "beta")
+    for _, _, arrays in reversed(_all_artifacts(store, run_id, "editor", n_edits)):
+        if all(k in arrays for k in keys):
+            return fusion_weights_frame(*(np.asarray(arrays[k], dtype=np.float64).reshape(-1) for k in keys))
+    return pd.DataFrame(columns=["neuron", "task", "quantity", "label", "value"])
 
 
 def change_map(store: RunStore, run_id: str, metric: str = "rel_change") -> pd.DataFrame:
@@ -437,6 +493,7 @@ def series_column(df: pd.DataFrame) -> str:
 
 __all__ = ["MEANINGS", "runs_frame", "run_versions", "aggregate_metrics", "metric_curves", "metrics_view",
            "collapse_markers", "final_summary", "weight_choices", "weight_curves", "spectrum",
-           "artifact_steps", "update_angle_frame", "geoedit_angles", "change_map", "neuron_map", "hidden_index",
+           "artifact_steps", "update_angle_frame", "geoedit_angles", "geoedit_variant", "geoedit_summary",
+           "geoedit_fusion_weights", "GEOEDIT_SUMMARY", "change_map", "neuron_map", "hidden_index",
            "hidden_pair", "hidden_projection", "general_curves", "general_table", "layer_of", "run_name", "run_short",
            "series_column"]

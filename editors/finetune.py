@@ -245,7 +245,10 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
             returned deltas do NOT include them.
         importance_decay: when set, record GeoEdit's importance (Eq. 12-13): per neuron the mean of |w · ∂L/∂w|
             over the neuron's trainable parameters, smoothed over optimiser steps by an EMA with this decay:
-            Ī ← d·Ī + (1−d)·I (Ī initialised by the first step).
+            Ī ← d·Ī + (1−d)·I, Ī initialised by the first step whose scores are not all zero for that matrix. (A
+            LoRA adapter starts with B = 0, so on step 1 |w · ∂L/∂w| is exactly 0 for B (w = 0) and for A
+            (∂L/∂A = scale·Bᵀ ∂L/∂W = 0): a score that says nothing about any neuron. Starting the EMA there would
+            under-weight the first informative step by (1−d) against the later ones, an artefact of the init.)
         importance_axis: what a neuron is: "out" = a canonical ROW (output unit; its parameters are the row of W
             for full fine-tuning, the row of B ``[d_out, r]`` for LoRA), "in" = a canonical COLUMN (input unit; the
             column of W, or the column of A ``[r, d_in]`` for LoRA: the adapter parameters that act on that input
@@ -326,7 +329,10 @@ def finetune(editor: FineTuneEditor, names: Sequence[str], examples: Sequence[Ex
                             s = (w.detach().float() * w.grad.float()).abs()
                             s = (spec.to_canonical(s) if lora is None else s).mean(dim=1 if importance_axis == "out"
                                                                                     else 0)
-                            ema[n] = s if n not in ema else importance_decay * ema[n] + (1 - importance_decay) * s
+                            if n in ema:
+                                ema[n] = importance_decay * ema[n] + (1 - importance_decay) * s
+                            elif bool(s.any()):  # start at the first informative step (LoRA: B = 0 on step 1)
+                                ema[n] = s
                     if masters is not None:
                         for n, p in targets.items():
                             masters[n].grad, p.grad = p.grad.to(masters[n].dtype), None

@@ -35,13 +35,27 @@ if steps:
     want = ui.qp_int("step")
     step = st.select_slider("Edits made (step)", steps, value=want if want in steps else steps[-1], key="g-step")
     ui.qp_set(step=step)
+variant = ui.view("geoedit_variant", [run_id], run_id)
+if variant:
+    st.markdown(f"**Variant:** {variant}")
 geo = ui.view("geoedit_angles", [run_id], run_id, step) if step is not None else None
 if geo is not None and not geo.empty:  # GeoEdit's own section only for runs that stored its angles
     st.subheader("GeoEdit: per-neuron angles, raw vs latent")
     ui.show_figure(plots.histogram_figure(geo, x="angle", color="class", facet="space", vlines=(85, 95),
                                           x_title="angle (degrees)"), f"geoedit-angles-{run_id}", key="g-geo")
-    st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors: aligned < 85°, "
-               "orthogonal 85–95°, conflicting > 95° (GeoEdit Fig. 3).")
+    st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors, in parameter space "
+               "(raw) and in the auto-encoder's latent space where GeoEdit classifies: aligned < φ1 (85°), orthogonal "
+               "φ1–φ2 (95°, inclusive), conflicting > φ2 (GeoEdit Fig. 3).")
+summary = ui.view("geoedit_summary", [run_id], run_id, step) if step is not None else None
+if summary is not None and not summary.empty:
+    st.dataframe(summary[["quantity", "value"]], hide_index=True, key="g-geo-summary")
+weights = ui.view("geoedit_fusion_weights", [run_id], run_id, step) if step is not None else None
+if weights is not None and not weights.empty:
+    ui.show_figure(plots.curve_figure(weights, x="neuron", y="value", color="label", facet="task", band=False,
+                                      x_title="neuron", y_title="scaled to [0, 1]"),
+                   f"geoedit-fusion-{run_id}", key="g-fusion")
+    st.caption("GeoEdit Fig. 4: per neuron the magnitude of τ_old / τ_new beside the fusion weights α / β of Eq. 11 "
+               "(importance-guided: normalised EMA importance; '+MW': one fixed value), each scaled to [0, 1].")
 
 st.subheader("Importance map: where the change lands")
 metric = st.selectbox("Per-layer quantity", ["rel_change", "delta_fro", "delta_rank", "cond"], key="g-map-metric")

@@ -18,14 +18,19 @@ def synthetic_run(store: RunStore, *, method: str = "rome", n_edits: int = 100, 
                   layers: tuple[int, ...] = (4, 5), per_case: bool = True, hidden: bool = True,
                   d_out: int = 64, d_in: int = 128, n_probes: int = 32, collapse_at: int | None = None,
                   geoedit: bool = False, seed: int = 0, label: str = "", model: str = "tiny-llama",
-                  status: str = "finished") -> str:
-    """Write one run of ``n_edits`` single-edit steps with checkpoints every ``eval_every`` edits; returns its id."""
+                  status: str = "finished", method_config: dict | None = None) -> str:
+    """Write one run of ``n_edits`` single-edit steps with checkpoints every ``eval_every`` edits; returns its id.
+
+    ``geoedit``: every step also stores GeoEdit's per-neuron artifacts and info metrics under the keys
+    :mod:`editors.geoedit` uses (angles raw / latent, classes, |τ|, α, β; class counts, norms, Spearman).
+    ``method_config`` is merged into the stored method config (``{"layers": [...]}``)."""
     rng = np.random.default_rng(seed)
     collapse_at = collapse_at or max(2, int(n_edits * 0.6))
     config = {"model": model, "method": method, "data": "builtin", "n_edits": n_edits, "batch_size": 1,
               "eval_every": eval_every, "hidden_states": hidden, "runs_dir": store.runs_dir}
     run_id = store.create_run(status="running", method=method, model=model, data_source="builtin", config=config,
-                              method_config={"layers": list(layers)}, n_edits_planned=n_edits, label=label or None,
+                              method_config={"layers": list(layers), **(method_config or {})},
+                              n_edits_planned=n_edits, label=label or None,
                               device="cpu")
 
     def health(n: int) -> float:  # 1 before the collapse, falling to ~0.05 after it
@@ -81,9 +86,21 @@ def synthetic_run(store: RunStore, *, method: str = "rome", n_edits: int = 100, 
         metric_rows.append({"n_edits": n, "step": n, "kind": "info", "metric": "loss", "value": 0.1})
         artifacts_step = []
         if geoedit:
-            artifacts_step.append(("editor", {f"{params[layers[0]]}|raw_angles": rng.normal(90, 3, d_out),
-                                              f"{params[layers[0]]}|latent_angles": rng.normal(90, 20, d_out),
-                                              f"{params[layers[0]]}|importance": rng.uniform(0, 1, d_out)}, n, n))
+            raw = rng.normal(80, 6, d_in)
+            latent = raw + rng.normal(0, 1, d_in)
+            cls = np.where(latent < 85, 0, np.where(latent > 95, 2, 1))
+            tau_old, tau_new = rng.lognormal(0, 0.5, d_in), rng.lognormal(0, 0.5, d_in)
+            alpha, beta = rng.uniform(0, 1, d_in), rng.uniform(0, 1, d_in)
+            artifacts_step.append(("editor", {"raw_angle": raw, "latent_angle": latent, "neuron_class": cls,
+                                              "tau_old_norm": tau_old, "tau_new_norm": tau_new, "alpha": alpha,
+                                              "beta": beta}, n, n))
+            info = {f"class_counts.{c}": float((cls == i).sum()) for i, c in enumerate(("aligned", "orthogonal",
+                                                                                         "conflicting"))}
+            info.update({f"class_shares.{c[13:]}": v / d_in for c, v in info.items()})
+            info.update({"tau_old_norm": float(np.linalg.norm(tau_old)), "tau_new_norm": float(np.linalg.norm(tau_new)),
+                         "edit_to_new_norm": 0.96, "alpha_median": float(np.median(alpha)),
+                         "beta_median": float(np.median(beta)), "angle_spearman": 0.99})
+            metric_rows += [{"n_edits": n, "step": n, "kind": "info", "metric": k, "value": v} for k, v in info.items()]
         if n % eval_every == 0 or n == n_edits:
             for m in ("reliability", "generality", "locality"):
                 for p in ("tf_token_acc", "prob_margin"):

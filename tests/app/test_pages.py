@@ -146,6 +146,27 @@ def test_geometry_page_angles_geoedit_and_maps(synthetic_store, make_app):
     assert len([s for s in specs if s["data"][0]["type"] == "heatmap"]) == 2  # change map + stored importance
 
 
+def test_geometry_page_geoedit_variant_summary_and_fig4(tmp_path, make_app):
+    """A GeoEdit run: the page names the variant that ran (here '+MW', a deviation from the paper), shows the class
+    counts, norms, α/β and the latent/raw agreement of the chosen step, and Fig. 4 (|τ| beside α/β)."""
+    from app.store import RunStore
+    from tests.fixtures import synthetic_run
+    store = RunStore(str(tmp_path))
+    run = synthetic_run(store, method="geoedit-mw", n_edits=4, eval_every=2, geoedit=True, hidden=False, seed=3,
+                        method_config={"fusion": "fixed", "fixed_alpha": 0.3, "fixed_beta": 1.0, "ae": "linear",
+                                       "mode": "ft"})
+    at = make_app(str(tmp_path), "geometry.py", {"runs": run})
+    text = _texts(at)
+    assert "**Variant:** geoedit-mw: GeoEdit_FT (+MW: fixed α=0.3, β=1" in text
+    table = next(d.value for d in at.dataframe if "quantity" in d.value.columns)
+    shown = dict(zip(table["quantity"], table["value"]))
+    assert {"aligned neurons (φ < φ1, synergistic)", "|τ_new| (Frobenius)", "β median",
+            "Spearman(latent angle, raw angle)"} <= set(shown)
+    assert shown["Spearman(latent angle, raw angle)"] == pytest.approx(0.99)
+    fig4 = [s for s in plotly_specs(at) if {t.get("name") for t in s["data"]} >= {"|τ_old|", "α", "|τ_new|", "β"}]
+    assert fig4, "GeoEdit Fig. 4 (|τ| beside α/β) missing"
+
+
 def test_hidden_states_projection_with_step_slider(synthetic_store, make_app):
     path, rome, ft = synthetic_store
     at = make_app(path, "hidden_states.py", {"runs": rome, "step": "20", "layer": "5"})

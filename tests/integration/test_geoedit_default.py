@@ -1,65 +1,54 @@
-"""GeoEdit on the embedded default model (SmolLM2-135M): with its default config, one batch edit of a few built-in
-facts succeeds (teacher-forced reliability >= 0.8, EVALUATION.md ``tf_token_acc``) while "The capital of France is"
-still continues with Paris under greedy decoding; the edit is undone and ``clean_default_lm`` checks that bit for bit.
+"""GeoEdit +MW (geoedit-mw) on the embedded default model (SmolLM2-135M) with its default config, on the first 8
+CounterFact edit-split records (one batch, layer 24): the orientation-preserving AE populates all three classes of Eq.
+11 (measured 1,295 aligned / 230 orthogonal / 11 conflicting of 1,536 neurons), its latent angles agree with the raw
+ones (Spearman ~0.997), a neuron's τ and −τ come out conflicting, and the edit succeeds (teacher-forced reliability >=
+0.8, EVALUATION.md ``tf_token_acc``); the edit is undone and ``clean_default_lm`` checks that bit for bit.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from analysis.evaluation import (
-    TF,
-    evaluate_requests,
-    greedy_continuations,
-    locality_pairs,
-    locality_reference,
-    starts_with_target,
-)
+from analysis.evaluation import TF, evaluate_requests, locality_pairs, locality_reference
 from editors.base import apply_result, make_config
 from editors.data import load_requests
-from editors.geoedit import GeoEditConfig, GeoEditEditor
+from editors.geoedit import CONFLICTING, GeoEditMWConfig, GeoEditMWEditor, classify, row_angles
+from tests.conftest import shared_path
 
 pytestmark = [
     pytest.mark.slow,
 ]
 
-PARIS = "The capital of France is"
-N_FACTS = 4
-
-
-def _builtin(n: int):
-    try:
-        return load_requests("builtin", n)
-    except FileNotFoundError as exc:  # the resource file is written by another part of the project
-        pytest.skip(f"built-in facts not available: {exc}")
+N_FACTS = 8
 
 
 # a default-model edit: 294 s on the shared 2-core machine (load ~8, 2026-12-01); 300 s is too close
 @pytest.mark.timeout(900)
-def test_geoedit_batch_edit_succeeds_and_keeps_paris(clean_default_lm):
+def test_geoedit_counterfact_batch_has_all_three_classes_and_edits(clean_default_lm):
     lm = clean_default_lm
-    requests = _builtin(N_FACTS)
-    assert starts_with_target(greedy_continuations(lm, [PARIS], max_new_tokens=4)[0], "Paris")
+    requests = load_requests("counterfact:" + shared_path("counterfact", "counterfact-edit.json"), N_FACTS)
     reference = locality_reference(lm, locality_pairs(requests))
-
-    editor = GeoEditEditor(lm, make_config(GeoEditConfig, {}, method="geoedit"), seed=0)
+    editor = GeoEditMWEditor(lm, make_config(GeoEditMWConfig, {}, method="geoedit-mw"), seed=0)
     editor.prepare()
-    result = editor.edit(requests)
-    art = result.artifacts
-    n = result.info["n_neurons"]
+    result, details = editor.edit_with_details(requests)
+    info, art = result.info, result.artifacts
+    n = info["n_neurons"]
     assert all(art[k].shape == (n,) for k in ("raw_angle", "latent_angle", "neuron_class", "alpha", "beta"))
-    # Fig. 3: the latent angles are less concentrated around 90 degrees than the raw ones
-    raw, latent = art["raw_angle"], art["latent_angle"]
-    assert np.nanstd(latent) > np.nanstd(raw)
-    near90 = lambda a: float(np.mean((a >= 85) & (a <= 95)))  # noqa: E731
-    assert near90(raw) > near90(latent), (near90(raw), near90(latent))
+    counts = info["class_counts"]
+    assert all(counts[c] > 0 for c in ("aligned", "orthogonal", "conflicting")), counts
+    assert info["angle_spearman"] > 0.9, info["angle_spearman"]
+    # orientation on the real task vectors: τ_new^i and −τ_new^i are conflicting in the trained latent space
+    x = details.rows["new"][:64] / details.scale
+    with torch.no_grad():
+        ang = row_angles(details.ae.encode(x.float()), details.ae.encode(-x.float()))
+    assert (classify(ang, 85.0, 95.0) == CONFLICTING).all() and float(ang.min()) > 179.9
+    assert "+MW" in info["variant"]  # the labelled deviation (geoedit-mw, GeoEditMWConfig.fusion)
 
     undo = apply_result(lm, result)
     try:
         rows = evaluate_requests(lm, requests, reference)
-        paris = greedy_continuations(lm, [PARIS], max_new_tokens=4)[0]
     finally:
         undo(lm.model)
     reliability = np.mean([r["value"] for r in rows if r["protocol"] == TF and r["metric"] == "reliability"])
-    assert reliability >= 0.8, f"geoedit: reliability {reliability:.2f} (info {result.info})"
-    assert starts_with_target(paris, "Paris"), f"geoedit: '{PARIS}' now continues with {paris!r}"
+    assert reliability >= 0.8, f"geoedit: reliability {reliability:.2f} (info {info})"

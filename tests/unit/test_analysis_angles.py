@@ -123,3 +123,19 @@ def test_geoedit_neuron_angles():
     assert s["mean"] == pytest.approx(91.0) and s["share_85_95"] == pytest.approx(0.5)
     assert s["share_below_85"] == pytest.approx(0.25) and s["n"] == 4
     assert s["std"] == pytest.approx(np.std([80.0, 90.0, 94.0, 100.0]))
+
+
+def test_latent_angle_sweep_builds_exact_raw_angles_and_reports_the_encoder():
+    from analysis.angles import latent_angle_sweep
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    sweep = (0.0, 45.0, 90.0, 135.0, 180.0)
+    # identity encoder: latent == raw exactly (the pairs are built at those raw angles)
+    df = latent_angle_sweep(lambda x: x, X, sweep, n_pairs=5)
+    assert len(df) == 25 and list(df.columns) == ["pair", "raw", "latent"]
+    assert np.allclose(df["latent"], df["raw"], atol=1e-3)
+    # an elementwise |x| encoder folds angles: x and -x have the same code (0 degrees, not 180)
+    folded = latent_angle_sweep(torch.abs, X, sweep, n_pairs=5)
+    assert np.allclose(folded[folded["raw"] == 180.0]["latent"], 0.0, atol=1e-3)
+    with pytest.raises(ValueError, match="X must be"):
+        latent_angle_sweep(lambda x: x, X[:1])

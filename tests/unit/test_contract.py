@@ -316,6 +316,7 @@ INVARIANTS: dict[str, Callable[[LoadedModel, EditResult], None]] = {
     "lora": _lora_is_merged_product,
     "flearning": _flearning_forgets_then_learns,
     "geoedit": _geoedit_masks_orthogonal,
+    "geoedit-mw": _geoedit_masks_orthogonal,
     "ft": _ft_trains_only_configured_weights,
     "ft-c": _ftc_stays_in_box,
     "rome": _rank_one,

@@ -60,7 +60,7 @@ def test_order_and_collapse_study_defaults():
     assert registry.collapse_study_methods() == ["rome", "memit", "alphaedit", "rect", "prune", "adaedit", "mose",
                                                  "ultraedit", "grace"]  # issue 18: the lifelong paradigms
     assert registry.methods_in_family("hypernetwork") == ["malmen", "agrade"]
-    assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit"]
+    assert registry.methods_in_family("fine-tuning") == ["ft", "ft-c", "lora", "flearning", "geoedit", "geoedit-mw"]
     assert registry.methods_in_family("memory") == ["grace"]
     assert registry.methods_in_family("lifelong") == ["ultraedit"]
     with pytest.raises(ValueError, match="unknown method family"):
