@@ -132,6 +132,20 @@ def qp_int(name: str, default: int | None = None) -> int | None:
         return default
 
 
+def qp_choice(name: str, options: Sequence[Any], default: Any) -> int:
+    """The index in ``options`` of the URL's ``?name=`` (compared as text), else of ``default``: a widget's
+    starting choice when a shared link is opened."""
+    texts = [str(o) for o in options]
+    want = st.query_params.get(name)
+    return texts.index(want) if want in texts else texts.index(str(default))
+
+
+def qp_subset(name: str, options: Sequence[str], default: Sequence[str]) -> list[str]:
+    """The URL's ``?name=a,b`` kept to ``options`` (a multiselect's starting value), else ``default``."""
+    wanted = [x for x in qp_list(name) if x in options]
+    return wanted or list(default)
+
+
 def qp_set(**values: Any) -> None:
     """Write view state into the URL (None removes a key)."""
     for k, v in values.items():
@@ -178,7 +192,8 @@ def share_link() -> None:
     query = urllib.parse.urlencode(st.query_params.to_dict(), safe=",")
     url = (base.split("?")[0] if base else "") + (f"?{query}" if query else "")
     with st.expander("Share this view"):
-        st.caption("This link reopens the same page with the same runs, step and layer.")
+        st.caption("This link reopens the same page with the same runs and choices (protocol, curves, step, "
+                   "layer, projection, fact).")
         st.code(url or "(open the app in a browser to get a link)", language=None)
 
 
@@ -239,5 +254,5 @@ def frame_download(df: pd.DataFrame, name: str, key: str) -> None:
 
 
 __all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "header", "meaning", "no_runs",
-           "run_picker", "qp_int", "qp_set", "qp_list", "share_link", "show_figure", "status_badge",
-           "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]
+           "run_picker", "qp_int", "qp_set", "qp_list", "qp_choice", "qp_subset", "share_link", "show_figure",
+           "status_badge", "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]

@@ -13,7 +13,9 @@ if not run_ids:
 
 st.subheader("Successive-update angles")
 which = st.radio("Angle", list(views.UPDATE_ANGLE_METRICS), horizontal=True, key="g-which",
+                 index=ui.qp_choice("angle", list(views.UPDATE_ANGLE_METRICS), list(views.UPDATE_ANGLE_METRICS)[0]),
                  format_func={"angle_flat": "to the previous update", "angle_accumulated": "to the change so far"}.get)
+ui.qp_set(angle=which)
 angles = ui.view("update_angle_frame", run_ids, run_ids)
 sub = angles[angles["metric"] == which]
 if sub.empty:

@@ -23,9 +23,10 @@ step = c1.select_slider("Edits made", index["steps"],
                         value=want_step if want_step in index["steps"] else index["steps"][-1], key="h-step")
 layer = c2.selectbox("Layer", index["layers"],
                      index=index["layers"].index(want_layer) if want_layer in index["layers"] else 0, key="h-layer")
-method = c3.radio("Projection", ["pca", "tsne", "umap"], key="h-method",
+method = c3.radio("Projection", ["pca", "tsne", "umap"], index=ui.qp_choice("proj", ["pca", "tsne", "umap"], "pca"),
+                  key="h-method",
                   format_func={"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}.get)
-ui.qp_set(step=step, layer=layer)
+ui.qp_set(step=step, layer=layer, proj=method)
 with st.spinner(f"projecting with {method}…"):
     df, shift = ui.view("hidden_projection", [run_id], run_id, step, layer, method)
 fig = plots.scatter_with_marginals(df, color="which", hover="prompt", title=f"layer {layer}, {step} edits")

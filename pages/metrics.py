@@ -37,13 +37,18 @@ run_ids = ui.run_picker()
 if not run_ids:
     st.stop()
 c1, c2 = st.columns([1, 2])
-protocol = c1.selectbox("Protocol", list(ev.PROTOCOL_LABELS), key="m-protocol",
+protocols = list(ev.PROTOCOL_LABELS)
+protocol = c1.selectbox("Protocol", protocols, index=ui.qp_choice("protocol", protocols, "tf_token_acc"),
+                        key="m-protocol",
                         help="; ".join(f"{k}: {v}" for k, v in ev.PROTOCOL_HELP.items())
                         + ". Only protocols the run recorded have data.")
-kinds = c2.multiselect("Curves", list(views.CURVE_KINDS), default=["retention", "edit", "locality"], key="m-kinds",
+kinds = c2.multiselect("Curves", list(views.CURVE_KINDS),
+                       default=ui.qp_subset("curves", list(views.CURVE_KINDS), ["retention", "edit", "locality"]),
+                       key="m-kinds",
                        format_func={"retention": "retention (all edits so far, at checkpoints)",
                                     "edit": "immediate (edits of each step)",
                                     "locality": "locality probe set"}.get)
+ui.qp_set(protocol=protocol, curves=kinds)
 curves, markers = ui.view("metrics_view", run_ids, run_ids, kinds=tuple(kinds), protocol=protocol)
 if curves.empty:
     st.info("No metric rows yet for these runs — a running run shows its first point after its first step.")
