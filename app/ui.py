@@ -171,7 +171,7 @@ def run_picker(*, multi: bool = True, key: str = "runs", label: str | None = Non
     names = dict(zip(runs["run_id"], runs["name"] + " — " + runs["status"]))
     wanted = [r for r in qp_list("runs") if r in names]
     if not wanted:
-        wanted = [runs["run_id"].iloc[0]]
+        wanted = [views.with_data_first(runs)]
     if multi:
         sel = st.multiselect(label or "Runs (several to compare)", list(names), default=wanted,
                              format_func=names.get, key=key)

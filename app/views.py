@@ -207,6 +207,34 @@ def final_summary(curves: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+#: the final-metric columns of the Runs table: retention at the last checkpoint (tf_token_acc protocol)
+FINAL_METRICS = ("reliability", "generality", "locality", "editing_score")
+
+
+def final_metrics(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Per run (index ``run_id``): retention of each metric at the run's last checkpoint, tf_token_acc protocol,
+    plus ``editing_score`` (columns :data:`FINAL_METRICS`, NaN where the run has none)."""
+    curves = metric_curves(store, run_ids, kinds=("retention",)) if run_ids else pd.DataFrame()
+    if curves.empty:
+        return pd.DataFrame(columns=list(FINAL_METRICS), index=pd.Index([], name="run_id"))
+    last = curves.sort_values("n_edits").groupby(["run_id", "metric"], as_index=False).last()
+    table = last.pivot_table(index="run_id", columns="metric", values="mean")
+    return table.reindex(columns=list(FINAL_METRICS))
+
+
+def with_data_first(runs: pd.DataFrame) -> str:
+    """The run an analysis page opens with: the newest with at least one edit made, else the newest."""
+    done = runs[runs["n_edits_done"].fillna(0) > 0]
+    return (done if not done.empty else runs)["run_id"].iloc[0]
+
+
+def config_fields(config: dict) -> pd.DataFrame:
+    """A config dict as labelled rows (``field``, ``value`` as text) for a table."""
+    def text(v):
+        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else "–" if v is None else str(v)
+    return pd.DataFrame({"field": list(config), "value": [text(v) for v in config.values()]})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weights page
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,4 +524,4 @@ __all__ = ["MEANINGS", "runs_frame", "run_versions", "aggregate_metrics", "metri
            "artifact_steps", "update_angle_frame", "geoedit_angles", "geoedit_variant", "geoedit_summary",
            "geoedit_fusion_weights", "GEOEDIT_SUMMARY", "change_map", "neuron_map", "hidden_index",
            "hidden_pair", "hidden_projection", "general_curves", "general_table", "layer_of", "run_name", "run_short",
-           "series_column"]
+           "series_column", "FINAL_METRICS", "final_metrics", "with_data_first", "config_fields"]
