@@ -98,6 +98,19 @@ def view(fn_name: str, run_ids: Sequence[str], *args: Any, **kwargs: Any):
     return _cached_view(runs_dir(), fn_name, versions, args, tuple(sorted(kwargs.items())))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cached_projection(path: str, run_id: str, n_edits: int, layer: int, method: str, created: float):
+    return views.hidden_projection(_store(path), run_id, n_edits, layer, method)
+
+
+def projection(run_id: str, n_edits: int, layer: int, method: str):
+    """``views.hidden_projection``, cached by run + checkpoint + layer + projection. The states of a stored
+    checkpoint never change, so rows the run writes later (``view`` would recompute) keep the cached one; the
+    run's creation time is in the key so that a deleted run's id reused by a merge is not served stale."""
+    run = store().get_run(run_id)
+    return _cached_projection(runs_dir(), run_id, int(n_edits), int(layer), method, float(run["created"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # layout helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,6 +266,6 @@ def frame_download(df: pd.DataFrame, name: str, key: str) -> None:
                        mime="text/csv", key=key, on_click="ignore", icon=":material/download:")
 
 
-__all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "header", "meaning", "no_runs",
+__all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "projection", "header", "meaning", "no_runs",
            "run_picker", "qp_int", "qp_set", "qp_list", "qp_choice", "qp_subset", "share_link", "show_figure",
            "status_badge", "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]

@@ -27,8 +27,10 @@ method = c3.radio("Projection", ["pca", "tsne", "umap"], index=ui.qp_choice("pro
                   key="h-method",
                   format_func={"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}.get)
 ui.qp_set(step=step, layer=layer, proj=method)
-with st.spinner(f"projecting with {method}…"):
-    df, shift = ui.view("hidden_projection", [run_id], run_id, step, layer, method)
+names = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+with st.spinner(f"Projecting the probe states with {names[method]}… (t-SNE and UMAP can take a minute on a small "
+                "machine; each checkpoint, layer and projection is computed once, then kept)", show_time=True):
+    df, shift = ui.projection(run_id, step, layer, method)
 fig = plots.scatter_with_marginals(df, color="which", hover="prompt", title=f"layer {layer}, {step} edits")
 ui.show_figure(fig, f"hidden-{run_id}-{step}-{layer}", key="h-fig")
 m1, m2, m3 = st.columns(3)
