@@ -65,7 +65,9 @@ cmap = ui.view("change_map", [run_id], run_id, metric)
 if cmap.empty:
     st.info("No weight diagnostics recorded for this run (they come with checkpoints).")
 else:
-    ui.show_figure(plots.heatmap_figure(cmap, x="n_edits", y="layer", x_title="edits made", y_title="layer"),
+    ui.show_figure(plots.heatmap_figure(cmap, x="n_edits", y="layer", x_title="edits made (checkpoints)",
+                                        y_title="layer", colorbar_title=plots.metric_label(metric), ticks_at_x=True,
+                                        title=f"{plots.metric_label(metric)} per layer and checkpoint"),
                    f"change-map-{run_id}", key="g-map")
 ui.meaning(metric)
 neurons = ui.view("neuron_map", [run_id], run_id, step) if step is not None else None

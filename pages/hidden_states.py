@@ -31,7 +31,10 @@ names = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 with st.spinner(f"Projecting the probe states with {names[method]}… (t-SNE and UMAP can take a minute on a small "
                 "machine; each checkpoint, layer and projection is computed once, then kept)", show_time=True):
     df, shift = ui.projection(run_id, step, layer, method)
-fig = plots.scatter_with_marginals(df, color="which", hover="prompt", title=f"layer {layer}, {step} edits")
+fig = plots.scatter_with_marginals(df, color="which", hover="prompt", x_title=f"{names[method]} component 1",
+                                   y_title=f"{names[method]} component 2",
+                                   title=f"Probe hidden states at layer {layer}: before editing and after {step} "
+                                         f"edits ({names[method]}, fitted jointly)")
 ui.show_figure(fig, f"hidden-{run_id}-{step}-{layer}", key="h-fig")
 m1, m2, m3 = st.columns(3)
 m1.metric("Mean cosine shift", f"{shift.get('mean_cosine_shift', float('nan')):.4f}",

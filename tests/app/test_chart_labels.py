@@ -1,0 +1,26 @@
+"""Issue 20, app item 3 (the rest): hidden-state axes named by projection and component with "before" drawn under
+"after"; the layer × checkpoint map has ticks at the real checkpoints and a named colour bar; the metric curves
+start at the 0-edit baseline."""
+from __future__ import annotations
+
+from tests.app.conftest import plotly_specs
+
+
+def test_hidden_state_axes_and_before_under_after(synthetic_store, make_app):
+    path, rome, ft = synthetic_store
+    at = make_app(path, "hidden_states.py", {"runs": rome, "proj": "pca"})
+    spec = plotly_specs(at)[0]
+    markers = [t for t in spec["data"] if t.get("mode") == "markers"]
+    assert [t["name"] for t in markers][0] == "before" and len(markers) == 2
+    assert markers[0]["marker"]["size"] > markers[1]["marker"]["size"]
+    titles = {k: v["title"]["text"] for k, v in spec["layout"].items() if k.startswith(("xaxis", "yaxis"))
+              and v.get("title", {}).get("text")}
+    assert "PCA component 1" in titles.values() and "PCA component 2" in titles.values()
+
+
+def test_change_map_ticks_at_checkpoints_and_named_colour_bar(synthetic_store, make_app):
+    path, rome, ft = synthetic_store
+    at = make_app(path, "geometry.py", {"runs": rome})
+    heat = next(s for s in plotly_specs(at) if s["data"] and s["data"][0]["type"] == "heatmap")
+    assert heat["layout"]["xaxis"]["tickvals"] == [10, 20, 30]  # the run's checkpoints (every 10 edits)
+    assert heat["data"][0]["colorbar"]["title"]["text"] == "relative change ‖ΔW‖_F / ‖W0‖_F"
