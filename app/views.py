@@ -127,7 +127,8 @@ CURVE_KINDS = ("retention", "edit", "locality")
 
 
 def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[str] = CURVE_KINDS,
-                  protocol: str = "tf_token_acc", editing_score: bool = True) -> pd.DataFrame:
+                  protocol: str = "tf_token_acc", editing_score: bool = True,
+                  baseline: bool = False) -> pd.DataFrame:
     """Curves vs edits, one per run (:func:`analysis.curves.metric_curves` grouped by method and run): columns
     ``method, run_id, run, kind, metric, n_edits, mean, lo, hi, std, n_runs, panel``.
 
@@ -135,12 +136,15 @@ def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[st
     recorded probe rows under it (tf_token_acc, wild_gen, wild_gen_f1), and fall back to tf_token_acc otherwise
     (prob_margin / gen_exact have none).
     Retention adds an ``editing_score`` panel (harmonic mean of reliability, generality, locality at each
-    checkpoint) when all three exist.
+    checkpoint) when all three exist. ``baseline``: retention curves start at 0 edits with the unedited model's
+    scores (the run's pre-edit evaluation, over all its requests), where the run recorded one.
     """
     from analysis.curves import metric_curves as _curves
     from analysis.evaluation import editing_score as _score
     runs = runs_frame(store, run_ids)
-    df = aggregate_metrics(store, run_ids, kinds=list(kinds), metrics=["reliability", "generality", "locality"])
+    want = list(kinds) + (["pre"] if baseline and "retention" in kinds else [])
+    df = aggregate_metrics(store, run_ids, kinds=want, metrics=["reliability", "generality", "locality"])
+    df.loc[df["kind"] == "pre", "kind"] = "retention"  # the 0-edit point of the retention curves
     probe = df["kind"] == "locality"
     probe_protocol = protocol if bool((df.loc[probe, "protocol"] == protocol).any()) else "tf_token_acc"
     df = df[(~probe & (df["protocol"].isna() | (df["protocol"] == protocol)))
@@ -192,7 +196,8 @@ def collapse_markers(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
 def metrics_view(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[str] = CURVE_KINDS,
                  protocol: str = "tf_token_acc") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curves, collapse markers) for the Metrics page."""
-    return (metric_curves(store, run_ids, kinds=kinds, protocol=protocol), collapse_markers(store, run_ids))
+    return (metric_curves(store, run_ids, kinds=kinds, protocol=protocol, baseline=True),
+            collapse_markers(store, run_ids))
 
 
 def final_summary(curves: pd.DataFrame) -> pd.DataFrame:

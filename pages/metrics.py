@@ -6,7 +6,8 @@ from analysis import plots
 from app import sweep_views, ui, views
 
 ui.header("Metrics", "How well the edits hold as they accumulate. Each line is a run (colour = method, dash = run); "
-          "x = edits made so far. Dotted vertical lines mark where the engine detected a collapse.")
+          "x = edits made so far; the retention curves start at 0 edits with the unedited model (the run's pre-edit "
+          "evaluation over all its requests). Dotted vertical lines mark where the engine detected a collapse.")
 
 if sweep_views.has_sweeps(ui.store()) and st.radio(
         "Show", ["runs", "a sweep"], horizontal=True, key="m-mode",

@@ -3,7 +3,18 @@
 start at the 0-edit baseline."""
 from __future__ import annotations
 
+import base64
+
+import numpy as np
+
 from tests.app.conftest import plotly_specs
+
+
+def _arr(v):
+    """A trace's x / y as a list (plotly writes numeric arrays as base64 ``bdata``)."""
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).tolist()
+    return list(v)
 
 
 def test_hidden_state_axes_and_before_under_after(synthetic_store, make_app):
@@ -24,3 +35,18 @@ def test_change_map_ticks_at_checkpoints_and_named_colour_bar(synthetic_store, m
     heat = next(s for s in plotly_specs(at) if s["data"] and s["data"][0]["type"] == "heatmap")
     assert heat["layout"]["xaxis"]["tickvals"] == [10, 20, 30]  # the run's checkpoints (every 10 edits)
     assert heat["data"][0]["colorbar"]["title"]["text"] == "relative change ‖ΔW‖_F / ‖W0‖_F"
+
+
+def test_metric_curves_start_at_the_zero_edit_baseline(synthetic_store, make_app):
+    path, rome, ft = synthetic_store
+    from app.store import RunStore
+    at = make_app(path, "metrics.py", {"runs": rome, "curves": "retention,edit"})
+    spec = plotly_specs(at)[0]
+    pre = RunStore(path).metrics_frame(rome)
+    pre = pre[(pre["kind"] == "pre") & pre["case_id"].isna() & (pre["protocol"] == "tf_token_acc")]
+    # the traces are in panel order: retention · reliability first, then the other retention metrics
+    rel = spec["data"][0]
+    assert _arr(rel["x"])[0] == 0
+    assert _arr(rel["y"])[0] == pre[pre["metric"] == "reliability"]["value"].iloc[0]
+    immediate = [t for t in spec["data"] if t.get("x") and min(_arr(t["x"])) == 0]
+    assert len(immediate) == 4  # reliability, generality, locality, editing_score of retention; no edit panel
