@@ -126,6 +126,14 @@ def aggregate_metrics(store: RunStore, run_ids: Sequence[str], kinds: Sequence[s
 CURVE_KINDS = ("retention", "edit", "locality")
 
 
+def protocols(stored: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The evaluation protocols and their help texts, for the pages (which do not import analysis.evaluation
+    themselves): every label a stored row may carry (``PROTOCOL_LABELS``), or with ``stored=False`` the ones a run
+    can be asked for (``PROTOCOLS``)."""
+    from analysis.evaluation import PROTOCOL_HELP, PROTOCOL_LABELS, PROTOCOLS
+    return list(PROTOCOL_LABELS if stored else PROTOCOLS), dict(PROTOCOL_HELP)
+
+
 def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[str] = CURVE_KINDS,
                   protocol: str = "tf_token_acc", editing_score: bool = True,
                   baseline: bool = False) -> pd.DataFrame:
@@ -529,4 +537,4 @@ __all__ = ["MEANINGS", "runs_frame", "run_versions", "aggregate_metrics", "metri
            "artifact_steps", "update_angle_frame", "geoedit_angles", "geoedit_variant", "geoedit_summary",
            "geoedit_fusion_weights", "GEOEDIT_SUMMARY", "change_map", "neuron_map", "hidden_index",
            "hidden_pair", "hidden_projection", "general_curves", "general_table", "layer_of", "run_name", "run_short",
-           "series_column", "FINAL_METRICS", "final_metrics", "with_data_first", "config_fields"]
+           "series_column", "FINAL_METRICS", "final_metrics", "protocols", "with_data_first", "config_fields"]

@@ -1,7 +1,6 @@
 """Metrics: edit, retention and locality curves against the number of edits; several runs overlaid."""
 import streamlit as st
 
-from analysis import evaluation as ev
 from analysis import plots
 from app import sweep_views, ui, views
 
@@ -38,10 +37,10 @@ run_ids = ui.run_picker()
 if not run_ids:
     st.stop()
 c1, c2 = st.columns([1, 2])
-protocols = list(ev.PROTOCOL_LABELS)
+protocols, protocol_help = views.protocols()
 protocol = c1.selectbox("Protocol", protocols, index=ui.qp_choice("protocol", protocols, "tf_token_acc"),
                         key="m-protocol",
-                        help="; ".join(f"{k}: {v}" for k, v in ev.PROTOCOL_HELP.items())
+                        help="; ".join(f"{k}: {v}" for k, v in protocol_help.items())
                         + ". Only protocols the run recorded have data.")
 kinds = c2.multiselect("Curves", list(views.CURVE_KINDS),
                        default=ui.qp_subset("curves", list(views.CURVE_KINDS), ["retention", "edit", "locality"]),
