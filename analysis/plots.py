@@ -169,9 +169,9 @@ def _collapse_markers(collapse) -> list[tuple[float, str, str]]:
 def histogram_figure(df: pd.DataFrame, *, x: str = "angle", color: str | None = None, facet: str | None = None,
                      nbins: int = 60, histnorm: str | None = "probability", vlines: Sequence[float] = (),
                      cols: int = 2, title: str | None = None, x_title: str | None = None,
-                     height: int | None = None) -> go.Figure:
+                     height: int | None = None, y_title: str | None = None) -> go.Figure:
     """Overlaid histograms of ``x`` per ``color`` group, one panel per ``facet`` value; ``vlines`` marks values
-    (e.g. GeoEdit's φ1 = 85°, φ2 = 95°)."""
+    (e.g. GeoEdit's φ1 = 85°, φ2 = 95°). The y axis is named after ``histnorm`` unless ``y_title`` is given."""
     panels = _facets(df, facet)
     rows, ncols = _grid(len(panels), cols)
     fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[_label(p) for p in panels] if facet else None)
@@ -195,6 +195,8 @@ def histogram_figure(df: pd.DataFrame, *, x: str = "angle", color: str | None = 
         fig.add_vline(x=v, line={"color": "#555555", "dash": "dash", "width": 1}, row="all", col="all")
     fig.update_layout(template=TEMPLATE, barmode="overlay", title=title, height=height or max(320, 280 * rows))
     fig.update_xaxes(title_text=x_title or x, row=rows)
+    fig.update_yaxes(title_text=y_title or {"probability": "fraction", "percent": "percent",
+                                            "probability density": "density"}.get(histnorm or "", "count"), col=1)
     return fig
 
 

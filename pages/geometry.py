@@ -22,7 +22,8 @@ if sub.empty:
     st.info("No update angles recorded for these runs (enable 'Successive-update angles' on New run).")
 else:
     ui.show_figure(plots.histogram_figure(sub, x="angle", color=views.series_column(sub), vlines=(90,),
-                                          x_title="angle (degrees)"), f"update-angles-{which}", key="g-angles")
+                                          x_title="angle (degrees)", y_title="fraction of updates (per run)"),
+                   f"update-angles-{which}", key="g-angles")
 ui.meaning(which)
 
 st.subheader("One run, at one checkpoint")
@@ -44,7 +45,8 @@ geo = ui.view("geoedit_angles", [run_id], run_id, step) if step is not None else
 if geo is not None and not geo.empty:  # GeoEdit's own section only for runs that stored its angles
     st.subheader("GeoEdit: per-neuron angles, raw vs latent")
     ui.show_figure(plots.histogram_figure(geo, x="angle", color="class", facet="space", vlines=(85, 95),
-                                          x_title="angle (degrees)"), f"geoedit-angles-{run_id}", key="g-geo")
+                                          x_title="angle (degrees)", y_title="fraction of neurons"),
+                   f"geoedit-angles-{run_id}", key="g-geo")
     st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors, in parameter space "
                "(raw) and in the auto-encoder's latent space where GeoEdit classifies: aligned < φ1 (85°), orthogonal "
                "φ1–φ2 (95°, inclusive), conflicting > φ2 (GeoEdit Fig. 3).")

@@ -50,3 +50,27 @@ def test_metric_curves_start_at_the_zero_edit_baseline(synthetic_store, make_app
     assert _arr(rel["y"])[0] == pre[pre["metric"] == "reliability"]["value"].iloc[0]
     immediate = [t for t in spec["data"] if t.get("x") and min(_arr(t["x"])) == 0]
     assert len(immediate) == 4  # reliability, generality, locality, editing_score of retention; no edit panel
+
+
+def test_angle_histogram_names_its_y_axis(synthetic_store, make_app):
+    path, rome, ft = synthetic_store
+    at = make_app(path, "geometry.py", {"runs": rome})
+    hist = plotly_specs(at)[0]
+    assert hist["data"][0]["type"] == "histogram"
+    assert hist["layout"]["yaxis"]["title"]["text"] == "fraction of updates (per run)"
+
+
+def test_weights_runs_of_one_method_get_distinct_colours(tmp_path, make_app):
+    from app.store import RunStore
+    from tests.fixtures import synthetic_run
+    store = RunStore(str(tmp_path))
+    a = synthetic_run(store, n_edits=10, eval_every=5, per_case=False, hidden=False)
+    b = synthetic_run(store, n_edits=10, eval_every=5, per_case=False, hidden=False, seed=3)
+    at = make_app(str(tmp_path), "weights.py", {"runs": f"{a},{b}"})
+    traces = plotly_specs(at)[0]["data"]
+    colour = {t["name"]: t["line"]["color"] for t in traces}
+    by_run = {}
+    for name, c in colour.items():
+        by_run.setdefault(name.split(" · ")[0], set()).add(c)
+    assert len(by_run) == 2 and all(len(c) == 1 for c in by_run.values())  # one colour per run, dash = layer
+    assert len(set.union(*by_run.values())) == 2
