@@ -169,9 +169,9 @@ def _collapse_markers(collapse) -> list[tuple[float, str, str]]:
 def histogram_figure(df: pd.DataFrame, *, x: str = "angle", color: str | None = None, facet: str | None = None,
                      nbins: int = 60, histnorm: str | None = "probability", vlines: Sequence[float] = (),
                      cols: int = 2, title: str | None = None, x_title: str | None = None,
-                     height: int | None = None) -> go.Figure:
+                     height: int | None = None, y_title: str | None = None) -> go.Figure:
     """Overlaid histograms of ``x`` per ``color`` group, one panel per ``facet`` value; ``vlines`` marks values
-    (e.g. GeoEdit's φ1 = 85°, φ2 = 95°)."""
+    (e.g. GeoEdit's φ1 = 85°, φ2 = 95°). The y axis is named after ``histnorm`` unless ``y_title`` is given."""
     panels = _facets(df, facet)
     rows, ncols = _grid(len(panels), cols)
     fig = make_subplots(rows=rows, cols=ncols, subplot_titles=[_label(p) for p in panels] if facet else None)
@@ -195,23 +195,31 @@ def histogram_figure(df: pd.DataFrame, *, x: str = "angle", color: str | None = 
         fig.add_vline(x=v, line={"color": "#555555", "dash": "dash", "width": 1}, row="all", col="all")
     fig.update_layout(template=TEMPLATE, barmode="overlay", title=title, height=height or max(320, 280 * rows))
     fig.update_xaxes(title_text=x_title or x, row=rows)
+    fig.update_yaxes(title_text=y_title or {"probability": "fraction", "percent": "percent",
+                                            "probability density": "density"}.get(histnorm or "", "count"), col=1)
     return fig
 
 
 def heatmap_figure(df: pd.DataFrame, *, x: str = "neuron", y: str = "layer", z: str = "value",
                    colorscale: str = "Viridis", log_z: bool = False, title: str | None = None,
-                   x_title: str | None = None, y_title: str | None = None, height: int | None = None) -> go.Figure:
-    """Heatmap of ``z`` on the ``y`` × ``x`` grid (mean over duplicate cells), e.g. layer × neuron magnitudes."""
+                   x_title: str | None = None, y_title: str | None = None, height: int | None = None,
+                   colorbar_title: str | None = None, ticks_at_x: bool = False) -> go.Figure:
+    """Heatmap of ``z`` on the ``y`` × ``x`` grid (mean over duplicate cells), e.g. layer × neuron magnitudes.
+    ``colorbar_title`` names the colour bar (default ``z``); ``ticks_at_x`` puts one tick at every ``x`` present
+    (e.g. the checkpoints of a layer × edits map) instead of round numbers."""
     table = df.pivot_table(index=y, columns=x, values=z, aggfunc="mean").sort_index()
     vals = table.to_numpy(dtype=np.float64)
     if log_z:
         vals = np.log10(np.where(vals > 0, vals, np.nan))
     fig = go.Figure(go.Heatmap(z=vals, x=list(table.columns), y=[_label(v) for v in table.index],
                                colorscale=colorscale,
-                               colorbar={"title": f"log10 {z}" if log_z else z}))
+                               colorbar={"title": {"text": (f"log10 {colorbar_title or z}" if log_z
+                                                            else colorbar_title or z), "side": "right"}}))
     fig.update_layout(template=TEMPLATE, title=title, height=height or max(300, 26 * len(table.index) + 140),
                       xaxis_title=x_title or x, yaxis_title=y_title or y)
     fig.update_yaxes(type="category")
+    if ticks_at_x:
+        fig.update_xaxes(tickmode="array", tickvals=list(table.columns), ticktext=[str(c) for c in table.columns])
     return fig
 
 
@@ -227,9 +235,11 @@ def _kde(v: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 def scatter_with_marginals(df: pd.DataFrame, *, x: str = "x", y: str = "y", color: str = "which",
                            marginal: str = "kde", hover: str | None = None, title: str | None = None,
-                           height: int = 560) -> go.Figure:
+                           height: int = 560, x_title: str | None = None, y_title: str | None = None,
+                           under: str | None = "before") -> go.Figure:
     """2-D projection (``analysis.hidden.project``) with marginal densities of each group on top and right
-    (``marginal`` "kde" as in MOSE Fig. 5 / AGRADE Fig. 3, or "histogram")."""
+    (``marginal`` "kde" as in MOSE Fig. 5 / AGRADE Fig. 3, or "histogram"). The group ``under`` is drawn first,
+    with larger open markers, so its points stay visible under the others'."""
     if marginal not in ("kde", "histogram"):
         raise ValueError(f"unknown marginal {marginal!r}; valid: kde, histogram")
     fig = make_subplots(rows=2, cols=2, column_widths=[0.8, 0.2], row_heights=[0.2, 0.8], shared_xaxes=True,
@@ -239,13 +249,16 @@ def scatter_with_marginals(df: pd.DataFrame, *, x: str = "x", y: str = "y", colo
     pad_x, pad_y = 0.05 * (np.ptp(xs) or 1.0), 0.05 * (np.ptp(ys) or 1.0)
     gx = np.linspace(xs.min() - pad_x, xs.max() + pad_x, 200) if xs.size else np.zeros(0)
     gy = np.linspace(ys.min() - pad_y, ys.max() + pad_y, 200) if ys.size else np.zeros(0)
-    groups = df.groupby(color, sort=False) if color in df.columns else [("states", df)]
+    groups = list(df.groupby(color, sort=False)) if color in df.columns else [("states", df)]
+    groups.sort(key=lambda kg: (kg[0][0] if isinstance(kg[0], tuple) else kg[0]) != under)  # stable
     for key, g in groups:
         key = key[0] if isinstance(key, tuple) else key
         name, col = _label(key), colors.get(key, PALETTE[0])
         text = g[hover].astype(str) if hover and hover in g.columns else None
+        marker = ({"color": col, "size": 10, "opacity": 0.9, "symbol": "circle-open", "line": {"width": 2}}
+                  if key == under else {"color": col, "size": 6, "opacity": 0.7})
         fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=name, legendgroup=name, text=text,
-                                 marker={"color": col, "size": 6, "opacity": 0.7}), row=2, col=1)
+                                 marker=marker), row=2, col=1)
         if marginal == "kde":
             fig.add_trace(go.Scatter(x=gx, y=_kde(g[x].to_numpy(dtype=np.float64), gx), mode="lines",
                                      line={"color": col}, fill="tozeroy", fillcolor=_rgba(col, 0.2),
@@ -262,8 +275,8 @@ def scatter_with_marginals(df: pd.DataFrame, *, x: str = "x", y: str = "y", colo
                       legend={"orientation": "h", "y": -0.08})
     fig.update_xaxes(showticklabels=False, row=1, col=1)
     fig.update_yaxes(showticklabels=False, row=2, col=2)
-    fig.update_xaxes(title_text=x, row=2, col=1)
-    fig.update_yaxes(title_text=y, row=2, col=1)
+    fig.update_xaxes(title_text=x_title or x, row=2, col=1)
+    fig.update_yaxes(title_text=y_title or y, row=2, col=1)
     return fig
 
 

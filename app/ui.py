@@ -98,6 +98,19 @@ def view(fn_name: str, run_ids: Sequence[str], *args: Any, **kwargs: Any):
     return _cached_view(runs_dir(), fn_name, versions, args, tuple(sorted(kwargs.items())))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cached_projection(path: str, run_id: str, n_edits: int, layer: int, method: str, created: float):
+    return views.hidden_projection(_store(path), run_id, n_edits, layer, method)
+
+
+def projection(run_id: str, n_edits: int, layer: int, method: str):
+    """``views.hidden_projection``, cached by run + checkpoint + layer + projection. The states of a stored
+    checkpoint never change, so rows the run writes later (``view`` would recompute) keep the cached one; the
+    run's creation time is in the key so that a deleted run's id reused by a merge is not served stale."""
+    run = store().get_run(run_id)
+    return _cached_projection(runs_dir(), run_id, int(n_edits), int(layer), method, float(run["created"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # layout helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,6 +145,20 @@ def qp_int(name: str, default: int | None = None) -> int | None:
         return default
 
 
+def qp_choice(name: str, options: Sequence[Any], default: Any) -> int:
+    """The index in ``options`` of the URL's ``?name=`` (compared as text), else of ``default``: a widget's
+    starting choice when a shared link is opened."""
+    texts = [str(o) for o in options]
+    want = st.query_params.get(name)
+    return texts.index(want) if want in texts else texts.index(str(default))
+
+
+def qp_subset(name: str, options: Sequence[str], default: Sequence[str]) -> list[str]:
+    """The URL's ``?name=a,b`` kept to ``options`` (a multiselect's starting value), else ``default``."""
+    wanted = [x for x in qp_list(name) if x in options]
+    return wanted or list(default)
+
+
 def qp_set(**values: Any) -> None:
     """Write view state into the URL (None removes a key)."""
     for k, v in values.items():
@@ -157,7 +184,7 @@ def run_picker(*, multi: bool = True, key: str = "runs", label: str | None = Non
     names = dict(zip(runs["run_id"], runs["name"] + " — " + runs["status"]))
     wanted = [r for r in qp_list("runs") if r in names]
     if not wanted:
-        wanted = [runs["run_id"].iloc[0]]
+        wanted = [views.with_data_first(runs)]
     if multi:
         sel = st.multiselect(label or "Runs (several to compare)", list(names), default=wanted,
                              format_func=names.get, key=key)
@@ -178,7 +205,8 @@ def share_link() -> None:
     query = urllib.parse.urlencode(st.query_params.to_dict(), safe=",")
     url = (base.split("?")[0] if base else "") + (f"?{query}" if query else "")
     with st.expander("Share this view"):
-        st.caption("This link reopens the same page with the same runs, step and layer.")
+        st.caption("This link reopens the same page with the same runs and choices (protocol, curves, step, "
+                   "layer, projection, fact).")
         st.code(url or "(open the app in a browser to get a link)", language=None)
 
 
@@ -238,6 +266,6 @@ def frame_download(df: pd.DataFrame, name: str, key: str) -> None:
                        mime="text/csv", key=key, on_click="ignore", icon=":material/download:")
 
 
-__all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "header", "meaning", "no_runs",
-           "run_picker", "qp_int", "qp_set", "qp_list", "share_link", "show_figure", "status_badge",
-           "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]
+__all__ = ["page", "all_pages", "store", "queue", "housekeeping", "view", "projection", "header", "meaning", "no_runs",
+           "run_picker", "qp_int", "qp_set", "qp_list", "qp_choice", "qp_subset", "share_link", "show_figure",
+           "status_badge", "frame_download", "method_config_widgets", "fmt_prob", "PAGE_SPECS"]

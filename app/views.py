@@ -126,8 +126,17 @@ def aggregate_metrics(store: RunStore, run_ids: Sequence[str], kinds: Sequence[s
 CURVE_KINDS = ("retention", "edit", "locality")
 
 
+def protocols(stored: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The evaluation protocols and their help texts, for the pages (which do not import analysis.evaluation
+    themselves): every label a stored row may carry (``PROTOCOL_LABELS``), or with ``stored=False`` the ones a run
+    can be asked for (``PROTOCOLS``)."""
+    from analysis.evaluation import PROTOCOL_HELP, PROTOCOL_LABELS, PROTOCOLS
+    return list(PROTOCOL_LABELS if stored else PROTOCOLS), dict(PROTOCOL_HELP)
+
+
 def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[str] = CURVE_KINDS,
-                  protocol: str = "tf_token_acc", editing_score: bool = True) -> pd.DataFrame:
+                  protocol: str = "tf_token_acc", editing_score: bool = True,
+                  baseline: bool = False) -> pd.DataFrame:
     """Curves vs edits, one per run (:func:`analysis.curves.metric_curves` grouped by method and run): columns
     ``method, run_id, run, kind, metric, n_edits, mean, lo, hi, std, n_runs, panel``.
 
@@ -135,12 +144,15 @@ def metric_curves(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[st
     recorded probe rows under it (tf_token_acc, wild_gen, wild_gen_f1), and fall back to tf_token_acc otherwise
     (prob_margin / gen_exact have none).
     Retention adds an ``editing_score`` panel (harmonic mean of reliability, generality, locality at each
-    checkpoint) when all three exist.
+    checkpoint) when all three exist. ``baseline``: retention curves start at 0 edits with the unedited model's
+    scores (the run's pre-edit evaluation, over all its requests), where the run recorded one.
     """
     from analysis.curves import metric_curves as _curves
     from analysis.evaluation import editing_score as _score
     runs = runs_frame(store, run_ids)
-    df = aggregate_metrics(store, run_ids, kinds=list(kinds), metrics=["reliability", "generality", "locality"])
+    want = list(kinds) + (["pre"] if baseline and "retention" in kinds else [])
+    df = aggregate_metrics(store, run_ids, kinds=want, metrics=["reliability", "generality", "locality"])
+    df.loc[df["kind"] == "pre", "kind"] = "retention"  # the 0-edit point of the retention curves
     probe = df["kind"] == "locality"
     probe_protocol = protocol if bool((df.loc[probe, "protocol"] == protocol).any()) else "tf_token_acc"
     df = df[(~probe & (df["protocol"].isna() | (df["protocol"] == protocol)))
@@ -192,7 +204,8 @@ def collapse_markers(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
 def metrics_view(store: RunStore, run_ids: Sequence[str], *, kinds: Sequence[str] = CURVE_KINDS,
                  protocol: str = "tf_token_acc") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curves, collapse markers) for the Metrics page."""
-    return (metric_curves(store, run_ids, kinds=kinds, protocol=protocol), collapse_markers(store, run_ids))
+    return (metric_curves(store, run_ids, kinds=kinds, protocol=protocol, baseline=True),
+            collapse_markers(store, run_ids))
 
 
 def final_summary(curves: pd.DataFrame) -> pd.DataFrame:
@@ -205,6 +218,34 @@ def final_summary(curves: pd.DataFrame) -> pd.DataFrame:
     table = last.pivot_table(index="name", columns="metric", values="mean")
     table["edits"] = last.groupby("name")["n_edits"].max()
     return table
+
+
+#: the final-metric columns of the Runs table: retention at the last checkpoint (tf_token_acc protocol)
+FINAL_METRICS = ("reliability", "generality", "locality", "editing_score")
+
+
+def final_metrics(store: RunStore, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Per run (index ``run_id``): retention of each metric at the run's last checkpoint, tf_token_acc protocol,
+    plus ``editing_score`` (columns :data:`FINAL_METRICS`, NaN where the run has none)."""
+    curves = metric_curves(store, run_ids, kinds=("retention",)) if run_ids else pd.DataFrame()
+    if curves.empty:
+        return pd.DataFrame(columns=list(FINAL_METRICS), index=pd.Index([], name="run_id"))
+    last = curves.sort_values("n_edits").groupby(["run_id", "metric"], as_index=False).last()
+    table = last.pivot_table(index="run_id", columns="metric", values="mean")
+    return table.reindex(columns=list(FINAL_METRICS))
+
+
+def with_data_first(runs: pd.DataFrame) -> str:
+    """The run an analysis page opens with: the newest with at least one edit made, else the newest."""
+    done = runs[runs["n_edits_done"].fillna(0) > 0]
+    return (done if not done.empty else runs)["run_id"].iloc[0]
+
+
+def config_fields(config: dict) -> pd.DataFrame:
+    """A config dict as labelled rows (``field``, ``value`` as text) for a table."""
+    def text(v):
+        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else "–" if v is None else str(v)
+    return pd.DataFrame({"field": list(config), "value": [text(v) for v in config.values()]})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,4 +537,4 @@ __all__ = ["MEANINGS", "runs_frame", "run_versions", "aggregate_metrics", "metri
            "artifact_steps", "update_angle_frame", "geoedit_angles", "geoedit_variant", "geoedit_summary",
            "geoedit_fusion_weights", "GEOEDIT_SUMMARY", "change_map", "neuron_map", "hidden_index",
            "hidden_pair", "hidden_projection", "general_curves", "general_table", "layer_of", "run_name", "run_short",
-           "series_column"]
+           "series_column", "FINAL_METRICS", "final_metrics", "protocols", "with_data_first", "config_fields"]

@@ -13,14 +13,17 @@ if not run_ids:
 
 st.subheader("Successive-update angles")
 which = st.radio("Angle", list(views.UPDATE_ANGLE_METRICS), horizontal=True, key="g-which",
+                 index=ui.qp_choice("angle", list(views.UPDATE_ANGLE_METRICS), list(views.UPDATE_ANGLE_METRICS)[0]),
                  format_func={"angle_flat": "to the previous update", "angle_accumulated": "to the change so far"}.get)
+ui.qp_set(angle=which)
 angles = ui.view("update_angle_frame", run_ids, run_ids)
 sub = angles[angles["metric"] == which]
 if sub.empty:
     st.info("No update angles recorded for these runs (enable 'Successive-update angles' on New run).")
 else:
     ui.show_figure(plots.histogram_figure(sub, x="angle", color=views.series_column(sub), vlines=(90,),
-                                          x_title="angle (degrees)"), f"update-angles-{which}", key="g-angles")
+                                          x_title="angle (degrees)", y_title="fraction of updates (per run)"),
+                   f"update-angles-{which}", key="g-angles")
 ui.meaning(which)
 
 st.subheader("One run, at one checkpoint")
@@ -42,7 +45,8 @@ geo = ui.view("geoedit_angles", [run_id], run_id, step) if step is not None else
 if geo is not None and not geo.empty:  # GeoEdit's own section only for runs that stored its angles
     st.subheader("GeoEdit: per-neuron angles, raw vs latent")
     ui.show_figure(plots.histogram_figure(geo, x="angle", color="class", facet="space", vlines=(85, 95),
-                                          x_title="angle (degrees)"), f"geoedit-angles-{run_id}", key="g-geo")
+                                          x_title="angle (degrees)", y_title="fraction of neurons"),
+                   f"geoedit-angles-{run_id}", key="g-geo")
     st.caption(f"At {step} edits. Angle per neuron between old- and new-knowledge task vectors, in parameter space "
                "(raw) and in the auto-encoder's latent space where GeoEdit classifies: aligned < φ1 (85°), orthogonal "
                "φ1–φ2 (95°, inclusive), conflicting > φ2 (GeoEdit Fig. 3).")
@@ -63,7 +67,9 @@ cmap = ui.view("change_map", [run_id], run_id, metric)
 if cmap.empty:
     st.info("No weight diagnostics recorded for this run (they come with checkpoints).")
 else:
-    ui.show_figure(plots.heatmap_figure(cmap, x="n_edits", y="layer", x_title="edits made", y_title="layer"),
+    ui.show_figure(plots.heatmap_figure(cmap, x="n_edits", y="layer", x_title="edits made (checkpoints)",
+                                        y_title="layer", colorbar_title=plots.metric_label(metric), ticks_at_x=True,
+                                        title=f"{plots.metric_label(metric)} per layer and checkpoint"),
                    f"change-map-{run_id}", key="g-map")
 ui.meaning(metric)
 neurons = ui.view("neuron_map", [run_id], run_id, step) if step is not None else None

@@ -23,12 +23,18 @@ step = c1.select_slider("Edits made", index["steps"],
                         value=want_step if want_step in index["steps"] else index["steps"][-1], key="h-step")
 layer = c2.selectbox("Layer", index["layers"],
                      index=index["layers"].index(want_layer) if want_layer in index["layers"] else 0, key="h-layer")
-method = c3.radio("Projection", ["pca", "tsne", "umap"], key="h-method",
+method = c3.radio("Projection", ["pca", "tsne", "umap"], index=ui.qp_choice("proj", ["pca", "tsne", "umap"], "pca"),
+                  key="h-method",
                   format_func={"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}.get)
-ui.qp_set(step=step, layer=layer)
-with st.spinner(f"projecting with {method}…"):
-    df, shift = ui.view("hidden_projection", [run_id], run_id, step, layer, method)
-fig = plots.scatter_with_marginals(df, color="which", hover="prompt", title=f"layer {layer}, {step} edits")
+ui.qp_set(step=step, layer=layer, proj=method)
+names = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+with st.spinner(f"Projecting the probe states with {names[method]}… (t-SNE and UMAP can take a minute on a small "
+                "machine; each checkpoint, layer and projection is computed once, then kept)", show_time=True):
+    df, shift = ui.projection(run_id, step, layer, method)
+fig = plots.scatter_with_marginals(df, color="which", hover="prompt", x_title=f"{names[method]} component 1",
+                                   y_title=f"{names[method]} component 2",
+                                   title=f"Probe hidden states at layer {layer}: before editing and after {step} "
+                                         f"edits ({names[method]}, fitted jointly)")
 ui.show_figure(fig, f"hidden-{run_id}-{step}-{layer}", key="h-fig")
 m1, m2, m3 = st.columns(3)
 m1.metric("Mean cosine shift", f"{shift.get('mean_cosine_shift', float('nan')):.4f}",

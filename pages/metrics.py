@@ -1,12 +1,12 @@
 """Metrics: edit, retention and locality curves against the number of edits; several runs overlaid."""
 import streamlit as st
 
-from analysis import evaluation as ev
 from analysis import plots
 from app import sweep_views, ui, views
 
 ui.header("Metrics", "How well the edits hold as they accumulate. Each line is a run (colour = method, dash = run); "
-          "x = edits made so far. Dotted vertical lines mark where the engine detected a collapse.")
+          "x = edits made so far; the retention curves start at 0 edits with the unedited model (the run's pre-edit "
+          "evaluation over all its requests). Dotted vertical lines mark where the engine detected a collapse.")
 
 if sweep_views.has_sweeps(ui.store()) and st.radio(
         "Show", ["runs", "a sweep"], horizontal=True, key="m-mode",
@@ -37,13 +37,18 @@ run_ids = ui.run_picker()
 if not run_ids:
     st.stop()
 c1, c2 = st.columns([1, 2])
-protocol = c1.selectbox("Protocol", list(ev.PROTOCOL_LABELS), key="m-protocol",
-                        help="; ".join(f"{k}: {v}" for k, v in ev.PROTOCOL_HELP.items())
+protocols, protocol_help = views.protocols()
+protocol = c1.selectbox("Protocol", protocols, index=ui.qp_choice("protocol", protocols, "tf_token_acc"),
+                        key="m-protocol",
+                        help="; ".join(f"{k}: {v}" for k, v in protocol_help.items())
                         + ". Only protocols the run recorded have data.")
-kinds = c2.multiselect("Curves", list(views.CURVE_KINDS), default=["retention", "edit", "locality"], key="m-kinds",
+kinds = c2.multiselect("Curves", list(views.CURVE_KINDS),
+                       default=ui.qp_subset("curves", list(views.CURVE_KINDS), ["retention", "edit", "locality"]),
+                       key="m-kinds",
                        format_func={"retention": "retention (all edits so far, at checkpoints)",
                                     "edit": "immediate (edits of each step)",
                                     "locality": "locality probe set"}.get)
+ui.qp_set(protocol=protocol, curves=kinds)
 curves, markers = ui.view("metrics_view", run_ids, run_ids, kinds=tuple(kinds), protocol=protocol)
 if curves.empty:
     st.info("No metric rows yet for these runs — a running run shows its first point after its first step.")

@@ -1,8 +1,7 @@
 """New run: configure a sequential editing run, submit it to the worker, watch its progress."""
 import streamlit as st
 
-from analysis import evaluation as ev
-from app import backend, settings, ui
+from app import backend, settings, ui, views
 
 ui.header("New run", "Edit the model step by step (never rolled back) and record what happens. The run executes in "
           "the worker process; you can leave this page or reload it -- the run keeps going and shows up below and "
@@ -74,9 +73,10 @@ with right:
                            help="Small zero-shot tasks scored at the start and at every checkpoint.")
     locality = st.selectbox("Locality probe set", ["builtin", "none"], key="nr-locality",
                             help="Unrelated facts scored against the UNEDITED model at every checkpoint (drift).")
-    protocols = st.multiselect("Protocols", list(ev.PROTOCOLS), default=["tf_token_acc", "prob_margin"],
+    run_protocols, protocol_help = views.protocols(stored=False)
+    protocols = st.multiselect("Protocols", run_protocols, default=["tf_token_acc", "prob_margin"],
                                key="nr-protocols",
-                               help="; ".join(f"{k}: {ev.PROTOCOL_HELP[k]}" for k in ev.PROTOCOLS)
+                               help="; ".join(f"{k}: {protocol_help[k]}" for k in run_protocols)
                                + ". wild_gen also records wild_gen_f1 and generates up to 50 tokens per prompt: "
                                  "slower than the teacher-forced protocols.")
     devices = ["auto", "cpu"] + (["cuda"] if backend.cuda_available() else [])

@@ -36,12 +36,19 @@ facts = backend.builtin_requests()
 
 c1, c2 = st.columns([3, 2])
 with c1:
-    mode = st.radio("Fact", ["built-in", "type your own"], horizontal=True, key="pg-mode")
+    # ?fact=N reopens built-in fact N (counted from 1); ?fact=own the typed form
+    url_fact = st.query_params.get("fact")
+    mode = st.radio("Fact", ["built-in", "type your own"], horizontal=True, key="pg-mode",
+                    index=1 if url_fact == "own" else 0)
     if mode == "built-in" and facts:
         labels = [f"{f['prompt']} … {f['target_true'] or '?'} → {f['target_new']}" for f in facts]
-        i = st.selectbox("Built-in fact", range(len(facts)), format_func=labels.__getitem__, key="pg-fact")
+        want = ui.qp_int("fact", 1)
+        i = st.selectbox("Built-in fact", range(len(facts)), format_func=labels.__getitem__, key="pg-fact",
+                         index=want - 1 if want is not None and 1 <= want <= len(facts) else 0)
         request = dict(facts[i])
+        ui.qp_set(fact=i + 1)
     else:
+        ui.qp_set(fact="own")
         if mode == "built-in":
             st.caption("No built-in facts are installed yet; type one.")
         prompt = st.text_input("Prompt (contains the subject)", "The Eiffel Tower is located in the city of",

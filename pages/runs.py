@@ -43,15 +43,29 @@ if text:
 
 table = shown.assign(edits=[f"{d}/{p}" for d, p in zip(shown["n_edits_done"].fillna(0),
                                                       shown["n_edits_planned"].fillna(0))],
-                     seconds=shown["seconds_total"].round(1))[
-    ["name", "status", "method", "model", "data_source", "edits", "seconds", "created", "run_id"]]
-st.dataframe(table, hide_index=True, key="runs-table",
-             column_config={"created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
-                            "data_source": "data", "seconds": st.column_config.NumberColumn("seconds")})
-st.caption(f"{len(shown)} of {len(runs)} runs.")
+                     seconds=shown["seconds_total"].round(1))
+finals = ui.view("final_metrics", list(table["run_id"]), list(table["run_id"]))
+table = table.join(finals, on="run_id")[
+    ["name", "method", "label", "status", "edits", *views.FINAL_METRICS, "seconds", "model", "data_source",
+     "created", "run_id"]].reset_index(drop=True)
+score = {m: st.column_config.NumberColumn(m, format="%.3f", help=f"retention {m} at the last checkpoint "
+                                          "(tf_token_acc, all edits so far)") for m in views.FINAL_METRICS}
+event = st.dataframe(table, hide_index=True, key="runs-table", on_select="rerun", selection_mode="multi-row",
+                     column_config={"created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+                                    "data_source": "data", "seconds": st.column_config.NumberColumn("seconds"),
+                                    **score})
+st.caption(f"{len(shown)} of {len(runs)} runs. Click rows (the box at their left) to select runs.")
 names = dict(zip(shown["run_id"], shown["name"] + " — " + shown["status"]))
+# a click in the table replaces the selection below (which also takes runs by name and keeps ?runs= in the URL)
+clicked = [table["run_id"].iloc[i] for i in event.selection.rows if i < len(table)]
+if clicked != st.session_state.get("runs-table-last", []):
+    st.session_state["runs-table-last"] = clicked
+    st.session_state["picked"] = clicked
+if "picked" not in st.session_state:
+    st.session_state["picked"] = [r for r in ui.qp_list("runs") if r in names]
+st.session_state["picked"] = [r for r in st.session_state["picked"] if r in names]
 picked = st.multiselect("Select runs to open, compare, export or delete", list(names), format_func=names.get,
-                        default=[r for r in ui.qp_list("runs") if r in names], key="picked")
+                        key="picked")
 if not picked:
     st.info("Select one or more runs above to open, compare, export or delete them.")
     ui.share_link()
@@ -93,6 +107,11 @@ for rid in picked:
                                 lambda rid=rid, efmt=efmt: backend.export_bytes(store, rid, efmt),
                                 file_name=f"{rid}.{efmt}", mime=mime, key=f"dl-{efmt}-{rid}", on_click="ignore",
                                 icon=":material/download:")
-        st.json({"run config": run["config"], "method config": run["method_config"]}, expanded=False)
+        f1, f2 = st.columns(2)
+        for col, title, cfg, k in ((f1, "Run config", run["config"], "cfg"),
+                                   (f2, "Method config", run["method_config"], "mcfg")):
+            col.markdown(f"**{title}**")
+            col.dataframe(views.config_fields(cfg or {}), hide_index=True, key=f"{k}-{rid}",
+                          column_config={"field": "field", "value": "value"})
 
 ui.share_link()

@@ -17,13 +17,16 @@ if not metrics:
     st.stop()
 c1, c2, c3 = st.columns([2, 2, 1])
 default_metric = "cond" if "cond" in metrics else metrics[0]
-metric = c1.selectbox("Metric", metrics, index=metrics.index(default_metric), key="w-metric")
+metric = c1.selectbox("Metric", metrics, index=ui.qp_choice("metric", metrics, default_metric), key="w-metric")
 wanted = ui.qp_int("layer")
 chosen_layers = c2.multiselect("Layers", layers, default=[wanted] if wanted in layers else layers, key="w-layers")
 log_y = c3.toggle("log y", value=metric in ("cond", "delta_cond"), key="w-log")
-ui.qp_set(layer=chosen_layers[0] if len(chosen_layers) == 1 else None)
+ui.qp_set(layer=chosen_layers[0] if len(chosen_layers) == 1 else None, metric=metric)
 df = ui.view("weight_curves", run_ids, run_ids, metric, tuple(chosen_layers))
-fig = plots.weights_figure(df, metrics=[metric], color="method", dash="series", log_metrics=[metric] if log_y else [],
+# runs of one method get colours of their own (dash = layer then); otherwise colour = method, dash = run · layer
+same_method = not df.empty and df.groupby("method")["run_id"].nunique().max() > 1
+fig = plots.weights_figure(df, metrics=[metric], color="run" if same_method else "method",
+                           dash="layer" if same_method else "series", log_metrics=[metric] if log_y else [],
                            cols=1, height=440)
 ui.show_figure(fig, f"weights-{metric}", key="w-fig")
 ui.meaning(metric)
