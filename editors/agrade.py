@@ -45,7 +45,6 @@ import torch
 from .hypernet import HyperNet, HypernetConfig, HypernetEditor, Prediction, regularised_solve_op, solve_shift
 from .registry import register
 
-
 #: what Eq. 4's G_prev is: the previous module's G before ("raw") or after ("projected") its own projection
 PROJECTION_REFERENCES = ("raw", "projected")
 
