@@ -347,3 +347,18 @@ def test_without_gradient_projection_agrade_meta_gradient_is_malmens(tiny_llama,
         float(a.abs().max()) for a in malmen)
     assert max(float((a - b).abs().max()) for a, b in zip(malmen, full)) > 1e-3 * max(
         float(a.abs().max()) for a in malmen)
+
+
+def test_agrade_spectral_artifacts(tiny_llama, tmp_path):
+    """M_eigvals = eig(H Hᵀ) + e^λ (the T non-trivial eigenvalues of M = HᵀH + e^λ I), M_diag = diag(HᵀH) + e^λ,
+    cos_prev = cosine of G with G_prev before Eq. 4."""
+    cfg = make_config(AGRADEConfig, {**TINY, "allow_untrained": True}, method="agrade")
+    art = AGRADEEditor(tiny_llama, cfg, cache_dir=str(tmp_path)).edit(list(REQUESTS)).artifacts
+    for layer in ("2", "3"):
+        H = art["H"][layer].double()
+        M = H.T @ H + torch.eye(H.shape[1], dtype=torch.float64)  # λ = lambda_init = 0
+        top = torch.linalg.eigvalsh(M)[-H.shape[0]:]
+        assert torch.allclose(art["M_eigvals"][layer].double().sort().values, top, rtol=1e-4)
+        assert torch.allclose(art["M_diag"][layer].double(), torch.diagonal(M), rtol=1e-5)
+    g2, g3 = art["G_before"]["2"].double(), art["G_before"]["3"].double()
+    assert abs(art["cos_prev"][0] - float((g2 * g3).sum() / (g2.norm() * g3.norm()))) < 1e-5
