@@ -15,7 +15,9 @@
 # minutes per mutant on two cores; MUTATION_FULL=0 skips it). Prints the mutation score and lists the survivors
 # (`mutmut show NAME` in the copy prints a mutant's diff).
 #
-# Env: OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
+# Env: MUTATION_TIMEOUT_CONSTANT (mutmut's timeout_constant, default 10: a mutant's CPU-time limit is
+# (its tests' measured time + this) x 30 s; mutmut's own default 1 times healthy mutants out on a loaded machine,
+# where a test process's imports and tiny-model fixtures alone take longer), OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
 # shared machine), MUTATION_FULL (default 1).
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"  # one core per test process
@@ -96,6 +98,7 @@ pytest_add_cli_args_test_selection=
 $(printf '    %s\n' $1)
 pytest_add_cli_args=-p no:cacheprovider -q -x
 process_isolation=forkserver
+timeout_constant=${MUTATION_TIMEOUT_CONSTANT:-10}
 do_not_mutate_patterns=
     log\.(debug|info|warning)
     raise (EditError|ValueError)

@@ -135,10 +135,18 @@ def run(args) -> pd.DataFrame:
             for i, m in enumerate(METRICS):
                 paper = paper_rows[label][i] if label in paper_rows else math.nan
                 rows.append(row(name, label, m, paper, 100.0 * scores[m], note, n=n))
-        if method == "agrade" and key in ("agrade", "eq4_projected"):
-            for d in eq4_diagnostics(lm, editor, records[:batch]):
+        diag = []
+        if key in ("agrade", "eq4_projected"):
+            diag = [(label, editor)]
+        elif key == "untrained":  # both Eq. 4 references on the same untrained net (nothing to train)
+            for ref in ("raw", "projected"):
+                c, _ = build_config(method, lm.name, {**overrides, "projection_reference": ref})
+                diag.append((f"untrained, {ref} G_prev", get_editor_class(method)(lm, c, seed=args.seed,
+                                                                                   cache_dir=cache)))
+        for name, ed in diag:
+            for d in eq4_diagnostics(lm, ed, records[:batch]):
                 for metric in ("cos_prev", "removed"):
-                    rows.append(row("Eq. 4 (what it removes)", f"{label} L{d['layer']}", metric, math.nan,
+                    rows.append(row("Eq. 4 (what it removes)", f"{name} L{d['layer']}", metric, math.nan,
                                     d[metric], "one batch edit; cos with G_prev, share of ‖G‖ removed",
                                     unit="ratio"))
     return pd.DataFrame(rows)
