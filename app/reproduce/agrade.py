@@ -134,7 +134,9 @@ def run(args) -> pd.DataFrame:
             paper_rows = TABLE1 if t == "table1" else TABLE2
             for i, m in enumerate(METRICS):
                 paper = paper_rows[label][i] if label in paper_rows else math.nan
-                rows.append(row(name, label, m, paper, 100.0 * scores[m], note, n=n))
+                rows.append(row(name, label, m, paper, 100.0 * scores[m],
+                                note if key != "untrained" else f"{n} edit records in batches of {batch}; no "
+                                f"training (the freshly initialised net)", n=n))
         diag = []
         if key in ("agrade", "eq4_projected"):
             diag = [(label, editor)]
