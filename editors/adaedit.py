@@ -22,8 +22,9 @@ No public code exists (guides METHODS.md 9); the paper is the spec.
 Where the layer loop measures the residual (``residual_site``): PMET's reference (and this workbench's PMET) reads
 the current value at the last edit layer's MLP OUTPUT (``"mlp_out"``, the default: what "the same settings as PMET"
 gives). Editing layers L-4..L-1 also changes the input of layer L's MLP, and so its output: measured on SmolLM2-135M
-the MLP-output residual GROWS while the layers below L are edited (117 -> 136, issue 14), so the five layers write
-about twice the target and per-edit updates are 2.2-2.6x MEMIT's. ``"residual"`` carries the target change δ found at
+(7 sequential CounterFact edits, docs/reproductions.md ## AdaEdit) the MLP-output residual GROWS while the layers
+below L are edited (111 -> 133), so layer L's update is 2x the residual-stream accounting's (8.1 vs 4.2) and the
+per-edit total 26% larger (28.5 vs 21.1). ``"residual"`` carries the target change δ found at
 the MLP output to the residual stream (writing δ at L's MLP output adds δ to the stream after L) and measures the
 residual there, as MEMIT does (:func:`editors.multilayer.multilayer_update`, ``residual_site``); docs/reproductions.md
 (## AdaEdit) measures whether that delays the collapse.
