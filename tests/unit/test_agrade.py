@@ -362,3 +362,11 @@ def test_agrade_spectral_artifacts(tiny_llama, tmp_path):
         assert torch.allclose(art["M_diag"][layer].double(), torch.diagonal(M), rtol=1e-5)
     g2, g3 = art["G_before"]["2"].double(), art["G_before"]["3"].double()
     assert abs(art["cos_prev"][0] - float((g2 * g3).sum() / (g2.norm() * g3.norm()))) < 1e-5
+
+
+def test_projection_reference_keys_checkpoints_only_when_set():
+    from editors.hypernet import config_key
+    base = make_config(AGRADEConfig, TINY, method="agrade")
+    raw = make_config(AGRADEConfig, {**TINY, "projection_reference": "raw"}, method="agrade")
+    chained = make_config(AGRADEConfig, {**TINY, "projection_reference": "projected"}, method="agrade")
+    assert config_key("agrade", base) == config_key("agrade", raw) != config_key("agrade", chained)
