@@ -98,6 +98,30 @@ def orthogonalise(G: torch.Tensor, G_prev: torch.Tensor) -> torch.Tensor:
     return G - ((G * G_prev).sum() / denom) * G_prev
 
 
+def scaled_gradient(H: torch.Tensor, H_tilde: torch.Tensor, g_tilde: torch.Tensor, eta: torch.Tensor, *,
+                    use_c: bool = True) -> torch.Tensor:
+    """Eq. 1-2: ``G = c ⊙ ∇G̃`` ``[T, D_g]`` with ``c_i = -η Σ_j H_ij H̃_ij`` (``use_c=False``: ``c_i = -η``)."""
+    c = adjustment_coefficients(H, H_tilde, eta) if use_c else -eta.expand(H.shape[0], 1)
+    return c * g_tilde
+
+
+def project_gradients(raw: list[torch.Tensor], reference: str = "raw") -> tuple[list[torch.Tensor], list[float]]:
+    """Eq. 4 over the edited modules in order: module m's G is ``orthogonalise(raw[m], G_prev)`` with G_prev the
+    previous module's ``raw`` G (``reference="raw"``) or its projected G (``"projected"``); the first module is
+    unchanged. Also returns, per module after the first, the cosine of ``raw[m]`` with the G_prev used."""
+    if reference not in PROJECTION_REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(PROJECTION_REFERENCES)}, got {reference!r}")
+    G: list[torch.Tensor] = []
+    cos: list[float] = []
+    for m, Gm in enumerate(raw):
+        if m > 0:
+            prev = raw[m - 1] if reference == "raw" else G[m - 1]
+            cos.append(float(((Gm * prev).sum() / (Gm.norm() * prev.norm()).clamp_min(1e-30)).detach()))
+            Gm = orthogonalise(Gm, prev)
+        G.append(Gm)
+    return G, cos
+
+
 # tiny: edits with an UNTRAINED (seeded, freshly initialised) net (allow_untrained), rank 8, the last two layers
 @register(family="hypernetwork", order=160, tiny={"allow_untrained": True, "rank": 8, "layers": (2, 3)})
 class AGRADEEditor(HypernetEditor):
@@ -115,35 +139,34 @@ class AGRADEEditor(HypernetEditor):
         raw: list[torch.Tensor] = []
         for m, (H, g) in enumerate(zip(K, grads)):
             H_tilde, g_tilde = net(H, g, m)
-            c = adjustment_coefficients(H, H_tilde, net.lr[m]) if cfg.use_c else -net.lr[m].expand(H.shape[0], 1)
-            raw.append(c * g_tilde)  # Eq. 2
-        G = []
-        cos = []
-        for m, Gm in enumerate(raw):
-            if m > 0 and cfg.gradient_projection:
-                prev = raw[m - 1] if cfg.projection_reference == "raw" else G[m - 1]
-                cos.append(float(((Gm * prev).sum() / (Gm.norm() * prev.norm()).clamp_min(1e-30)).detach()))
-                Gm = orthogonalise(Gm, prev)  # Eq. 4
-            G.append(Gm)
+            raw.append(scaled_gradient(H, H_tilde, g_tilde, net.lr[m], use_c=cfg.use_c))  # Eq. 1-2
+        if cfg.gradient_projection:
+            G, cos = project_gradients(raw, cfg.projection_reference)  # Eq. 4
+        else:
+            G, cos = list(raw), []
         deltas = [solve_shift(H, Gm, self._lam(net, m)) for m, (H, Gm) in enumerate(zip(K, G))]  # Eq. 3, 5
-        extras = {}
-        if not torch.is_grad_enabled():
-            layers = self._layers
-            extras = {
-                "H": {str(layer): H.detach().cpu() for layer, H in zip(layers, K)},
-                "G_before": {str(layer): r.detach().cpu() for layer, r in zip(layers, raw)},
-                "G_after": {str(layer): g.detach().cpu() for layer, g in zip(layers, G)},
-                "M_eigvals": {str(layer): (torch.linalg.eigvalsh((H @ H.T).double())
-                                       + (torch.exp(net.lamda[m].double()) if cfg.regularise else 0.0)
-                                       ).float().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
-                "M_diag": {str(layer): ((H * H).sum(0) + (torch.exp(net.lamda[m]) if cfg.regularise else 0.0)
-                                    ).detach().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
-                "cos_prev": cos,
-            }
-            if cfg.artifact_matrices:
-                extras["HtG_before"] = {str(layer): (H.T @ r).detach().cpu() for layer, H, r in zip(layers, K, raw)}
-                extras["HtG_after"] = {str(layer): (H.T @ g).detach().cpu() for layer, H, g in zip(layers, K, G)}
+        extras = self._extras(net, K, raw, G, cos) if not torch.is_grad_enabled() else {}
         return Prediction(K=list(K), D=G, deltas=deltas, extras=extras)
+
+    def _extras(self, net: HyperNet, K, raw, G, cos) -> dict:
+        """The artifacts of an edit (module docstring): H, G before / after Eq. 4, M's spectrum and diagonal."""
+        cfg = self.config
+        layers = self._layers
+        extras = {
+            "H": {str(layer): H.detach().cpu() for layer, H in zip(layers, K)},
+            "G_before": {str(layer): r.detach().cpu() for layer, r in zip(layers, raw)},
+            "G_after": {str(layer): g.detach().cpu() for layer, g in zip(layers, G)},
+            "M_eigvals": {str(layer): (torch.linalg.eigvalsh((H @ H.T).double())
+                                   + (torch.exp(net.lamda[m].double()) if cfg.regularise else 0.0)
+                                   ).float().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
+            "M_diag": {str(layer): ((H * H).sum(0) + (torch.exp(net.lamda[m]) if cfg.regularise else 0.0)
+                                ).detach().cpu() for m, (layer, H) in enumerate(zip(layers, K))},
+            "cos_prev": cos,
+        }
+        if cfg.artifact_matrices:
+            extras["HtG_before"] = {str(layer): (H.T @ r).detach().cpu() for layer, H, r in zip(layers, K, raw)}
+            extras["HtG_after"] = {str(layer): (H.T @ g).detach().cpu() for layer, H, g in zip(layers, K, G)}
+        return extras
 
     @property
     def _layers(self) -> list[int]:

@@ -69,14 +69,17 @@ case "$method" in
     source="editors/agrade.py"
     t="tests/unit/test_agrade.py"
     fast_tests="$t::test_eq4_leaves_G_orthogonal_to_G_prev $t::test_eq1_coefficients
+                $t::test_scaled_gradient_and_project_gradients_on_tensors
                 $t::test_eq1_and_eq2_as_used_inside_predict $t::test_use_c_false_is_the_ablation_without_c
                 $t::test_eq4_inside_predict_against_the_chosen_previous_G $t::test_eq6_is_autograds_gradient_of_the_edit_objective
                 $t::test_weight_projection_false_is_P_equals_H_g $t::test_lambda_term_is_the_derivative_of_the_edit_objective
                 $t::test_agrade_spectral_artifacts $t::test_agrade_artifacts_and_projection"
     full_tests="$t"
-    # Eq. 1-7 as the editor computes them (predict, the projected gradient, the hyper loss)
-    functions="x_adjustment_coefficients x_orthogonalise xǁAGRADEEditorǁpredict xǁAGRADEEditorǁprojected_gradient
-               xǁAGRADEEditorǁhyper_loss xǁAGRADEEditorǁ_lam"
+    # Eq. 1-7 as the editor computes them (predict, the projected gradient, the hyper loss). Not the artifacts
+    # (_extras: covered by test_agrade_spectral_artifacts / test_agrade_artifacts_and_projection in the full pass)
+    functions="x_adjustment_coefficients x_orthogonalise x_scaled_gradient x_project_gradients
+               xǁAGRADEEditorǁpredict xǁAGRADEEditorǁprojected_gradient xǁAGRADEEditorǁhyper_loss
+               xǁAGRADEEditorǁ_lam"
     ;;
   *) echo "no mutation set-up for method '$method' (known: geoedit, adaedit, mose, agrade)" >&2; exit 2 ;;
 esac

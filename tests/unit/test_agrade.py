@@ -370,3 +370,28 @@ def test_projection_reference_keys_checkpoints_only_when_set():
     raw = make_config(AGRADEConfig, {**TINY, "projection_reference": "raw"}, method="agrade")
     chained = make_config(AGRADEConfig, {**TINY, "projection_reference": "projected"}, method="agrade")
     assert config_key("agrade", base) == config_key("agrade", raw) != config_key("agrade", chained)
+
+
+def test_scaled_gradient_and_project_gradients_on_tensors():
+    """Eq. 1-2 and Eq. 4 over modules as plain functions (fast; the mutation set's first pass). Fails on: c from
+    H̃·H̃, a missing minus, η per token, projecting on the wrong module or G_prev, the first module projected, cos of
+    the wrong pair."""
+    from editors.agrade import project_gradients, scaled_gradient
+    H, Ht, g = _rand(5, 6, seed=120), _rand(5, 6, seed=121), _rand(5, 4, seed=122)
+    eta = torch.tensor(0.7, dtype=torch.float64)
+    assert torch.allclose(scaled_gradient(H, Ht, g, eta), -0.7 * (H * Ht).sum(-1, keepdim=True) * g)
+    assert torch.allclose(scaled_gradient(H, Ht, g, eta, use_c=False), -0.7 * g)
+    raw = [_rand(5, 4, seed=130 + m) for m in range(4)]
+    for ref in ("raw", "projected"):
+        G, cos = project_gradients(raw, ref)
+        assert torch.equal(G[0], raw[0]) and len(cos) == 3
+        for m in range(1, 4):
+            prev = raw[m - 1] if ref == "raw" else G[m - 1]
+            expect = raw[m] - ((raw[m] * prev).sum() / (prev * prev).sum()) * prev
+            assert torch.allclose(G[m], expect, atol=1e-12), (ref, m)
+            assert abs(cos[m - 1] - float((raw[m] * prev).sum() / (raw[m].norm() * prev.norm()))) < 1e-12
+    Gr, _ = project_gradients(raw, "raw")
+    Gp, _ = project_gradients(raw, "projected")
+    assert torch.equal(Gr[1], Gp[1]) and not torch.allclose(Gr[2], Gp[2])
+    with pytest.raises(ValueError, match="reference"):
+        project_gradients(raw, "previous")
