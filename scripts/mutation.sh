@@ -15,7 +15,8 @@
 # minutes per mutant on two cores; MUTATION_FULL=0 skips it). Prints the mutation score and lists the survivors
 # (`mutmut show NAME` in the copy prints a mutant's diff).
 #
-# Env: MUTATION_TIMEOUT_CONSTANT (mutmut's timeout_constant, default 10: a mutant's CPU-time limit is
+# Env: MUTATION_FUNCTIONS / MUTATION_FAST_TESTS (override the method's function list / first-pass tests),
+# MUTATION_TIMEOUT_CONSTANT (mutmut's timeout_constant, default 10: a mutant's CPU-time limit is
 # (its tests' measured time + this) x 30 s; mutmut's own default 1 times healthy mutants out on a loaded machine,
 # where a test process's imports and tiny-model fixtures alone take longer), OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
 # shared machine), MUTATION_FULL (default 1).
@@ -83,6 +84,8 @@ case "$method" in
     ;;
   *) echo "no mutation set-up for method '$method' (known: geoedit, adaedit, mose, agrade)" >&2; exit 2 ;;
 esac
+functions="${MUTATION_FUNCTIONS:-$functions}"      # e.g. MUTATION_FUNCTIONS='x_sr_factors x_hard_threshold'
+fast_tests="${MUTATION_FAST_TESTS:-$fast_tests}"
 command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install mutmut" >&2; exit 2; }
 work="${MUTATION_DIR:-/tmp/editbench-mutation-$method}"
 rm -rf "$work"
