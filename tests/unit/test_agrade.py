@@ -392,6 +392,12 @@ def test_scaled_gradient_and_project_gradients_on_tensors():
             assert abs(cos[m - 1] - float((raw[m] * prev).sum() / (raw[m].norm() * prev.norm()))) < 1e-12
     Gr, _ = project_gradients(raw, "raw")
     Gp, _ = project_gradients(raw, "projected")
+    Gd, _ = project_gradients(raw)  # the default reference is "raw"
+    assert all(torch.equal(a, b) for a, b in zip(Gd, Gr))
+    # the cosine is scale-free (no clamp of the norms' product at a visible size)
+    _, cos_small = project_gradients([r * 1e-3 for r in raw])
+    _, cos_big = project_gradients(raw)
+    assert all(abs(a - b) < 1e-9 for a, b in zip(cos_small, cos_big))
     assert torch.equal(Gr[1], Gp[1]) and not torch.allclose(Gr[2], Gp[2])
     with pytest.raises(ValueError, match="reference"):
         project_gradients(raw, "previous")
