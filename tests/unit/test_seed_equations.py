@@ -173,6 +173,12 @@ def test_layer_score_is_eq22_with_the_activation_norm():
     W, K, V = _rand(4, 6, seed=11), _rand(6, 2, seed=12), _rand(4, 2, seed=13)
     expect = float((V - W @ K).norm()) / (float(torch.linalg.matrix_norm(W, 2)) * float(K.norm()))
     assert abs(layer_score(W, K, V) - expect) < 1e-12  # fails on ‖W‖_F, no K norm, ‖V‖ alone
+    # a given spectral norm is used as given; a small denominator is no reason for inf; a zero one is
+    assert abs(layer_score(W, K, V, spectral_norm=2.0) - float((V - W @ K).norm()) / (2.0 * float(K.norm()))) < 1e-12
+    small = layer_score(W * 1e-2, K * 1e-2, V)
+    assert math.isfinite(small) and abs(small - float((V - 1e-4 * W @ K).norm()) / (
+        1e-4 * float(torch.linalg.matrix_norm(W, 2)) * float(K.norm()))) < 1e-6 * small
+    assert layer_score(W, torch.zeros_like(K), V) == math.inf
 
 
 def _mose(tiny_llama, **over):
