@@ -57,6 +57,7 @@ case "$method" in
     source="editors/mose.py"
     eq="tests/unit/test_seed_equations.py"
     fast_tests="$eq::test_procrustes_minimises_eq17_against_perturbed_rotations
+                $eq::test_procrustes_diagnostics_known_angle_scale_and_degenerate_cases
                 $eq::test_layer_score_is_eq22_with_the_activation_norm
                 tests/unit/test_mose_adaedit_rect_prune.py::test_procrustes_recovers_a_known_rotation
                 tests/unit/test_mose_adaedit_rect_prune.py::test_rotation_is_orthogonal_and_identity_for_huge_lambda

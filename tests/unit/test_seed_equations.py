@@ -220,3 +220,30 @@ def test_mose_residual_target_is_optimised_on_the_stream(tiny_llama):
     assert not torch.allclose(res.factors[name], other.factors[name])
     with pytest.raises(Exception, match="target_site"):
         _mose(tiny_llama, target_site="attn")
+
+
+def test_procrustes_diagnostics_known_angle_scale_and_degenerate_cases():
+    """The info of procrustes_rotation: rotation_deg of a known plane rotation, det, fit_before, and the guards:
+    nothing to write (V = WK) gives fit_after 0, no preserved keys (C = 0) gives preserve_change 0, and a problem
+    scaled down (fit_before < 1, tr(WCWᵀ) < 1) is scored as the unscaled one (fit_after and preserve_change are
+    scale-free)."""
+    from editors.mose import procrustes_rotation
+    d, p = 4, 6
+    W, K = _rand(d, p, seed=31), _rand(p, 6, seed=32)  # WK of full row rank: R is unique
+    th = 0.7
+    Rt = torch.eye(d, dtype=torch.float64)
+    Rt[:2, :2] = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
+    V = Rt @ W @ K
+    R, info = procrustes_rotation(W, torch.zeros(p, p, dtype=torch.float64), K, V, 0.0)
+    assert abs(info["rotation_deg"] - math.degrees(th)) < 1e-6 and abs(info["det"] - 1.0) < 1e-9
+    assert abs(info["fit_before"] - float((W @ K - V).norm())) < 1e-12
+    assert info["preserve_change"] == 0.0  # C = 0: nothing preserved to move
+    _, same = procrustes_rotation(W, _rand(p, p, seed=33) @ _rand(p, p, seed=33).T, K, W @ K, 1.0)
+    assert same["fit_after"] == 0.0 and same["fit_before"] == 0.0
+    C = _rand(p, 20, seed=34) @ _rand(p, 20, seed=34).T / 20
+    V2 = W @ K + _rand(d, 6, seed=35)
+    _, big = procrustes_rotation(W, C, K, V2, 0.5)
+    s = 1e-3
+    _, small = procrustes_rotation(W * s, C, K, V2 * s, 0.5)  # the same problem in units 1000x smaller
+    assert small["fit_before"] < 1 and abs(small["fit_after"] - big["fit_after"]) < 1e-8
+    assert abs(small["preserve_change"] - big["preserve_change"]) < 1e-8 and small["preserve_change"] > 0
