@@ -120,6 +120,7 @@ def test_sr_fusion_matches_the_steps_written_out(r, k):
     f = sr_factors(A, r, k)
     assert (f.U != 0).sum(0).tolist() == [resolve_k(k, 7)] * r
     assert (f.V != 0).sum(0).tolist() == [resolve_k(k, 9)] * r
+    assert (f.k_u, f.k_v) == (resolve_k(k, 7), resolve_k(k, 9)) and f.S.shape == (r,)
 
 
 def test_hard_threshold_keeps_largest_magnitudes():
