@@ -127,6 +127,11 @@ def test_hard_threshold_keeps_largest_magnitudes():
     x = torch.tensor([[0.1, -3.0, 2.0, -0.5]])
     assert hard_threshold(x, 2).tolist() == [[0.0, -3.0, 2.0, 0.0]]
     assert resolve_k(0.45, 10) == 5 and resolve_k(3, 10) == 3 and resolve_k(50, 10) == 10
+    assert resolve_k(1, 10) == 1 and resolve_k(1.6, 10) == 2  # k >= 1 is a count (1 is one entry, not all)
+    v = torch.tensor([0.5, -2.0, 1.0, 0.1])  # a 1-D vector (the last dimension is the only one)
+    assert hard_threshold(v, 2).tolist() == [0.0, -2.0, 1.0, 0.0]
+    A = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    assert sr_fusion(A, 2, 3).dtype == torch.float32  # in the input's dtype
 
 
 def test_compute_keys_is_what_the_loop_used(tiny_llama):
