@@ -50,7 +50,8 @@ case "$method" in
     full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
     # the paper's maths (section 4.2 and the DR / top-k strategies of section 3.1). The editor's solve/fuse wiring
     # is covered by the full pass (test_adaedit_editor_deltas_are_srfusion_sparse, the residual-site tests).
-    functions="x_resolve_k x__top_indices x_hard_threshold x_sr_factors x_sr_fusion x_random_drop x_topk_magnitude"
+    functions="x_resolve_k x__top_indices x_hard_threshold x_top_svd x_sr_factors x_sr_fusion x_random_drop
+               x_topk_magnitude"
     ;;
   mose)
     module="editors.mose"
@@ -64,7 +65,7 @@ case "$method" in
                 tests/unit/test_mose_adaedit_rect_prune.py::test_layer_score_and_neighbours"
     full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
     # Eq. 17-20 (Procrustes and its diagnostics), Eq. 22, the spectral norm and the neighbour rule
-    functions="x_procrustes_rotation x_layer_score x_spectral x_edit_layers_around"
+    functions="x_procrustes_rotation x_max_rotation_angle x_layer_score x_spectral x_edit_layers_around"
     ;;
   agrade)
     module="editors.agrade"
