@@ -354,6 +354,27 @@ def _matrix_stats(W: torch.Tensor, W0: torch.Tensor | None, *, exact_max_dim: in
 LayerOf = Callable[[str], "int | None"] | Mapping[str, int] | None
 
 
+def preserved_output_change(W: torch.Tensor, W0: torch.Tensor, C: torch.Tensor, *,
+                            reference_trace: float | None = None) -> float:
+    """How much the outputs of the preserved keys moved: ``sqrt(tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ))`` with ΔW = W − W0.
+
+    ``W``, ``W0``: canonical ``[d_out, d_in]``; ``C = E[k kᵀ]`` ``[d_in, d_in]`` of the layer's inputs on the unedited
+    model (editors.stats). It is the RMS over preserved keys k of ``‖ΔW k‖`` divided by the RMS of ``‖W0 k‖``:
+    MOSE's preservation term ``‖R W0 K0 − W0 K0‖²`` (Eq. 17) and MEMIT's ``‖ΔW K0‖²``, relative (0 = preserved
+    outputs unchanged; a rotation by θ of every output gives 2 sin(θ/2)). Float64. ``reference_trace``:
+    ``tr(W0 C W0ᵀ)`` when already known.
+    """
+    W64, W0_64 = W.detach().to(torch.float64), W0.detach().to(torch.float64)
+    C64 = C.detach().to(W64.device, torch.float64)
+    if W64.shape != W0_64.shape or C64.shape != (W64.shape[1], W64.shape[1]):
+        raise ValueError(f"shapes: W {tuple(W64.shape)}, W0 {tuple(W0_64.shape)}, C {tuple(C64.shape)} "
+                         f"(need W, W0 [d_out, d_in] and C [d_in, d_in])")
+    D = W64 - W0_64
+    num = float(((D @ C64) * D).sum())
+    den = reference_trace if reference_trace is not None else float(((W0_64 @ C64) * W0_64).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else math.nan
+
+
 def _layer(layer_of: LayerOf, name: str):
     if layer_of is None:
         return None

@@ -35,7 +35,7 @@ from analysis import general
 from analysis.angles import flat_angle, update_angles
 from analysis.collapse import INDICATORS, PERFORMANCE, detect_collapse
 from analysis.hidden import capture_states, shift_metrics
-from analysis.weights import matrix_stats, singular_values
+from analysis.weights import matrix_stats, preserved_output_change, singular_values
 from editors import data
 from editors.base import ConfigError, EditError, Editor, EditorConfig, apply_result
 from editors.registry import UnknownMethodError, get_editor_class
@@ -252,6 +252,7 @@ class SequentialRun:
         self.wild_reference: ev.WildReference = {}  # the unedited model's WILD generations (wild_gen only)
         self.wild_subset: set[int] | None = None  # request indices of intermediate WILD retention (None = all)
         self.W0: dict[str, torch.Tensor] = {}  # exact copies of every edited parameter before the first edit
+        self._preserve_refs: dict[str, tuple[torch.Tensor, float] | None] = {}  # param -> (C, tr(W0 C W0ᵀ))
         self.prev_update: dict[str, tuple[int, torch.Tensor]] = {}  # param -> (n_edits, last update)
         self.hidden_baseline: dict[int, np.ndarray] = {}  # layer -> states before it was first edited
         self.edit_seconds = 0.0
@@ -586,12 +587,37 @@ class SequentialRun:
                 raise Diverged(f"weights of {name} are non-finite after {self.n_done} edits")
             stats = matrix_stats(W, W0c)
             layer = self.lm.spec.layer_of(name)
+            ref = self._preserve_ref(name, layer, W0c)
+            if ref is not None:  # ‖ΔW k‖ over the preserved keys, relative (analysis.weights.preserved_output_change)
+                stats = {**stats, "preserve_change": preserved_output_change(W, W0c, ref[0],
+                                                                             reference_trace=ref[1])}
             for metric, value in stats.items():
                 rows.append({"n_edits": self.n_done, "step": self.step, "kind": "weights", "layer": layer,
                              "param": name, "metric": metric, "value": value})
             svals[f"{name}|W"] = np.asarray(singular_values(W), dtype=np.float64)
             svals[f"{name}|delta"] = np.asarray(singular_values(W - W0c), dtype=np.float64)
         return rows, svals
+
+    def _preserve_ref(self, name: str, layer, W0c: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """``(C, tr(W0 C W0ᵀ))`` of an edited MLP output projection whose key covariance is in the statistics
+        cache (the corpus / size of the method's config when it has them, else the defaults): the reference of
+        ``preserve_change``. None (the metric is left out) for other matrices or without cached statistics:
+        nothing is computed here, the model is already edited."""
+        if name in self._preserve_refs:
+            return self._preserve_refs[name]
+        ref = None
+        spec = self.lm.spec
+        if layer is not None and name == spec.mlp_out_weight(layer) and W0c.shape[1] == spec.mlp_size:
+            from editors.stats import DEFAULT_MOM2_TOKENS, cached_layer_covariances
+            mc = self.method_config
+            C = cached_layer_covariances(self.lm, [layer], corpus=getattr(mc, "corpus", "builtin"),
+                                         n_tokens=getattr(mc, "mom2_n_tokens", DEFAULT_MOM2_TOKENS),
+                                         cache_dir=self.config.cache_dir).get(layer)
+            if C is not None:
+                W0_64 = W0c.double().cpu()
+                ref = (C, float(((W0_64 @ C) * W0_64).sum()))
+        self._preserve_refs[name] = ref
+        return ref
 
     def collapse_rows(self) -> list[dict]:
         # only what detect_collapse reads: aggregate rows of the signals' kinds (never every per-case row of a run)

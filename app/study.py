@@ -8,7 +8,10 @@ method, all in ONE run store, the model loaded once and restored exactly after e
   (the requests' own locality prompts against the UNEDITED model), and the fixed locality probe set;
 * the numerical health of the edited matrices (the MOSE / PRUNE / AdaEdit argument): the Frobenius norm and the
   condition number of each edited matrix at ``n`` edits relative to the unedited matrix (1.0 = unchanged), from
-  the store's ``weights`` rows; the unedited values are computed once from the loaded model.
+  the store's ``weights`` rows; the unedited values are computed once from the loaded model;
+* beside them, how far the matrices moved (:data:`DRIFT_COLUMNS`): ``drift`` = ‖W − W0‖/‖W0‖ and ``preserve`` = the
+  relative change of the preserved keys' outputs. MOSE keeps norm and condition number at exactly 1 while it
+  drifts; these two columns show it.
 
 The papers' claims this reproduces (at a small scale): additive methods (ROME, MEMIT) blow up the norm and the
 condition number and lose their edits; RECT / AlphaEdit / PRUNE slow that down (MOSE Fig. 2, Table 1; PRUNE);
@@ -49,7 +52,13 @@ DEFAULT_METHODS = tuple(collapse_study_methods())
 DEFAULT_DATA = "counterfact:../shared/data/counterfact/counterfact-edit.json"
 
 TABLE_COLUMNS = ("method", "status", "n_edits", "reliability", "generality", "locality", "probe_locality",
-                 "fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max", "layers", "seconds_per_edit", "run_id")
+                 "fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max", "drift", "drift_max", "preserve",
+                 "preserve_max", "layers", "seconds_per_edit", "run_id")
+#: the columns beside norm and condition number (issue 14: both ratios are 1 for MOSE by construction, while its
+#: matrices drift furthest from W0): ``drift`` = ‖W − W0‖_F / ‖W0‖_F (the weights rows' ``rel_change``) and
+#: ``preserve`` = the relative change of the preserved keys' outputs sqrt(tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)) (the rows'
+#: ``preserve_change``; absent for matrices without cached key statistics); mean and largest over edited matrices
+DRIFT_COLUMNS = {"drift": "rel_change", "preserve": "preserve_change"}
 #: extra columns when a run used wild_gen: WILD exact-match retention and probe locality at the last checkpoint
 WILD_COLUMNS = ("reliability_wild", "generality_wild", "locality_wild", "probe_locality_wild")
 
@@ -144,6 +153,7 @@ def collapse_table(store: RunStore, run_ids: Sequence[str], reference: Mapping[s
             row["probe_locality_wild"] = float(wp.loc[wp["n_edits"].idxmax(), "value"]) if len(wp) else None
         w = df[df["kind"] == "weights"]
         fro_rel, cond_rel, layers = [], [], []
+        drift: dict[str, list[float]] = {col: [] for col in DRIFT_COLUMNS}
         if len(w):
             last = w[w["n_edits"] == w["n_edits"].max()]
             for param, g in last.groupby("param"):
@@ -155,10 +165,16 @@ def collapse_table(store: RunStore, run_ids: Sequence[str], reference: Mapping[s
                 cond_rel.append(vals["cond"] / ref["cond"] if math.isfinite(ref["cond"]) and ref["cond"] > 0
                                 else math.nan)
                 layers.append(int(g["layer"].iloc[0]) if g["layer"].notna().any() else -1)
+                for col, metric in DRIFT_COLUMNS.items():
+                    if metric in vals and math.isfinite(vals[metric]):
+                        drift[col].append(float(vals[metric]))
         row["fro_rel"] = float(sum(fro_rel) / len(fro_rel)) if fro_rel else None
         row["cond_rel"] = float(sum(cond_rel) / len(cond_rel)) if cond_rel else None
         row["fro_rel_max"] = max(fro_rel, key=lambda v: abs(v - 1)) if fro_rel else None
         row["cond_rel_max"] = max(cond_rel, key=lambda v: abs(v - 1)) if cond_rel else None
+        for col, vals_ in drift.items():
+            row[col] = float(sum(vals_) / len(vals_)) if vals_ else None
+            row[f"{col}_max"] = max(vals_) if vals_ else None
         row["layers"] = ",".join(str(x) for x in sorted(layers))
         rows.append(row)
     columns = list(TABLE_COLUMNS)
@@ -176,7 +192,8 @@ def format_table(df: pd.DataFrame) -> str:
         if col not in view.columns:
             continue
         view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.3f}")
-    for col in ("fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max"):
+    for col in ("fro_rel", "cond_rel", "fro_rel_max", "cond_rel_max", "drift", "drift_max", "preserve",
+                "preserve_max"):
         view[col] = view[col].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.4f}")
     view["seconds_per_edit"] = view["seconds_per_edit"].map(lambda v: "n/a" if v is None or pd.isna(v)
                                                             else f"{v:.1f}")
@@ -277,4 +294,4 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
 
 __all__ = ["collapse_study", "collapse_table", "format_table", "unedited_matrix_stats", "study_label",
            "study_preset", "split_method", "STUDY_PRESETS", "DEFAULT_METHODS", "DEFAULT_DATA", "TABLE_COLUMNS",
-           "WILD_COLUMNS"]
+           "WILD_COLUMNS", "DRIFT_COLUMNS"]

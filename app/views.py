@@ -36,6 +36,9 @@ MEANINGS = {
     "delta_cond": "Condition number σ_1/σ_r of ΔW over its non-zero singular values (MOSE, PRUNE).",
     "delta_rank": "Numerical rank of ΔW (one per ROME edit until it saturates).",
     "rel_change": "‖ΔW‖_F / ‖W0‖_F: size of the accumulated change relative to the original weight.",
+    "preserve_change": "sqrt(tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ)), C = E[kkᵀ] of the layer's inputs: how much the outputs of "
+                       "the preserved keys moved, relative (0 = unchanged; MOSE's and MEMIT's preservation term). "
+                       "Only where the layer's key statistics are cached.",
     "mean_cosine_shift": "Mean over probe prompts of 1 − cos(before, after): 0 = the states did not move.",
     "linear_cka": "Linear CKA between before and after states: 1 = same geometry up to rotation and scale.",
     "mmd_rbf": "Squared MMD (Gaussian kernel, median bandwidth) between before and after: 0 = same distribution.",

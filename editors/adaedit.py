@@ -19,6 +19,16 @@ No public code exists (guides METHODS.md 9); the paper is the spec.
    The sparsification runs inside the layer loop (the solve returns ``Δ̂``), so the layers above see, and their
    residuals account for, the sparsified update that is actually merged.
 
+Where the layer loop measures the residual (``residual_site``): PMET's reference (and this workbench's PMET) reads
+the current value at the last edit layer's MLP OUTPUT (``"mlp_out"``, the default: what "the same settings as PMET"
+gives). Editing layers L-4..L-1 also changes the input of layer L's MLP, and so its output: measured on SmolLM2-135M
+(7 sequential CounterFact edits, docs/reproductions.md ## AdaEdit) the MLP-output residual GROWS while the layers
+below L are edited (111 -> 133), so layer L's update is 2x the residual-stream accounting's (8.1 vs 4.2) and the
+per-edit total 26% larger (28.5 vs 21.1). ``"residual"`` carries the target change δ found at
+the MLP output to the residual stream (writing δ at L's MLP output adds δ to the stream after L) and measures the
+residual there, as MEMIT does (:func:`editors.multilayer.multilayer_update`, ``residual_site``); docs/reproductions.md
+(## AdaEdit) measures whether that delays the collapse.
+
 For the paper's comparison of sparsification strategies (Fig. 4b and 5) ``sparsify`` also offers ``"random_drop"``
 (DR: each entry of ``Δ`` is kept with probability ``keep_fraction``; the paper sets the others to zero, with no
 rescaling; ``dr_rescale`` adds DARE's 1/keep_fraction), ``"topk_magnitude"`` (keep the ``keep_fraction`` of
@@ -217,10 +227,29 @@ class AdaEditConfig(MultiLayerConfig):
         "'random_drop' only: divide the kept entries by keep_fraction (DARE, Yu et al. 2024). The paper sets the "
         "dropped entries to zero and mentions no rescaling: off by default."))
 
+    residual_site: str = field(default="mlp_out", metadata=help_meta(
+        "Where the residual z - current of the layer loop is measured: 'mlp_out' = the last edit layer's MLP output "
+        "(PMET's reference code, which AdaEdit follows: 'the same settings as MEMIT or PMET'); 'residual' = the "
+        "residual stream after that layer, the target change δ carried there (MEMIT's accounting; editing the "
+        "lower layers then no longer inflates the residual the upper ones are asked to write). Module docstring."))
+    z_attention: bool = field(default=False, metadata=help_meta(
+        "Optimise a delta at the last edit layer's attention output jointly with the MLP-output target (PMET's "
+        "reference compute_zs; the paper: 'computes the target knowledge representations by separately optimizing "
+        "the attention and FFN hidden states'). Off by default (the FFN-only target); the preset variant 'paper' "
+        "turns it on."))
+    adaptive_nll: bool = field(default=False, metadata=help_meta(
+        "PMET compute_zs' adaptive NLL (x0.1 once the target is the argmax everywhere, stop at a KL term <= 0.01). "
+        "Off by default; the preset variant 'paper' turns it on."))
+
+    def z_kwargs(self) -> dict:
+        return {**super().z_kwargs(), "attn_delta": self.z_attention, "adaptive_nll": self.adaptive_nll}
+
     def validate(self) -> None:
         super().validate()
         if not self.mom2_update_weight > 0:
             raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        if self.residual_site not in ("mlp_out", "residual"):
+            raise ValueError(f"residual_site must be 'mlp_out' or 'residual', got {self.residual_site!r}")
         if self.spread not in ("linear", "sqrt"):
             raise ValueError(f"spread must be 'linear' or 'sqrt', got {self.spread!r}")
         if self.sparsify not in SPARSIFY:
@@ -254,6 +283,7 @@ class AdaEditEditor(MultiLayerEditor):
         super().__init__(lm, config, cache_dir=cache_dir, seed=seed)
         #: a config field here (a class attribute in the rest of the MEMIT family)
         self.spread = self.config.spread
+        self.residual_site = self.config.residual_site
         self._n_calls = 0
 
     def edit(self, requests: Sequence[EditRequest]) -> EditResult:

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TRAIN_DATA = "counterfact:../shared/data/counterfact/counterfact-train.json"
 #: config fields that only change how an edit is reported, not what is trained (left out of the checkpoint key)
 NOT_HASHED = frozenset({"allow_untrained", "artifact_matrices"})
+#: fields added after checkpoints existed: part of the key only when set to a non-default value, so the checkpoints
+#: trained before they existed (which behave as the default) are still found
+HASHED_WHEN_SET = frozenset({"projection_reference"})
 _FORMAT_VERSION = 1
 
 
@@ -108,7 +111,9 @@ def edit_layers(cfg: HypernetConfig, lm: LoadedModel) -> list[int]:
 
 def config_key(method: str, cfg: HypernetConfig) -> str:
     """``<method>-<12 hex>``: the checkpoint folder name (every field except :data:`NOT_HASHED`)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    defaults = type(cfg)().to_dict()
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == defaults.get(k))}
     src = json.dumps({"v": _FORMAT_VERSION, "version": type(cfg).version, "config": d}, sort_keys=True, default=list)
     return f"{method}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
 

@@ -42,6 +42,22 @@ model with the rotations of ``l_0 .. l_{i-1}`` already in place::
 
 With one edit layer this is ``V_E = W K_E + δ``. Every weight is restored bit for bit before returning.
 
+Options beside the paper's rule (issue 14). ``target_site="residual"``: the target is optimised on the residual stream
+after the top edit layer (MEMIT / AlphaEdit's target, which the authors' closed-form code uses, with its clamp 0.75
+and weight decay 0.5); then ``z`` is that target itself. ``selection_target="shared"``: ONE target optimisation per
+edit, at the highest layer any selection can edit (``max`` of the candidates' neighbourhoods), instead of one per
+candidate layer (+1 when the top edit layer is not a candidate: 92-98% of an edit's time). Eq. 22's numerator is then
+the same ``||δ||`` for every candidate (``V_E^l = W^l K^l + δ``), so ``l* = argmax_l ||W^l||_2 ||K^l||``: the
+activation-strength half of the rule (Eq. 21) normalised by the spectral norm; the residual is measured at that
+layer. The preset variant ``reference`` is the authors' code's setting (fixed layers 4-8, residual target, λ =
+15,000), ``shared-target`` the cheap selection.
+
+The λ / target-size trade-off: a rotation cannot make ``R W k`` longer or shorter than ``W k``, and with the
+preservation term it can turn it only by a small angle, so it moves ``W k`` by at most ``2 ||W k|| sin(θ/2)``. On
+SmolLM2-135M the targets ask the MLP output to move ~98 while ``||W k|| ≈ 34``; at λ = 300 every edit is a 40-96°
+rotation in one plane and preserved outputs move 3-5% per layer per edit; at the reference's 15,000 89-95% of the
+change is left unwritten (``fit_after``) and edits fail (docs/reproductions.md, ## MOSE, measures both).
+
 A rotation cannot change the length of ``W k``: a target whose norm differs from ``||W k||`` is only reached in
 direction. ``info["layers"][l]["fit_after"]`` reports how much of the requested change each layer did not write.
 """
@@ -68,6 +84,8 @@ from .templates import resolve_context_templates
 log = logging.getLogger(__name__)
 
 LAYER_SELECTIONS = ("score", "fixed")
+TARGET_SITES = ("mlp_out", "residual")
+SELECTION_TARGETS = ("per_layer", "shared")
 
 
 # =================================================================================================================
@@ -202,6 +220,15 @@ class MOSEConfig(MultiLayerConfig):
     clamp_norm_factor: float = field(default=4.0, metadata=help_meta(
         "||δ|| <= clamp_norm_factor · ||v_init|| after every step (ROME hparams: 4). A rotation keeps ||W k||, so "
         "only the direction of a much longer target can be reached."))
+    target_site: str = field(default="mlp_out", metadata=help_meta(
+        "Where the target is optimised: 'mlp_out' = the edit layer's FFN output (the paper's Appendix A, ROME's "
+        "Eq. 24; default) or 'residual' = the residual stream after the top edit layer (MEMIT / AlphaEdit; the "
+        "authors' closed-form code, with clamp 0.75 and weight decay 0.5: the preset variant 'reference')."))
+    selection_target: str = field(default="per_layer", metadata=help_meta(
+        "layer_selection='score' only. 'per_layer' (the paper's Eq. 22): a target optimised at every candidate "
+        "layer, plus one at the top edit layer when it is not a candidate (3-4 optimisations per edit, 92-98% of "
+        "its time). 'shared': one target at the highest layer any selection can edit, the same δ scored at every "
+        "candidate (module docstring; the preset variant 'shared-target')."))
     spread: str = field(default="linear", metadata=help_meta(
         "How the remaining residual is shared by the edit layers still to come: 'linear' (MEMIT: r / (m - i)) or "
         "'sqrt' (PMET: r / sqrt(m - i))."))
@@ -219,6 +246,11 @@ class MOSEConfig(MultiLayerConfig):
             raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
         if self.spread not in ("linear", "sqrt"):
             raise ValueError(f"spread must be 'linear' or 'sqrt', got {self.spread!r}")
+        if self.target_site not in TARGET_SITES:
+            raise ValueError(f"target_site must be one of {', '.join(TARGET_SITES)}, got {self.target_site!r}")
+        if self.selection_target not in SELECTION_TARGETS:
+            raise ValueError(f"selection_target must be one of {', '.join(SELECTION_TARGETS)}, "
+                             f"got {self.selection_target!r}")
 
 
 # =================================================================================================================
@@ -267,9 +299,9 @@ class MOSEEditor(Editor):
 
     # ---- the edit ----------------------------------------------------------------------------------------
     def _targets(self, requests: Sequence[EditRequest], layer: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """``(Z, init, z_info)`` at the FFN output of ``layer`` (``[n, d]`` each)."""
+        """``(Z, init, z_info)`` at the configured target site of ``layer`` (``[n, d]`` each)."""
         flat = [t for g in self.templates for t in g]
-        Z, info = compute_target_values(self.lm, requests, layer, site="mlp_out", templates=flat,
+        Z, info = compute_target_values(self.lm, requests, layer, site=self.config.target_site, templates=flat,
                                                **self.config.z_kwargs())
         return Z.detach(), info.pop("init").detach(), info
 
@@ -285,15 +317,23 @@ class MOSEEditor(Editor):
         info: dict[str, Any] = {"n_requests": len(requests), "layer_selection": cfg.layer_selection}
         targets: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
 
+        target_layer = None
         if cfg.layer_selection == "score":
             scores: dict[str, float] = {}
             strength: dict[str, float] = {}
+            shared = cfg.selection_target == "shared"
+            if shared:  # one target at the highest layer any selection can edit
+                target_layer = max(self.possible_layers())
+                targets[target_layer] = self._targets(requests, target_layer)
             for layer in cfg.candidate_layers:
-                targets[layer] = self._targets(requests, layer)
-                Z = targets[layer][0]
+                if not shared:
+                    targets[layer] = self._targets(requests, layer)
+                Z, init, _ = targets[target_layer if shared else layer]
                 K = compute_keys(self.lm, layer, requests, self.templates).T  # [d_ff, n]
                 W = spec.to_canonical(params[spec.mlp_out_weight(layer)].detach())
-                scores[str(layer)] = layer_score(W, K, Z.T)
+                # Eq. 22's V_E^l: the FFN-output target itself, or W K + δ (a residual / shared target's change)
+                V = Z.T if not shared and cfg.target_site == "mlp_out" else W.double() @ K.double() + (Z - init).T
+                scores[str(layer)] = layer_score(W, K, V)
                 strength[str(layer)] = float(K.double().norm())
             l_star = min(cfg.candidate_layers, key=lambda x: (scores[str(x)], x))
             layers = edit_layers_around(l_star, cfg.neighbours, spec.n_layers)
@@ -301,28 +341,32 @@ class MOSEEditor(Editor):
         else:
             layers = check_layers(cfg.layers, spec.n_layers)
         info["edit_layers"] = list(layers)
-        top = layers[-1]
+        top = layers[-1] if target_layer is None else target_layer
         if top not in targets:
             targets[top] = self._targets(requests, top)
         Z, init, z_info = targets[top]
         info["z"] = target_value_summary(z_info)
         info["target_layer"] = top
+        info["target_site"] = cfg.target_site
+        info["n_target_optimisations"] = len(targets)
 
         # every target optimisation (the candidate layers' too), from the per-request times z recorded
         info["seconds_z"] = sum(sum(z[2]["seconds"]) for z in targets.values())
         t1 = time.perf_counter()
-        factors, per_layer = self._rotate(requests, layers, Z - init)
+        factors, per_layer = self._rotate(requests, layers, Z - init, target_layer=top)
         info["seconds_layers"] = time.perf_counter() - t1
         info["layers"] = per_layer
         info["max_orth_error"] = max(v["orth_error"] for v in per_layer.values())
         return self._result(factors=factors, info=info, started=started)
 
-    def _rotate(self, requests: Sequence[EditRequest], layers: Sequence[int], delta: torch.Tensor
-                ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """The ascending per-layer Procrustes rotations (module docstring); the model is restored on return."""
+    def _rotate(self, requests: Sequence[EditRequest], layers: Sequence[int], delta: torch.Tensor, *,
+                target_layer: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """The ascending per-layer Procrustes rotations (module docstring); the model is restored on return.
+        ``delta [n, d]``: the target change at ``target_layer`` (default: the top edit layer), carried to the
+        residual stream there."""
         cfg, spec = self.config, self.spec
         params = dict(self.model.named_parameters())
-        top = layers[-1]
+        top = layers[-1] if target_layer is None else target_layer
         names = {layer: spec.mlp_out_weight(layer) for layer in layers}
         saved = {layer: params[names[layer]].detach().clone() for layer in layers}
         factors: dict[str, torch.Tensor] = {}

@@ -141,7 +141,8 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
                       extra: Mapping[int, dict] | None = None,
                       site: str = "residual", spread: str = "linear", templates=("{}",),
                       solve_dtype: torch.dtype = torch.float64, z_kwargs: Mapping[str, Any] | None = None,
-                      Z: torch.Tensor | None = None, final_residual: bool = True) -> MultiLayerOutput:
+                      Z: torch.Tensor | None = None, final_residual: bool = True,
+                      residual_site: str | None = None) -> MultiLayerOutput:
     """MEMIT-style batched update of several layers' MLP output projections (module docstring).
 
     Args:
@@ -161,6 +162,12 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
             clamp_norm_factor, kl_factor, loss_layer, early_stop_loss, ...).
         Z: precomputed targets ``[n, d]`` (skips the z optimisation; tests and methods that reuse targets).
         final_residual: also measure the residual left at the target site after every layer was updated.
+        residual_site: where the residual ``Z - current`` of the layer loop is measured (None = ``site``). With
+            ``site="mlp_out"`` and ``residual_site="residual"`` the target change ``δ = Z - v_init`` found at the
+            last layer's MLP output is carried to the residual stream (writing δ at the MLP output of L adds δ to
+            the stream after L): ``Z_res = h_L(before this call) + δ``, and every layer's residual is
+            ``Z_res - h_L(now)``. Then the growth of L's MLP output caused by editing the layers below it (their
+            edits also change L's input) is not asked of the layers again (AdaEdit option ``residual_site``).
 
     Raises:
         EditError: a solve returned the wrong shape or non-finite values.
@@ -169,6 +176,9 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
         raise ValueError(f"unknown target site {site!r}; valid: {', '.join(SITES)}")
     if spread not in SPREADS:
         raise ValueError(f"unknown spread {spread!r}; valid: {', '.join(SPREADS)}")
+    residual_site = site if residual_site is None else residual_site
+    if residual_site not in SITES:
+        raise ValueError(f"unknown residual site {residual_site!r}; valid: {', '.join(SITES)}")
     requests = list(requests)
     if not requests:
         raise ValueError("multilayer_update needs at least one request")
@@ -179,11 +189,13 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     groups = as_template_groups(templates)
     flat = [t for g in groups for t in g]
     info: dict[str, Any] = {"n_requests": n, "edit_layers": list(layers), "target_layer": L, "site": site,
-                            "spread": spread}
+                            "spread": spread, "residual_site": residual_site}
 
     t0 = time.perf_counter()
+    v_init = None
     if Z is None:
         Z, z_info = compute_target_values(lm, requests, L, site=site, templates=flat, **dict(z_kwargs or {}))
+        v_init = z_info.get("init")
         info["z"] = target_value_summary(z_info)
         # top-level means, named as ROME's info (benchmarks/bench_editors.py reads these)
         info["target_prob"] = info["z"].get("target_prob_mean")
@@ -195,6 +207,10 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
         info["z"] = {"given": True}
     info["seconds_z"] = time.perf_counter() - t0
     Z = Z.detach()
+    if residual_site != site:  # carry δ = Z - v_init from `site` to `residual_site` (docstring)
+        if v_init is None:
+            v_init = current_values(lm, L, requests, site=site)
+        Z = (current_values(lm, L, requests, site=residual_site) + (Z - v_init.to(Z.device, Z.dtype))).detach()
 
     params = dict(model.named_parameters())
     names = {layer: spec.mlp_out_weight(layer) for layer in layers}
@@ -207,7 +223,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
     try:
         for i, layer in enumerate(layers):
             K = compute_keys(lm, layer, requests, groups).T  # [d_ff, n]
-            cur = current_values(lm, L, requests, site=site).T  # [d, n], bare prompt (MEMIT cur_zs)
+            cur = current_values(lm, L, requests, site=residual_site).T  # [d, n], bare prompt (MEMIT cur_zs)
             R_total = Z.T - cur
             R = spread_residual(R_total, i, len(layers), spread)
             W = spec.to_canonical(params[names[layer]].detach())
@@ -245,7 +261,7 @@ def multilayer_update(lm, requests: Sequence[EditRequest], layers: Sequence[int]
             log.debug("layer %d: residual %.4g, delta %.4g", layer, per_layer[str(layer)]["residual_norm"],
                       per_layer[str(layer)]["delta_norm"])
         if final_residual:
-            cur = current_values(lm, L, requests, site=site).T
+            cur = current_values(lm, L, requests, site=residual_site).T
             info["residual_final"] = _mean_col_norm(Z.T - cur)
             info["residual_initial"] = per_layer[str(layers[0])]["residual_norm"]
     finally:
@@ -360,6 +376,8 @@ class MultiLayerEditor(Editor):
     """
 
     site: ClassVar[str] = "residual"
+    #: where the layer loop measures the residual (None = ``site``; AdaEdit makes it a config field)
+    residual_site: ClassVar[str | None] = None
     spread: ClassVar[str] = "linear"
     solve_dtype: ClassVar[torch.dtype] = torch.float64
     #: whether the method needs the covariance statistics
@@ -413,7 +431,7 @@ class MultiLayerEditor(Editor):
         out = multilayer_update(self.lm, requests, layers, self.solve, covariances=self.C, extra=extra,
                                 site=self.site, spread=self.spread, templates=self.templates,
                                 solve_dtype=SOLVE_PRECISIONS[cfg.solve_precision] or self.solve_dtype,
-                                z_kwargs=cfg.z_kwargs())
+                                z_kwargs=cfg.z_kwargs(), residual_site=self.residual_site)
         info = dict(out.info)
         artifacts: dict[str, Any] = {}
         self.finish(out, info, artifacts)

@@ -148,6 +148,21 @@ def layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "
     return out
 
 
+def cached_layer_covariances(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "builtin",
+                             n_tokens: int = DEFAULT_MOM2_TOKENS, seq_len: int = DEFAULT_MOM2_SEQ_LEN,
+                             cache_dir: str | None = None) -> dict[int, torch.Tensor]:
+    """The float64 ``C_l`` of :func:`layer_covariances` (same arguments) that are already in the cache, on the CPU;
+    layers without cached statistics are left out (nothing is computed, so this works on an edited model)."""
+    from safetensors.torch import load_file
+    cid = corpus_id(corpus)
+    out = {}
+    for layer in sorted(set(int(x) for x in layers)):
+        path = _stats_path(lm, layer, cid, n_tokens, seq_len, cache_dir)
+        if os.path.exists(path):
+            out[layer] = load_file(path)["mom2"].to(torch.float64)
+    return out
+
+
 def covariance_token_counts(lm: LoadedModel, layers: Sequence[int], *, corpus: str = "builtin",
                             n_tokens: int = DEFAULT_MOM2_TOKENS, seq_len: int = DEFAULT_MOM2_SEQ_LEN,
                             cache_dir: str | None = None) -> dict[int, int]:

@@ -1,4 +1,5 @@
 """Weights: norms and condition numbers of every edited matrix vs edits; singular-value spectra at a step."""
+import pandas as pd
 import streamlit as st
 
 from analysis import plots
@@ -30,6 +31,17 @@ fig = plots.weights_figure(df, metrics=[metric], color="run" if same_method else
                            cols=1, height=440)
 ui.show_figure(fig, f"weights-{metric}", key="w-fig")
 ui.meaning(metric)
+
+# issue 14: norm and condition number alone hide how far a matrix moved (MOSE keeps both at exactly x1 while it
+# drifts furthest from W0), so the drift and the preserved outputs' change stand beside them
+side = [m for m in ("fro", "cond", "rel_change", "preserve_change") if m in metrics]
+if len(side) > 2:
+    st.subheader("Norm and condition number beside drift and preserved outputs")
+    both = pd.concat([ui.view("weight_curves", run_ids, run_ids, m, tuple(chosen_layers)) for m in side])
+    ui.show_figure(plots.weights_figure(both, metrics=side, color="method", dash="series",
+                                        log_metrics=["cond"] if log_y else [], cols=2, height=560),
+                   "weights-side-by-side", key="w-side")
+    ui.meaning(*side)
 
 st.subheader("Singular-value spectrum")
 names = dict(zip(*[ui.view("runs_frame", run_ids, run_ids)[c] for c in ("run_id", "name")]))

@@ -4,6 +4,9 @@
 # there), so the worktree is left untouched.
 #
 #   scripts/mutation.sh geoedit             # every mutant of GeoEdit's maths (editors/geoedit.py)
+#   scripts/mutation.sh adaedit|mose|agrade # the same for AdaEdit's SRFusion / DR / top-k (editors/adaedit.py), MOSE's
+#                                           # Procrustes and Eq. 22 (editors/mose.py), AGRADE's Eq. 1-7
+#                                           # (editors/agrade.py)
 #   scripts/mutation.sh geoedit 'x_fuse*'   # only the mutants whose names match (mutmut's names: x_<function>,
 #                                           # xǁ<Class>ǁ<method>)
 #
@@ -12,7 +15,10 @@
 # minutes per mutant on two cores; MUTATION_FULL=0 skips it). Prints the mutation score and lists the survivors
 # (`mutmut show NAME` in the copy prints a mutant's diff).
 #
-# Env: OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
+# Env: MUTATION_FUNCTIONS / MUTATION_FAST_TESTS (override the method's function list / first-pass tests),
+# MUTATION_TIMEOUT_CONSTANT (mutmut's timeout_constant, default 10: a mutant's CPU-time limit is
+# (its tests' measured time + this) x 30 s; mutmut's own default 1 times healthy mutants out on a loaded machine,
+# where a test process's imports and tiny-model fixtures alone take longer), OMP_NUM_THREADS (default 1), MUTATION_DIR (default /tmp/editbench-mutation-<method>), MUTATION_CHILDREN (parallel workers, default 1 on a
 # shared machine), MUTATION_FULL (default 1).
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"  # one core per test process
@@ -32,8 +38,56 @@ case "$method" in
                x_spearman x_kl_divergence x_train_autoencoder x_geometric_edit x_to_neurons x_from_neurons
                x_make_autoencoder xǁLinearAEǁ"
     ;;
-  *) echo "no mutation set-up for method '$method' (known: geoedit)" >&2; exit 2 ;;
+  adaedit)
+    module="editors.adaedit"
+    source="editors/adaedit.py"
+    # the fast pass: SRFusion written out step by step, T_k, resolve_k (node ids: no spaces in the selection)
+    eq="tests/unit/test_seed_equations.py"
+    fast_tests="$eq::test_sr_fusion_matches_the_steps_written_out $eq::test_hard_threshold_keeps_largest_magnitudes
+                tests/unit/test_mose_adaedit_rect_prune.py::test_resolve_k_counts_and_fractions
+                tests/unit/test_mose_adaedit_rect_prune.py::test_hard_threshold_dr_and_topk
+                tests/unit/test_mose_adaedit_rect_prune.py::test_sr_fusion_without_thresholding_is_the_truncated_svd"
+    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
+    # the paper's maths (section 4.2 and the DR / top-k strategies of section 3.1). The editor's solve/fuse wiring
+    # is covered by the full pass (test_adaedit_editor_deltas_are_srfusion_sparse, the residual-site tests).
+    functions="x_resolve_k x__top_indices x_hard_threshold x_top_svd x_sr_factors x_sr_fusion x_random_drop
+               x_topk_magnitude"
+    ;;
+  mose)
+    module="editors.mose"
+    source="editors/mose.py"
+    eq="tests/unit/test_seed_equations.py"
+    fast_tests="$eq::test_procrustes_minimises_eq17_against_perturbed_rotations
+                $eq::test_procrustes_diagnostics_known_angle_scale_and_degenerate_cases
+                $eq::test_layer_score_is_eq22_with_the_activation_norm
+                tests/unit/test_mose_adaedit_rect_prune.py::test_procrustes_recovers_a_known_rotation
+                tests/unit/test_mose_adaedit_rect_prune.py::test_rotation_is_orthogonal_and_identity_for_huge_lambda
+                tests/unit/test_mose_adaedit_rect_prune.py::test_layer_score_and_neighbours"
+    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
+    # Eq. 17-20 (Procrustes and its diagnostics), Eq. 22, the spectral norm and the neighbour rule
+    functions="x_procrustes_rotation x_max_rotation_angle x_layer_score x_spectral x_edit_layers_around"
+    ;;
+  agrade)
+    module="editors.agrade"
+    source="editors/agrade.py"
+    t="tests/unit/test_agrade.py"
+    fast_tests="$t::test_eq4_leaves_G_orthogonal_to_G_prev $t::test_eq1_coefficients
+                $t::test_scaled_gradient_and_project_gradients_on_tensors
+                $t::test_eq1_and_eq2_as_used_inside_predict $t::test_use_c_false_is_the_ablation_without_c
+                $t::test_eq4_inside_predict_against_the_chosen_previous_G $t::test_eq6_is_autograds_gradient_of_the_edit_objective
+                $t::test_weight_projection_false_is_P_equals_H_g $t::test_lambda_term_is_the_derivative_of_the_edit_objective
+                $t::test_agrade_spectral_artifacts $t::test_agrade_artifacts_and_projection"
+    full_tests="$t"
+    # Eq. 1-7 as the editor computes them (predict, the projected gradient, the hyper loss). Not the artifacts
+    # (_extras: covered by test_agrade_spectral_artifacts / test_agrade_artifacts_and_projection in the full pass)
+    functions="x_adjustment_coefficients x_orthogonalise x_scaled_gradient x_project_gradients
+               xǁAGRADEEditorǁpredict xǁAGRADEEditorǁprojected_gradient xǁAGRADEEditorǁhyper_loss
+               xǁAGRADEEditorǁ_lam"
+    ;;
+  *) echo "no mutation set-up for method '$method' (known: geoedit, adaedit, mose, agrade)" >&2; exit 2 ;;
 esac
+functions="${MUTATION_FUNCTIONS:-$functions}"      # e.g. MUTATION_FUNCTIONS='x_sr_factors x_hard_threshold'
+fast_tests="${MUTATION_FAST_TESTS:-$fast_tests}"
 command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install mutmut" >&2; exit 2; }
 work="${MUTATION_DIR:-/tmp/editbench-mutation-$method}"
 rm -rf "$work"
@@ -52,6 +106,7 @@ pytest_add_cli_args_test_selection=
 $(printf '    %s\n' $1)
 pytest_add_cli_args=-p no:cacheprovider -q -x
 process_isolation=forkserver
+timeout_constant=${MUTATION_TIMEOUT_CONSTANT:-10}
 do_not_mutate_patterns=
     log\.(debug|info|warning)
     raise (EditError|ValueError)

@@ -120,10 +120,13 @@ def test_weights_page_curves_and_spectrum_at_step(synthetic_store, make_app):
     short = rome.rsplit("-", 1)[-1]
     at = make_app(path, "weights.py", {"runs": rome})
     specs = plotly_specs(at)
-    assert len(specs) == 2  # metric curves + spectrum
+    assert len(specs) == 3  # metric curves + norm / cond beside drift (and preserved outputs) + spectrum
     assert trace_names(at)[0] == {f"rome · {short} · L4", f"rome · {short} · L5"}
     assert specs[0]["layout"]["yaxis"]["type"] == "log"  # cond is shown on a log axis
-    assert trace_names(at)[1] == {"layer 4 · W", "layer 4 · delta", "layer 5 · W", "layer 5 · delta"}
+    panels = [a["text"] for a in specs[1]["layout"]["annotations"]]
+    assert len(panels) >= 3 and any("W0" in p for p in panels)  # norm, cond and the drift ‖ΔW‖/‖W0‖ side by side
+    assert "‖ΔW‖_F / ‖W0‖_F" in _texts(at)
+    assert trace_names(at)[2] == {"layer 4 · W", "layer 4 · delta", "layer 5 · W", "layer 5 · delta"}
     at.select_slider(key="w-step").set_value(10).run()
     assert at.query_params["step"] in ("10", ["10"])
     at.selectbox(key="w-metric").set_value("rel_change").run()

@@ -134,3 +134,28 @@ def test_spectrum_frame():
     delta = df[df["which"] == "delta"]["sigma"].to_numpy()
     assert delta[0] == pytest.approx(math.sqrt(200.0), rel=1e-6) and delta[1] < 1e-5  # ones(10, 20): rank 1
     assert isinstance(df, pd.DataFrame)
+
+
+def test_preserved_output_change_against_explicit_keys():
+    """sqrt(tr(ΔW C ΔWᵀ)/tr(W0 C W0ᵀ)) with C = K0 K0ᵀ / n equals ‖ΔW K0‖_F / ‖W0 K0‖_F. Fails on: W instead of W0
+    in the denominator, no square root, C's trace instead of the W0 C W0ᵀ one, ΔW = W0 − W's sign (no: squared) ..."""
+    import math
+
+    from analysis.weights import preserved_output_change
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    W = W0 + 0.1 * torch.randn(5, 8, generator=g, dtype=torch.float64)
+    K0 = torch.randn(8, 40, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)[:, None]
+    C = K0 @ K0.T / 40
+    expect = float(((W - W0) @ K0).norm() / (W0 @ K0).norm())
+    assert math.isclose(preserved_output_change(W, W0, C), expect, rel_tol=1e-10)
+    assert preserved_output_change(W0, W0, C) == 0.0
+    # a rotation of every output by θ: 2 sin(θ/2)
+    th = 0.3
+    R = torch.eye(5, dtype=torch.float64)
+    R[:2, :2] = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
+    W0r = torch.zeros(5, 8, dtype=torch.float64)
+    W0r[:2] = W0[:2]
+    assert math.isclose(preserved_output_change(R @ W0r, W0r, C), 2 * math.sin(th / 2), rel_tol=1e-10)
+    with pytest.raises(ValueError, match="shapes"):
+        preserved_output_change(W, W0, C[:4, :4])

@@ -71,6 +71,11 @@ EXTRA_ROWS: list[tuple[str, str, dict]] = [
     ("ultraedit", "llama", {"layers": (1, 2), "chunk_size": 1, "normalization": "off"}),
     ("ultraedit", "gpt2", {"layers": (2,), "chunk_size": 1, "normalization": "stable", "warmup_edits": 2,
                            "warmup_turn": 1, "warmup_data": "builtin"}),
+    # issue 14's options: AdaEdit's residual on the stream, MOSE's residual target and shared selection target
+    ("adaedit", "gpt2", {"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "residual_site": "residual"}),
+    ("mose", "llama", {"candidate_layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2,
+                       "selection_target": "shared", "target_site": "residual"}),
+    ("agrade", "gpt2", {"allow_untrained": True, "rank": 8, "layers": (1, 2, 3), "projection_reference": "projected"}),
 ]
 
 # How many of REQUESTS a method edits in one call: 2 (to exercise batching) except the methods listed here, whose rows

@@ -44,6 +44,11 @@ def test_collapse_study_table_reuse_and_report(tmp_path):
     mose = table.set_index("method").loc["mose"]
     assert mose["fro_rel"] == pytest.approx(1.0, abs=1e-4) and mose["cond_rel"] == pytest.approx(1.0, abs=1e-3)
     assert "fro_rel" in format_table(table)
+    # beside them: the drift and the preserved outputs' change (MOSE keeps the norm but its matrices move)
+    for col in ("drift", "drift_max", "preserve", "preserve_max"):
+        assert table[col].notna().all(), col
+    assert mose["drift"] > 1e-4 and mose["preserve"] > 1e-5 and mose["drift_max"] >= mose["drift"]
+    assert "drift" in format_table(table) and "preserve" in format_table(table)
     n_runs = len(RunStore(str(runs)).list_runs())
     again = collapse_study(["mose", "adaedit"], 3, str(data), str(runs), **kw)
     assert list(again["run_id"]) == list(table["run_id"]) and len(RunStore(str(runs)).list_runs()) == n_runs
