@@ -208,9 +208,16 @@ def test_failed_run_shows_its_error(server, page, tmp_path):
     _ready(page)
     _select(page, "Model", model)
     _only_method(page, "ft")
+    page.get_by_text("ft settings").click()
+    _fill(page, "layers", "1")  # the preset's layer 20 does not exist in the tiny model: refused before any run
     page.get_by_text("zsRE file").click()
     _ready(page)
+    # a path outside the app's data folders is refused on the page (Start disabled, issue 20); a missing file
+    # inside them (the runs directory's uploads folder is always one) is accepted and the run then fails
     _fill(page, "zsRE JSON path", "/nonexistent/zsre-missing.json")
+    expect(page.get_by_text("is outside the data folders").first).to_be_visible()
+    expect(page.get_by_role("button", name="Start")).to_be_disabled()
+    _fill(page, "zsRE JSON path", os.path.join(runs, "uploads", "zsre-missing.json"))
     page.get_by_role("button", name="Start").click()
     expect(page.get_by_text("The run failed").first).to_be_visible(timeout=180_000)
     _shot(page, "06-failed-run", tmp_path)

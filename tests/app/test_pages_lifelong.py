@@ -31,9 +31,10 @@ def test_weights_page_shows_the_editor_state(lifelong_store, make_app):
     path, run = lifelong_store
     at = make_app(path, "weights.py", {"runs": run})
     specs = plotly_specs(at)
-    assert len(specs) == 3  # weight curves, spectrum, editor state
-    assert trace_names(at)[2] and all(name.endswith("· L25") for name in trace_names(at)[2])
-    titles = {a["text"] for a in specs[2]["layout"]["annotations"]}
+    # weight curves, norm / condition / drift side by side, spectrum, editor state (the last figure)
+    assert len(specs) == 4
+    assert trace_names(at)[-1] and all(name.endswith("· L25") for name in trace_names(at)[-1])
+    titles = {a["text"] for a in specs[-1]["layout"]["annotations"]}
     assert {"codebook_size", "hit_share_probes_last", "radius_mean"} <= titles
 
 
