@@ -207,17 +207,25 @@ def pad_examples(tok, examples: Sequence[Example], device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` ``[B, width]`` of ``examples`` and the (row, column) of
     every scored position, ``[n_tokens]`` each, in example order (right padding keeps positions valid)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    ids, mask = right_pad(tok, [e.input_ids for e in examples], device)
     rows, cols = [], []
     for r, e in enumerate(examples):
-        ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[r, :len(e.input_ids)] = 1
         rows.extend([r] * len(e.positions))
         cols.extend(e.positions)
-    return ids.to(device), mask.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    return ids, mask, torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
+def right_pad(tok, seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` (right-padded with the tokenizer's pad id, else 0) and ``attention_mask`` ``[B, width]`` of token
+    id sequences, on ``device``."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _lora_config(names: Sequence[str], settings: LoraSettings, conv1d: bool):
@@ -519,4 +527,4 @@ class FineTuneEditor(Editor):
 
 
 __all__ = ["OBJECTIVES", "MODULES", "MODES", "FineTuneConfig", "AdapterConfig", "TwoTaskConfig", "LoraSettings",
-           "Trained", "Example", "pad_examples", "finetune", "FineTuneEditor"]
+           "Trained", "Example", "pad_examples", "right_pad", "finetune", "FineTuneEditor"]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
+from .finetune import right_pad
 from .hooks import Trace
 from .models import LoadedModel
 from .requests import EditRequest
@@ -227,15 +228,9 @@ def encode(tok, prompts: Sequence[str], targets: Sequence[str], device) -> Encod
             rows.append(i)
             cols.append(len(p_ids) - 1 + j)
             labels.append(tid)
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = right_pad(tok, seqs, device)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Encoded(ids.to(device), mask.to(device), t(rows), t(cols), t(labels))
+    return Encoded(ids, mask, t(rows), t(cols), t(labels))
 
 
 def answer_logits(model: nn.Module, enc: Encoded) -> torch.Tensor:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult, apply_result
 from .fields import help_meta
+from .finetune import right_pad
 from .hooks import Trace
 from .models import LoadedModel
 from .registry import register
@@ -302,15 +303,9 @@ def _encode(tok, requests: Sequence[EditRequest], device) -> tuple[torch.Tensor,
         rows += [i] * len(t)
         cols += [len(p) - 1 + j for j in range(len(t))]
         labels += list(t)
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = right_pad(tok, seqs, device)
     as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), mask.to(device), as_t(rows), as_t(cols), as_t(labels)
+    return ids, mask, as_t(rows), as_t(cols), as_t(labels)
 
 
 def chunk_features(lm: LoadedModel, modules: Sequence[str], requests: Sequence[EditRequest]) -> ChunkFeatures:
