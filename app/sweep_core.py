@@ -616,16 +616,23 @@ def sweep_summary(store: RunStore, sweep_id: str, sweeps: SweepStore | None = No
     return pd.DataFrame(rows)
 
 
+def mean_std_view(df: pd.DataFrame, missing: str) -> pd.DataFrame:
+    """point, seeds, finished, every summary metric as text ``mean ± std`` (std omitted with one seed, ``missing``
+    without a value) and collapsed, from :func:`sweep_summary`'s table."""
+    view = df[["point", "seeds", "finished"]].copy()
+    for m in SUMMARY_METRICS:
+        digits = 1 if m == "collapse_step" else 3
+        view[m] = [(missing if pd.isna(mu) else f"{mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {sd:.{digits}f}"))
+                   for mu, sd in zip(df[f"{m}_mean"], df[f"{m}_std"])]
+    view["collapsed"] = df["collapsed"]
+    return view
+
+
 def format_summary(df: pd.DataFrame) -> str:
     """The sweep table as text: ``mean ± std`` per metric (std omitted with one seed)."""
     if df.empty:
         return "(no trials)"
-    view = df[["point", "seeds", "finished"]].copy()
-    for m in SUMMARY_METRICS:
-        digits = 1 if m == "collapse_step" else 3
-        view[m] = [("n/a" if pd.isna(mu) else f"{mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {sd:.{digits}f}"))
-                   for mu, sd in zip(df[f"{m}_mean"], df[f"{m}_std"])]
-    view["collapsed"] = df["collapsed"]
+    view = mean_std_view(df, "n/a")
     return view.rename(columns={"fro_growth": "fro/fro0", "cond_growth": "cond/cond0",
                                 "collapse_step": "collapse@"}).to_string(index=False)
 

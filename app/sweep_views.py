@@ -14,7 +14,15 @@ from typing import Sequence
 import pandas as pd
 
 from .store import RunStore
-from .sweep_core import DONE, SUMMARY_METRICS, SweepStore, point_text, sweep_progress, sweep_summary, sweep_tables_exist
+from .sweep_core import (
+    DONE,
+    SweepStore,
+    mean_std_view,
+    point_text,
+    sweep_progress,
+    sweep_summary,
+    sweep_tables_exist,
+)
 from .views import CURVE_KINDS, aggregate_metrics
 
 OVERVIEW_COLUMNS = ("sweep_id", "trials", "done", "running", "waiting", "failed", "cancelled", "edits", "eta",
@@ -77,12 +85,7 @@ def sweep_table(store: RunStore, sweep_id: str) -> pd.DataFrame:
     df = sweep_summary(store, sweep_id)
     if df.empty:
         return df
-    out = df[["point", "seeds", "finished"]].copy()
-    for m in SUMMARY_METRICS:
-        digits = 1 if m == "collapse_step" else 3
-        out[m] = [("–" if pd.isna(mu) else f"{mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {sd:.{digits}f}"))
-                  for mu, sd in zip(df[f"{m}_mean"], df[f"{m}_std"])]
-    out["collapsed"] = df["collapsed"]
+    out = mean_std_view(df, "–")
     out["status"] = df["status"]
     return out
 
