@@ -259,7 +259,8 @@ class SequentialRun:
         self.diag_seconds = 0.0  # weight / angle / hidden-state diagnostics (not evaluation, not editing)
         self.eval_seconds_total = 0.0  # retention, locality probes, general abilities, immediate metrics
         self.peak_mem = 0.0
-        self.n_done = 0
+        self.n_done = 0  # edits applied to the model
+        self.n_recorded = 0  # edits whose rows are committed to the store (what the run's n_edits_done says)
         self.step = 0
         self.started = time.time()
         self.priorities = np.zeros(0)  # per-edit priorities of the retention sample (setup)
@@ -452,23 +453,28 @@ class SequentialRun:
         if arrays:
             artifacts.append(("editor", arrays, self.n_done, self.step))
         if bad:
-            self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
-                                  n_edits_done=self.n_done)
+            self._write_edits(edit_rows, metric_rows, artifacts)
             raise Diverged(f"weights became non-finite after step {self.step} ({self.n_done} edits): {bad[0]}")
         t_eval = time.perf_counter()
         try:
             immediate = self._evaluate(batch, "immediate evaluation")
             self.eval_seconds_total += time.perf_counter() - t_eval
         except Diverged:
-            self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
-                                  n_edits_done=self.n_done)
+            self._write_edits(edit_rows, metric_rows, artifacts)
             raise
         ecommon = {**common, "kind": "edit"}
         metric_rows += [{**ecommon, **r} for r in immediate] + _mean_rows(immediate, **ecommon)
-        self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
-                              n_edits_done=self.n_done, seconds_total=time.time() - self.started)
+        self._write_edits(edit_rows, metric_rows, artifacts, seconds_total=time.time() - self.started)
         means = {f"{m}/{p}": v for (m, p), v in ev.summarize(immediate).items()}
         self._notify("edit", seconds=seconds, seconds_per_edit=self.edit_seconds / self.n_done, metrics=means)
+
+    def _write_edits(self, edit_rows: list[dict], metric_rows: list[dict], artifacts: list, **run_fields) -> None:
+        """Commit one step's rows (one transaction) with ``n_edits_done``; only then count its edits as recorded,
+        so a run stopped between applying a step and committing it (Ray's KeyboardInterrupt, a kill) ends with an
+        ``n_edits_done`` that equals its edit rows."""
+        self.store.write_step(self.run_id, edit_rows=edit_rows, metric_rows=metric_rows, artifacts=artifacts,
+                              n_edits_done=self.n_done, **run_fields)
+        self.n_recorded = self.n_done
 
     def _angle_rows(self, touched: Sequence[str], before: Mapping[str, torch.Tensor], params) -> list[dict]:
         """``update_norm`` of this step's change of each matrix, its angle to the change accumulated before it
@@ -680,7 +686,7 @@ class SequentialRun:
                             store.add_metric_rows(run_id, rows)
                     except Exception as exc:  # diagnostics must not lose a finished run
                         log.warning("collapse detection failed for run %s: %s", run_id, exc)
-                store.update_status(run_id, status, error=error, n_edits_done=self.n_done,
+                store.update_status(run_id, status, error=error, n_edits_done=self.n_recorded,
                                     seconds_total=time.time() - self.started, heartbeat=time.time())
             finally:
                 if self.editor is not None:

@@ -256,6 +256,29 @@ def test_store_cancel_request_stops_the_run(tmp_path, tiny_llama, standins):
     assert store.get_run(run_id)["n_edits_done"] == 2
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_after_apply_before_commit_keeps_counts_equal_to_rows(tmp_path, tiny_llama, standins, monkeypatch,
+                                                                        exc):
+    """Ray's cancellation is a KeyboardInterrupt that can land anywhere: here while step 3 is being evaluated (its
+    edit applied, its rows not committed). The run's n_edits_done must say what its committed rows say (2)."""
+    real = engine.SequentialRun._evaluate
+
+    def evaluate(self, requests, what, *a, **kw):
+        if what == "immediate evaluation" and self.n_done == 3:
+            raise exc("stopped mid-step")
+        return real(self, requests, what, *a, **kw)
+
+    monkeypatch.setattr(engine.SequentialRun, "_evaluate", evaluate)
+    with pytest.raises(exc, match="stopped mid-step"):
+        run_sequential(cfg(tmp_path), lm=tiny_llama)
+    store = RunStore(tmp_path)
+    run = store.list_runs().iloc[0]
+    assert run["status"] == ("interrupted" if exc is KeyboardInterrupt else "failed")
+    assert run["n_edits_done"] == 2 and len(store.edits_frame(run["run_id"])) == 2
+    edits = store.metrics_frame([run["run_id"]], kinds=["edit"])
+    assert sorted(edits["n_edits"].unique()) == [1, 2]
+
+
 def test_exception_marks_failed_and_reraises(tmp_path, tiny_llama, standins):
     snap = snapshot(tiny_llama)
     with pytest.raises(RuntimeError, match="told to fail"):
