@@ -75,7 +75,7 @@ def run_sweep(spec: str | os.PathLike | Mapping[str, Any] | SweepSpec, runs_dir:
               executor: str = "ray", workers: int = 1, address: str | None = None, cpus_per_trial: float = 1,
               gpus_per_trial: float = 0, max_retries: int = 1, num_cpus: int | None = None,
               progress: Callable[[dict], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-              poll_seconds: float = 1.0) -> SweepResult:
+              poll_seconds: float = 1.0, ship_code: bool = True) -> SweepResult:
     """Run a sweep into the run store of ``runs_dir`` and return its trials' state.
 
     Args:
@@ -87,6 +87,8 @@ def run_sweep(spec: str | os.PathLike | Mapping[str, Any] | SweepSpec, runs_dir:
         cpus_per_trial / gpus_per_trial: Ray resources of each trial (torch threads = max(1, int(cpus)); a trial
             with a GPU and no ``run.device`` runs on "cuda", without one on "cpu").
         max_retries: Ray's retries of a trial whose worker process died (the dead attempt's run stays, ``failed``).
+        ship_code: with an ``address``, send this checkout's library packages to the cluster with the job (Ray's
+            ``runtime_env`` ``py_modules``), so the trials run the driver's code; False: the nodes' installed copy.
         progress: ``callback(sweep_progress dict)`` every ``poll_seconds`` and when a trial ends.
         should_cancel: polled every ``poll_seconds``; True cancels the sweep (also: :meth:`SweepStore.request_cancel`
             from another process, ``python -m app cancel --sweep ID``, or Ctrl-C): queued trials are dropped, running
@@ -106,7 +108,8 @@ def run_sweep(spec: str | os.PathLike | Mapping[str, Any] | SweepSpec, runs_dir:
         from .sweep_ray import run_ray
         started, skipped, info = run_ray(spec, runs_dir, address=address, cpus_per_trial=cpus_per_trial,
                                          gpus_per_trial=gpus_per_trial, max_retries=max_retries, num_cpus=num_cpus,
-                                         progress=progress, should_cancel=should_cancel, poll_seconds=poll_seconds)
+                                         progress=progress, should_cancel=should_cancel, poll_seconds=poll_seconds,
+                                         ship_code=ship_code)
     else:
         started, skipped, info = _run_local(spec, runs_dir, workers=workers, threads=max(1, int(cpus_per_trial))
                                             if workers > 1 else None, progress=progress,

@@ -30,6 +30,9 @@ def add_sweep_parsers(sub, add_runs_dir, add_threads) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster: ray://HOST:PORT (Ray Client), auto, or HOST:PORT (default: $RAY_ADDRESS, else "
                         "a new local instance)")
+    p.add_argument("--no-ship-code", action="store_true",
+                   help="with --address: let the cluster's nodes import their installed copy of the workbench "
+                        "(default: this checkout's editors/analysis/app packages travel with the job)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of a new local Ray instance (default: all cores)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0,
@@ -120,7 +123,8 @@ def cmd_sweep(args) -> int:
     try:
         result = run_sweep(spec, args.runs_dir, executor=args.executor, workers=args.workers, address=args.address,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                           max_retries=args.max_retries, num_cpus=args.num_cpus, progress=bar)
+                           max_retries=args.max_retries, num_cpus=args.num_cpus, progress=bar,
+                           ship_code=not args.no_ship_code)
     except (SweepSpecError, RayUnavailableError) as exc:
         bar.close()
         raise SweepCLIError(str(exc)) from exc

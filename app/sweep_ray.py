@@ -109,15 +109,23 @@ class StoreWriter:
             f"Ray ran the trial again (host {host}, pid {pid}) as run {run_id}")
 
     def dump(self) -> bytes:
-        """The store file's bytes after a WAL checkpoint (the shard, for the driver to merge)."""
+        """The shard for the driver to merge: an uncompressed tar of the store file (after a WAL checkpoint) and
+        the artifact files beside it (``artifacts/<run_id>/``: the ones over :attr:`RunStore.blob_limit`)."""
+        import io
         import sqlite3
+        import tarfile
         conn = sqlite3.connect(self.store.path)
         try:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
-        with open(self.store.path, "rb") as fh:
-            return fh.read()
+        root = os.path.dirname(self.store.path)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(self.store.path, arcname="runs.sqlite")
+            if os.path.isdir(os.path.join(root, "artifacts")):
+                tar.add(os.path.join(root, "artifacts"), arcname="artifacts")
+        return buf.getvalue()
 
     def stats(self) -> dict:
         return {"calls": self.calls, "failed_calls": self.failed_calls, "path": self.store.path}
@@ -204,15 +212,32 @@ def _ray_trial(writer, run_row: dict, config: dict, sweep_id: str, trial_key: st
         store = TeeStore(tmp, writer)
         out = execute_trial(config, run_id, store, None, sweep_id=sweep_id, trial_key=trial_key, threads=threads,
                             device=device)
-        out.update(t_task=t0, store_calls=store.calls, store_seconds=store.seconds)
+        import app
+        out.update(t_task=t0, store_calls=store.calls, store_seconds=store.seconds,
+                   code=os.path.dirname(os.path.abspath(app.__file__)))  # where this worker imported the library
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> tuple[Any, bool, float]:
+LIBRARY_PACKAGES = ("editors", "analysis", "app")  # what a trial imports (pages / benchmarks never run there)
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ray ``runtime_env`` that ships this checkout's library packages to the cluster (Ray uploads them once per
+    job and puts them first on the workers' ``sys.path``), so every trial runs the driver's code, whatever is (or
+    is not) installed on the nodes. The nodes still need the third-party dependencies (requirements.txt)."""
+    import importlib
+    return {"py_modules": [os.path.dirname(importlib.import_module(p).__file__) for p in LIBRARY_PACKAGES],
+            "excludes": ["__pycache__", "*.pyc"]}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, ship_code: bool = True
+             ) -> tuple[Any, bool, float]:
     """Ray, initialised: the running instance of this process, the cluster at ``address`` / ``$RAY_ADDRESS``, or a
-    new local one with ``num_cpus``. Returns (ray, started_here, seconds)."""
+    new local one with ``num_cpus``. Connecting to a cluster ships the library's code with it
+    (:func:`code_runtime_env`) unless ``ship_code`` is False (the nodes then import their installed copy).
+    Returns (ray, started_here, seconds)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False, 0.0
@@ -222,11 +247,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> tuple[A
                           logging.getLogger().isEnabledFor(logging.INFO)}
     if address is None:
         kw["num_cpus"] = num_cpus or os.cpu_count() or 1
+    elif ship_code:
+        kw["runtime_env"] = code_runtime_env()
     try:
         ray.init(**kw)
     except Exception as exc:  # ConnectionError, RuntimeError, ...
+        hint = ""
+        if "uthentication" in str(exc):
+            hint = " (Ray 2.60's `ray start` enables token authentication: set RAY_AUTH_MODE=token for the driver)"
         raise RayUnavailableError(f"could not {'connect to Ray at ' + address if address else 'start Ray'}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                                  f"{type(exc).__name__}: {exc}{hint}") from exc
     return ray, True, time.time() - t0
 
 
@@ -239,11 +269,11 @@ def _client_mode(ray) -> bool:
 
 def run_ray(spec: SweepSpec, runs_dir: str, *, address: str | None = None, cpus_per_trial: float = 1,
             gpus_per_trial: float = 0, max_retries: int = 1, num_cpus: int | None = None, progress=None,
-            should_cancel=None, poll_seconds: float = 1.0, grace_seconds: float = 30.0
+            should_cancel=None, poll_seconds: float = 1.0, grace_seconds: float = 30.0, ship_code: bool = True
             ) -> tuple[list[str], list[str], dict]:
     """Run the trials of ``spec`` not yet done as Ray tasks (see the module docstring); returns (run ids started,
     trial keys skipped, timing info: ``ray_init_seconds`` and each task's ``results``)."""
-    ray, started_here, init_seconds = init_ray(address, num_cpus)
+    ray, started_here, init_seconds = init_ray(address, num_cpus, ship_code=ship_code)
     client = _client_mode(ray)
     local = RunStore(runs_dir)
     opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1}
@@ -369,15 +399,23 @@ def _fail_latest(store, sweeps, sweep_id: str, trial_key: str, error: str) -> No
             store.update_status(run_id, "failed", error=error)
 
 
-def _merge_shard(ray, writer, local: RunStore) -> None:
+def merge_shard(blob: bytes, local: RunStore):
+    """Merge a writer's shard (:meth:`StoreWriter.dump`: the store file and its artifact files) into ``local``
+    (:func:`app.merge.merge_stores`); returns the merge report."""
+    import io
+    import tarfile
+
     from .merge import merge_stores
-    blob = ray.get(writer.dump.remote())
     with tempfile.TemporaryDirectory(prefix="editbench-shard-") as tmp:
-        path = os.path.join(tmp, "runs.sqlite")
-        with open(path, "wb") as fh:
-            fh.write(blob)
-        report = merge_stores(local, [path])
-        log.info("merged the cluster's shard: %s", report)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+            tar.extractall(tmp, filter="data")  # plain files under tmp only
+        return merge_stores(local, [os.path.join(tmp, "runs.sqlite")])
 
 
-__all__ = ["run_ray", "init_ray", "import_ray", "StoreWriter", "RemoteStore", "RayUnavailableError"]
+def _merge_shard(ray, writer, local: RunStore) -> None:
+    report = merge_shard(ray.get(writer.dump.remote()), local)
+    log.info("merged the cluster's shard: %s", report)
+
+
+__all__ = ["run_ray", "init_ray", "import_ray", "code_runtime_env", "merge_shard", "StoreWriter", "RemoteStore",
+           "RayUnavailableError", "LIBRARY_PACKAGES"]

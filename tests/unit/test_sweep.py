@@ -290,3 +290,50 @@ def test_plan_marks_finished_trials_skip(tmp_path):
     df = plan(spec, store)
     assert list(df["action"]) == ["skip", "run"] and list(df["status"]) == ["finished", "pending"]
     assert os.path.isfile(store.path) and isinstance(df, pd.DataFrame)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Ray Client shard (app.sweep_ray.StoreWriter is a plain class: no Ray needed to test what it ships)
+# ---------------------------------------------------------------------------------------------------------------
+def test_ray_client_shard_carries_its_artifact_files(tmp_path):
+    """With ``ray://`` the writer's shard lives on the cluster and comes back as bytes; artifacts over the blob limit
+    are files beside it (AlphaEdit's null bases, hidden states of a real model) and must come back too: a shard of
+    the store file alone makes the merge refuse the run (its artifact file is missing)."""
+    from app.sweep_ray import StoreWriter, merge_shard
+    writer = StoreWriter(None)
+    writer.store.blob_limit = 4096  # this instance only: the 40 kB array goes to a file, the small one stays a blob
+    run_id = writer.store.create_run(status="running", method="rome", n_edits_planned=1)
+    big, small = np.arange(5000, dtype=np.float64), np.ones(3)
+    writer.store.write_step(run_id, artifacts=[("hidden_states", {"x": big}, 1, 1), ("small", {"y": small}, 1, 1)],
+                            n_edits_done=1)
+    writer.store.update_status(run_id, "finished", n_edits_done=1)
+    assert set(writer.store.list_artifacts(run_id)["format"]) == {"npz-file", "npz"}
+    local = RunStore(tmp_path / "local")
+    merge_shard(writer.dump(), local)
+    assert local.get_run(run_id)["status"] == "finished"
+    np.testing.assert_array_equal(local.get_artifact(run_id, "hidden_states")["x"], big)
+    np.testing.assert_array_equal(local.get_artifact(run_id, "small")["y"], small)
+    merge_shard(writer.dump(), local)  # the same shard again: idempotent
+    assert len(local.list_artifacts(run_id)) == 2
+
+
+@pytest.mark.timeout(600)  # two spawned worker processes import torch / transformers
+def test_local_workers_run_trials_in_processes_with_the_rows_of_one_process(tiny_dir, tmp_path):
+    """``--executor local --workers 2``: each trial runs in a spawned worker process (its run row names that
+    process) and writes the same rows as the same sweep run one trial after another in this process."""
+    spec = {"name": "pool", "model": tiny_dir, "method": "rome", "n_edits": 2, "eval_every": 2, "seeds": [0, 1],
+            "run": {"general": "none", "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+            "overrides": {"layer": 1, "mom2_n_tokens": 2000, "v_num_grad_steps": 3}}
+    pooled = run_sweep(spec, str(tmp_path / "pool"), executor="local", workers=2)
+    inline = run_sweep(spec, str(tmp_path / "inline"), executor="local", workers=1)
+    assert list(pooled.trials["status"]) == list(inline.trials["status"]) == ["finished", "finished"]
+    ps, ins = RunStore(tmp_path / "pool"), RunStore(tmp_path / "inline")
+    pids = {int(ps.get_run(r)["pid"]) for r in pooled.trials["run_id"]}
+    assert os.getpid() not in pids
+    assert {int(ins.get_run(r)["pid"]) for r in inline.trials["run_id"]} == {os.getpid()}
+    for a, b in zip(pooled.trials["run_id"], inline.trials["run_id"]):
+        assert len(ps.edits_frame(a)) == len(ins.edits_frame(b)) == 2
+        fa = ps.metrics_frame([a], kinds=["edit", "retention", "weights"])
+        fb = ins.metrics_frame([b], kinds=["edit", "retention", "weights"])
+        assert len(fa) == len(fb) > 10
+        np.testing.assert_allclose(fa["value"].to_numpy(), fb["value"].to_numpy(), rtol=1e-4, atol=1e-6)
