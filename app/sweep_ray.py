@@ -212,9 +212,12 @@ def _ray_trial(writer, run_row: dict, config: dict, sweep_id: str, trial_key: st
         store = TeeStore(tmp, writer)
         out = execute_trial(config, run_id, store, None, sweep_id=sweep_id, trial_key=trial_key, threads=threads,
                             device=device)
+        import ray
+
         import app
         out.update(t_task=t0, store_calls=store.calls, store_seconds=store.seconds,
-                   code=os.path.dirname(os.path.abspath(app.__file__)))  # where this worker imported the library
+                   code=os.path.dirname(os.path.abspath(app.__file__)),  # where this worker imported the library
+                   node=ray.get_runtime_context().get_node_id())  # a local call: no wait on Ray
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

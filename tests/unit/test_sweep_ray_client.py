@@ -1,10 +1,13 @@
-"""A sweep driven from outside a Ray cluster (Ray Client, ``--address ray://HOST:PORT``).
+"""Sweeps on a two-node Ray cluster started as a user would, driven from outside it (Ray Client, ``--address
+ray://HOST:PORT``) and from a process on its machine (``--address HOST:PORT``).
 
-A head node is started as a user would (``ray start --head --ray-client-server-port``, in its own folder, without
-this checkout on its ``PYTHONPATH``), and the driver runs in another process. What is checked: the library's code
-travels with the job (the trials import it from Ray's runtime resources, not from the checkout), the writer keeps
-its shard on the cluster and the driver merges it into the local store at the end (every run, edit row, metric row
-and artifact), and the trials' results match the store.
+A head node (``ray start --head --ray-client-server-port``, in its own folder, without this checkout on its
+``PYTHONPATH``) and a second node (``ray start --address HEAD``) of one CPU each, so two trials of one CPU must run
+on different nodes; the drivers run in other processes. What is checked: the trials ran on both nodes at once; the
+library's code travels with the job (the trials import it from Ray's runtime resources, not from the checkout); with
+Ray Client the writer keeps its shard on the cluster and the driver merges it into the local store at the end,
+without it the writer is pinned to the driver's node and writes the local store itself; either way every run, edit
+row, metric row and artifact is in the local store.
 """
 from __future__ import annotations
 
@@ -41,14 +44,18 @@ def ray_head(tmp_path_factory):
         ray.shutdown()
     home = tmp_path_factory.mktemp("ray-head")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    client_port = _free_port()
-    cmd = [exe, "start", "--head", f"--port={_free_port()}", f"--ray-client-server-port={client_port}",
-           "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    client_port, gcs_port = _free_port(), _free_port()  # ephemeral ports: outside Ray's worker range 10002-19999
+    cmd = [exe, "start", "--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+           "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
     done = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:  # pragma: no cover - a machine where Ray cannot start
         pytest.skip(f"`ray start --head` failed here: {done.stderr[-500:]}")
     try:
-        yield f"ray://127.0.0.1:{client_port}"
+        second = subprocess.run([exe, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1",
+                                 "--disable-usage-stats"], cwd=home, env={**env, "RAY_AUTH_MODE": "token"},
+                                capture_output=True, text=True, timeout=180)
+        assert second.returncode == 0, second.stderr[-2000:]
+        yield {"client": f"ray://127.0.0.1:{client_port}", "gcs": f"127.0.0.1:{gcs_port}"}
     finally:
         subprocess.run([exe, "stop", "--force"], cwd=home, env=env, capture_output=True, timeout=120)
 
@@ -61,31 +68,39 @@ DRIVER = textwrap.dedent("""
     print(json.dumps({"client": res.info["client"], "store_path": res.info["store_path"],
                       "status": res.trials["status"].tolist(), "run_id": res.trials["run_id"].tolist(),
                       "code": [r.get("code") for r in res.info["results"]],
+                      "node": [r.get("node") for r in res.info["results"]],
+                      "span": [(r["t_start"], r["t_end"]) for r in res.info["results"]],
                       "run_ids": [r["run_id"] for r in res.info["results"]]}))
 """)
 
 
-@pytest.mark.timeout(600)  # a head node, the client server and cold workers: ~30-60 s on the 2-core machine
-def test_ray_client_sweep_ships_code_and_merges_the_cluster_shard(ray_head, tiny_dir, tmp_path):
+@pytest.mark.timeout(600)  # a head node, the client server and cold workers: ~1-2 min on the 2-core machine
+@pytest.mark.parametrize("via", ["client", "gcs"])
+def test_two_node_sweep_ships_code_and_every_row_reaches_the_local_store(ray_head, tiny_dir, tmp_path, via):
     runs = tmp_path / "runs"
-    spec = {"name": "client", "model": tiny_dir, "methods": ["rome"], "n_edits": 3, "eval_every": 2, "seeds": [0, 1],
-            "run": {"general": "none", "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+    spec = {"name": f"two-nodes-{via}", "model": tiny_dir, "methods": ["rome"], "n_edits": 3, "eval_every": 2,
+            "seeds": [0, 1], "run": {"general": "none", "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
             "overrides": {"layer": 1, "mom2_n_tokens": 2000}}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": ROOT}  # Ray 2.60's `ray start` turns tokens on
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec), str(runs), ray_head], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec), str(runs), ray_head[via]], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["client"] is True
+    assert out["client"] is (via == "client")
     assert out["status"] == ["finished", "finished"]
+    # one CPU per node and per trial: the two trials ran on the two nodes, at the same time
+    assert len(set(out["node"])) == 2
+    (a0, a1), (b0, b1) = out["span"]
+    assert a0 < b1 and b0 < a1
     # the code the trials ran: this checkout's packages as Ray shipped them, not an installed copy
-    assert len(out["code"]) == 2
     for code in out["code"]:
         assert "runtime_resources" in code and not code.startswith(ROOT), code
-    # the writer wrote a shard on the cluster, not the local store; the driver merged it at the end
     store = RunStore(runs)
-    assert os.path.realpath(out["store_path"]) != os.path.realpath(store.path)
+    if via == "client":  # the writer wrote a shard on the cluster; the driver merged it at the end
+        assert os.path.realpath(out["store_path"]) != os.path.realpath(store.path)
+    else:  # the writer ran on the driver's node and wrote the local store
+        assert os.path.realpath(out["store_path"]) == os.path.realpath(store.path)
     assert sorted(store.list_runs()["run_id"]) == sorted(out["run_id"]) == sorted(out["run_ids"])
     for run_id in out["run_id"]:
         run = store.get_run(run_id)
