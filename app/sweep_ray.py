@@ -217,7 +217,8 @@ def _ray_trial(writer, run_row: dict, config: dict, sweep_id: str, trial_key: st
         import app
         out.update(t_task=t0, store_calls=store.calls, store_seconds=store.seconds,
                    code=os.path.dirname(os.path.abspath(app.__file__)),  # where this worker imported the library
-                   node=ray.get_runtime_context().get_node_id())  # a local call: no wait on Ray
+                   node=ray.get_runtime_context().get_node_id(),  # local calls: no wait on Ray
+                   gpu_ids=[str(g) for g in ray.get_gpu_ids()])  # the GPUs Ray gave this trial (CUDA_VISIBLE_DEVICES)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
