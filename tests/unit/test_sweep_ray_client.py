@@ -2,12 +2,12 @@
 ray://HOST:PORT``) and from a process on its machine (``--address HOST:PORT``).
 
 A head node (``ray start --head --ray-client-server-port``, in its own folder, without this checkout on its
-``PYTHONPATH``) and a second node (``ray start --address HEAD``) of one CPU and one logical GPU each, so two
-trials of one CPU must run on different nodes; the drivers run in other processes. What is checked: the trials ran on both nodes at once; the
-library's code travels with the job (the trials import it from Ray's runtime resources, not from the checkout); with
-Ray Client the writer keeps its shard on the cluster and the driver merges it into the local store at the end,
-without it the writer is pinned to the driver's node and writes the local store itself; either way every run, edit
-row, metric row and artifact is in the local store.
+``PYTHONPATH``) and a second node (``ray start --address HEAD``) of one CPU and one logical GPU each, so two trials
+of one CPU must run on different nodes; the drivers run in other processes. What is checked: the trials ran on both
+nodes at once; the library's code travels with the job (the trials import it from Ray's runtime resources, not from
+the checkout); with Ray Client the writer keeps its shard on the cluster and the driver merges it into the local
+store at the end, without it the writer is pinned to the driver's node and writes the local store itself; either way
+every run, edit row, metric row and artifact is in the local store.
 """
 from __future__ import annotations
 
