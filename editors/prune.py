@@ -58,8 +58,13 @@ def restrain(delta_acc: torch.Tensor, sigma_max: float, restraint: str = "log", 
     """PRUNE's restraint of an accumulated edit ``delta_acc`` (any orientation; float64 inside).
 
     Returns the restrained matrix (float64) and ``{n_restrained, sigma_1_before, sigma_1_after}``; when nothing
-    reaches ``sigma_max`` the input (as float64) is returned."""
+    reaches ``sigma_max`` the input (as float64) is returned. σ_1 <= ‖A‖_F, so while ‖A‖_F < ``sigma_max`` (the
+    first edits of a run) nothing can be restrained and only the singular values are computed (for the info),
+    not the singular vectors: the same result, without the full SVD."""
     A = delta_acc.double()
+    if float(torch.linalg.vector_norm(A)) < sigma_max:
+        s1 = float(torch.linalg.svdvals(A)[0]) if A.numel() else 0.0
+        return A, {"n_restrained": 0, "sigma_1_before": s1, "sigma_1_after": s1}
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     S2 = restrain_values(S, sigma_max, restraint, log_base)
     idx = (S2 != S).nonzero().flatten()

@@ -336,6 +336,25 @@ def test_restrain_bounds_every_singular_value():
     assert info2["n_restrained"] == 0 and torch.equal(same, A)
 
 
+def test_restrain_skips_the_full_svd_only_when_the_frobenius_bound_excludes_any_restraint(monkeypatch):
+    """σ_1 <= ‖A‖_F: below σ_max nothing is restrained and the singular vectors are never computed; at or above
+    it the full SVD runs, even when σ_1 itself is below σ_max (the bound is not tight)."""
+    gen = torch.Generator().manual_seed(5)
+    A = _matrix_with_spectrum(20, 40, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), gen)  # ‖A‖_F = √14
+    fro = float(torch.linalg.vector_norm(A))
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    out, info = restrain(A, fro + 1e-6)
+    assert calls == [] and torch.equal(out, A)
+    assert info == {"n_restrained": 0, "sigma_1_before": pytest.approx(3.0), "sigma_1_after": pytest.approx(3.0)}
+    out2, info2 = restrain(A, fro - 1e-6)  # σ_1 = 3 < σ_max: nothing restrained, but the bound cannot say so
+    assert calls == [1] and torch.equal(out2, A) and info2["n_restrained"] == 0
+    assert info2["sigma_1_before"] == pytest.approx(info["sigma_1_before"], rel=1e-12)
+    out3, info3 = restrain(A, 2.5, "linear")  # σ_1 = 3 >= 2.5: restrained to 2.75 (not swallowed)
+    assert info3["n_restrained"] == 1 and float(torch.linalg.svdvals(out3)[0]) < 3.0
+
+
 def test_prune_editor_restrains_the_accumulated_edit_over_sequential_edits():
     lm = tiny_model("llama", seed=14)
     base = {"layers": (1,), "mom2_n_tokens": 2000, "v_num_grad_steps": 3}
