@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from .fields import check_range
 from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor
 from .registry import register
 
@@ -90,10 +91,9 @@ class EMMETConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
-        if self.emmet_lambda < 0 or self.update_norm_lambda < 0:
-            raise ValueError("emmet_lambda and update_norm_lambda must be >= 0")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
+        for name in ("emmet_lambda", "update_norm_lambda"):
+            check_range(name, getattr(self, name), 0)
 
 
 @register(family="locate-then-edit", order=60,

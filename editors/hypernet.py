@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
+from .fields import check_range
 from .finetune import right_pad
 from .hooks import Trace
 from .models import LoadedModel
@@ -92,12 +93,12 @@ class HypernetConfig(EditorConfig):
             raise ValueError(f"layers must be non-negative, got {self.layers}")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers has duplicates: {self.layers}")
-        if self.rank < 1 or self.n_blocks < 0:
-            raise ValueError(f"rank must be >= 1 and n_blocks >= 0, got {self.rank}, {self.n_blocks}")
-        if not self.lr_init > 0 or not self.meta_lr > 0:
-            raise ValueError("lr_init and meta_lr must be > 0")
-        if self.loc_coef < 0 or not self.max_grad_norm > 0 or self.n_edits < 1:
-            raise ValueError("loc_coef must be >= 0, max_grad_norm > 0, n_edits >= 1")
+        for name in ("rank", "n_edits"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("n_blocks", "loc_coef"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("lr_init", "meta_lr", "max_grad_norm"):
+            check_range(name, getattr(self, name), 0, lo_open=True)
 
 
 def edit_layers(cfg: HypernetConfig, lm: LoadedModel) -> list[int]:

@@ -21,6 +21,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from .base import EditResult
+from .fields import check_range
 from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput, key_second_moments
 from .registry import register
 from .requests import EditRequest
@@ -64,8 +65,7 @@ class MEMITConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
 
 
 @register(family="locate-then-edit", collapse_study=True, order=40,

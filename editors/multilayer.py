@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 
 from .base import EditError, Editor, EditorConfig, EditResult, add_update_, math_dtype
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .keys import compute_keys, current_values
 from .requests import EditRequest
 from .stats import DEFAULT_MOM2_TOKENS, layer_covariances
@@ -342,20 +342,14 @@ class MultiLayerConfig(EditorConfig):
 
     def validate(self) -> None:
         check_layers(self.layers)
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+        check_range("v_num_grad_steps", self.v_num_grad_steps, 1)
         for name in ("v_lr", "clamp_norm_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_range(name, getattr(self, name), 0, lo_open=True)
         for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mom2_n_tokens < 1:
-            raise ValueError(f"mom2_n_tokens must be >= 1, got {self.mom2_n_tokens}")
+            check_range(name, getattr(self, name), 0)
+        check_range("mom2_n_tokens", self.mom2_n_tokens, 1)
         check_template_source(self.context_templates)
-        if self.solve_precision not in SOLVE_PRECISIONS:
-            raise ValueError(f"solve_precision must be one of {', '.join(SOLVE_PRECISIONS)}, got "
-                             f"{self.solve_precision!r}")
+        check_choice("solve_precision", self.solve_precision, SOLVE_PRECISIONS)
 
     def z_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`editors.targets.compute_target_values`."""

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from .fields import check_range
 from .memit import memit_solve
 from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor
 from .registry import register
@@ -64,8 +65,7 @@ class PMETConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
 
     def z_kwargs(self) -> dict:
         return {**super().z_kwargs(), "attn_delta": self.z_attention, "adaptive_nll": self.adaptive_nll}

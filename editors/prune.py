@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .fields import check_choice, check_range
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -87,10 +88,8 @@ class PRUNEConfig(WrappedConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.restraint not in RESTRAINTS:
-            raise ValueError(f"restraint must be one of {', '.join(RESTRAINTS)}, got {self.restraint!r}")
-        if not self.log_base > 1:
-            raise ValueError(f"log_base must be > 1, got {self.log_base}")
+        check_choice("restraint", self.restraint, RESTRAINTS)
+        check_range("log_base", self.log_base, 1, lo_open=True)
 
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .fields import check_range
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -56,10 +57,8 @@ class RECTConfig(WrappedConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_range("keep_fraction", self.keep_fraction, 0, 1, lo_open=True)
+        check_range("eps", self.eps, 0)
 
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult, apply_result
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .finetune import right_pad
 from .hooks import Trace
 from .models import LoadedModel
@@ -125,18 +125,14 @@ class UltraEditConfig(EditorConfig):
     def validate(self) -> None:
         if any(int(x) < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers must be distinct non-negative layer indices, got {self.layers}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
-        if self.chunk_var not in CHUNK_VARS:
-            raise ValueError(f"chunk_var must be one of {', '.join(CHUNK_VARS)}, got {self.chunk_var!r}")
-        if self.chunk_size < 1 or self.warmup_turn < 1 or self.warmup_edits < 0:
-            raise ValueError("chunk_size and warmup_turn must be >= 1 and warmup_edits >= 0")
-        if not self.whiten_floor > 0 or self.whiten_prior < 0:
-            raise ValueError("whiten_floor must be > 0 and whiten_prior >= 0")
+        for name in ("lr", "ridge", "whiten_floor"):
+            check_range(name, getattr(self, name), 0, lo_open=True)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("chunk_var", self.chunk_var, CHUNK_VARS)
+        for name in ("chunk_size", "warmup_turn"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("warmup_edits", "whiten_prior"):
+            check_range(name, getattr(self, name), 0)
 
 
 def edit_layers(cfg: UltraEditConfig, n_layers: int) -> list[int]:
