@@ -38,7 +38,7 @@ from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
 from .fields import check_range
 from .finetune import right_pad
-from .hooks import Trace
+from .hooks import output_grad_leaves
 from .models import LoadedModel
 from .requests import EditRequest
 
@@ -248,23 +248,10 @@ def cache_keys_and_value_grads(lm: LoadedModel, modules: Sequence[str], requests
     Gradients are taken with respect to zero leaves added to the modules' outputs, so no weight is touched.
     """
     enc = encode(lm.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], lm.device)
-    leaves: dict[str, torch.Tensor] = {}
-
-    def add_leaf(name, output):
-        o = output[0] if isinstance(output, tuple) else output
-        z = torch.zeros_like(o, requires_grad=True)
-        leaves[name] = z
-        return (o + z, *output[1:]) if isinstance(output, tuple) else o + z
-
-    was_training = lm.model.training
-    lm.model.eval()
-    try:
-        with torch.enable_grad(), Trace(lm.model, modules, retain_input=True, edit_output=add_leaf) as tr:
-            logits = answer_logits(lm.model, enc)
-            loss = F.cross_entropy(logits, enc.labels, reduction="sum")
-            grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
-    finally:
-        lm.model.train(was_training)
+    with output_grad_leaves(lm.model, modules) as (tr, leaves):
+        logits = answer_logits(lm.model, enc)
+        loss = F.cross_entropy(logits, enc.labels, reduction="sum")
+        grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
     K = {n: tr.inputs[n][enc.rows, enc.cols].float() for n in modules}
     G = {n: g[enc.rows, enc.cols].float() for n, g in zip(modules, grads)}
     return K, G, float(loss.detach())

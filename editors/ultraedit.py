@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from .base import EditError, Editor, EditorConfig, EditResult, apply_result
 from .fields import check_choice, check_range, help_meta
 from .finetune import right_pad
-from .hooks import Trace
+from .hooks import output_grad_leaves
 from .models import LoadedModel
 from .registry import register
 from .requests import EditRequest
@@ -310,25 +310,12 @@ def chunk_features(lm: LoadedModel, modules: Sequence[str], requests: Sequence[E
     backward pass; gradients flow through every path; logits only at the answer positions. No weight is touched:
     the gradients are those of zero leaves added to the modules' outputs."""
     ids, mask, rows, cols, labels = _encode(lm.tokenizer, requests, lm.device)
-    leaves: dict[str, torch.Tensor] = {}
-
-    def add_leaf(name, output):
-        o = output[0] if isinstance(output, tuple) else output
-        leaf = torch.zeros_like(o, requires_grad=True)
-        leaves[name] = leaf
-        return (o + leaf, *output[1:]) if isinstance(output, tuple) else o + leaf
-
     model = lm.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), Trace(model, modules, retain_input=True, edit_output=add_leaf) as tr:
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-            loss = F.cross_entropy(logits, labels)
-            grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
-    finally:
-        model.train(was_training)
+    with output_grad_leaves(model, modules) as (tr, leaves):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+        loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
     H = {n: tr.inputs[n][rows, cols].detach().float() for n in modules}
     G = {n: g[rows, cols].detach().float() for n, g in zip(modules, grads)}
     return ChunkFeatures(H, G, float(loss.detach()), int(labels.numel()))
