@@ -46,7 +46,7 @@ import torch
 from .base import EditResult
 from .fields import check_choice, check_range, help_meta
 from .memit import memit_solve
-from .multilayer import SITES, SPREADS, LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
+from .multilayer import SITES, SPREADS, TINY_OVERRIDES, LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
 from .registry import register
 from .requests import EditRequest
 
@@ -259,8 +259,7 @@ class AdaEditConfig(MultiLayerConfig):
 # =================================================================================================================
 # the editor
 # =================================================================================================================
-@register(family="constrained", collapse_study=True, order=100,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="constrained", collapse_study=True, order=100, tiny=TINY_OVERRIDES)
 class AdaEditEditor(MultiLayerEditor):
     """AdaEdit: PMET-FFN perturbation per layer, fused by SRFusion (SVD, top-r, hard-threshold, renormalise)."""
 

@@ -33,7 +33,14 @@ import torch
 
 from .base import EditError, EditResult
 from .fields import check_choice, check_range
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput, key_second_moments
+from .multilayer import (
+    TINY_OVERRIDES,
+    LayerState,
+    MultiLayerConfig,
+    MultiLayerEditor,
+    MultiLayerOutput,
+    key_second_moments,
+)
 from .registry import register
 from .requests import EditRequest
 
@@ -152,7 +159,7 @@ class AlphaEditConfig(MultiLayerConfig):
 
 # tiny: the null space of the directions holding at most 5% of the tiny model's key energy (rule 'energy')
 @register(family="constrained", collapse_study=True, order=70,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "nullspace_threshold": 0.05})
+          tiny={**TINY_OVERRIDES, "nullspace_threshold": 0.05})
 class AlphaEditEditor(MultiLayerEditor):
     """AlphaEdit (Fang et al. 2025): MEMIT's targets with the update projected onto the preserved keys' null space."""
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from .fields import check_range
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor
+from .multilayer import TINY_OVERRIDES, LayerState, MultiLayerConfig, MultiLayerEditor
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class EMMETConfig(MultiLayerConfig):
             check_range(name, getattr(self, name), 0)
 
 
-@register(family="locate-then-edit", order=60,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="locate-then-edit", order=60, tiny=TINY_OVERRIDES)
 class EMMETEditor(MultiLayerEditor):
     """EMMET (Gupta et al. 2024): equality-constrained batched edit, ΔW = R D⁻¹ Kᵀ C'⁻¹."""
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -72,6 +73,8 @@ AE_KINDS = ("linear", "mlp-relu")
 IMPORTANCE_NORMS = ("rank", "minmax")
 ALIGNED, ORTHOGONAL, CONFLICTING = 0, 1, 2
 CLASS_NAMES = ("aligned", "orthogonal", "conflicting")
+#: the registry's ``tiny`` overrides of both GeoEdit editors (one edit on the 4-layer test models in seconds)
+TINY_OVERRIDES = MappingProxyType({"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
 
 
 @dataclass
@@ -533,8 +536,7 @@ class GeoEditDetails:
 # ---------------------------------------------------------------------------------------------------------------
 # the editor
 # ---------------------------------------------------------------------------------------------------------------
-@register(family="fine-tuning", order=140,
-          tiny={"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
+@register(family="fine-tuning", order=140, tiny=TINY_OVERRIDES)
 class GeoEditEditor(FineTuneEditor):
     """GeoEdit (Feng et al. 2025): direction-aware fusion of old- and new-fact task vectors in an AE latent space."""
 
@@ -709,8 +711,7 @@ class GeoEditEditor(FineTuneEditor):
         return result, GeoEditDetails(list(names), rows, scale, ae, runs, geo)
 
 
-@register(family="fine-tuning", order=145,
-          tiny={"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
+@register(family="fine-tuning", order=145, tiny=TINY_OVERRIDES)
 class GeoEditMWEditor(GeoEditEditor):
     """GeoEdit with the paper's '+MW' fusion (Table 2 ablation): the reliable GeoEdit on SmolLM2-135M."""
 

@@ -22,7 +22,14 @@ import torch
 
 from .base import EditResult
 from .fields import check_range
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput, key_second_moments
+from .multilayer import (
+    TINY_OVERRIDES,
+    LayerState,
+    MultiLayerConfig,
+    MultiLayerEditor,
+    MultiLayerOutput,
+    key_second_moments,
+)
 from .registry import register
 from .requests import EditRequest
 
@@ -68,8 +75,7 @@ class MEMITConfig(MultiLayerConfig):
         check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
 
 
-@register(family="locate-then-edit", collapse_study=True, order=40,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="locate-then-edit", collapse_study=True, order=40, tiny=TINY_OVERRIDES)
 class MEMITEditor(MultiLayerEditor):
     """MEMIT (Meng et al. 2023): batched multi-layer least-squares edit of the MLP output projections."""
 

@@ -74,7 +74,7 @@ import torch
 from .base import EditError, Editor, EditResult
 from .fields import check_choice, check_range, help_meta
 from .keys import compute_keys, current_values
-from .multilayer import SPREADS, MultiLayerConfig, check_layers, spread_residual
+from .multilayer import SPREADS, TINY_OVERRIDES, MultiLayerConfig, check_layers, spread_residual
 from .registry import register
 from .requests import EditRequest
 from .stats import layer_covariances
@@ -250,7 +250,7 @@ class MOSEConfig(MultiLayerConfig):
 # the editor
 # =================================================================================================================
 @register(family="multiplicative", collapse_study=True, order=110,
-          tiny={"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+          tiny={"candidate_layers": (1, 2), **TINY_OVERRIDES})
 class MOSEEditor(Editor):
     """MOSE (closed form): W <- R W with R orthogonal (Procrustes, Eq. 17-20), layers chosen by Eq. 22."""
 

@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 SITES = ("residual", "mlp_out")
 SPREADS = ("linear", "sqrt")
+#: the registry's ``tiny`` overrides of the layer loop (one edit on the 4-layer models of editors.testing in
+#: seconds): edit layers 1-2, a small covariance sample, two target steps; the MEMIT family's methods use them
+TINY_OVERRIDES = MappingProxyType({"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
 
 
 # =================================================================================================================
@@ -433,4 +437,4 @@ class MultiLayerEditor(Editor):
 
 
 __all__ = ["LayerState", "Solve", "MultiLayerOutput", "multilayer_update", "key_second_moments", "check_layers",
-           "MultiLayerConfig", "MultiLayerEditor", "SITES", "SPREADS", "SOLVE_PRECISIONS"]
+           "MultiLayerConfig", "MultiLayerEditor", "SITES", "SPREADS", "SOLVE_PRECISIONS", "TINY_OVERRIDES"]

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from .fields import check_choice, check_range
+from .multilayer import TINY_OVERRIDES
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -94,7 +95,7 @@ class PRUNEConfig(WrappedConfig):
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
 @register(family="constrained", collapse_study=True, order=90,
-          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
+          tiny={"base": "memit", "base_overrides": dict(TINY_OVERRIDES)})
 class PRUNEEditor(WrappedEditor):
     """PRUNE: the base method's update, with the accumulated edit's singular values above σ_max(W0) restrained."""
 

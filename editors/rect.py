@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from .fields import check_range
+from .multilayer import TINY_OVERRIDES
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -63,7 +64,7 @@ class RECTConfig(WrappedConfig):
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
 @register(family="constrained", collapse_study=True, order=80,
-          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
+          tiny={"base": "memit", "base_overrides": dict(TINY_OVERRIDES)})
 class RECTEditor(WrappedEditor):
     """RECT: the base method's ΔW, keeping only the top keep_fraction of entries by |ΔW / W|."""
 
