@@ -211,6 +211,18 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def check_indices(name: str, values: Sequence[int]) -> None:
+    """Check that the field ``name`` holds distinct non-negative indices (layers; any order, possibly none).
+
+    Raises:
+        ConfigError: ``"<name> must be non-negative, got (1, -1)"`` or ``"<name> has duplicates: (1, 1)"``.
+    """
+    if any(int(x) < 0 for x in values):
+        raise ConfigError(f"{name} must be non-negative, got {values}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} has duplicates: {values}")
+
+
 def parse_sets(pairs: Sequence[str], *, form: str = "KEY=VALUE") -> dict[str, str]:
     """``--set KEY=VALUE`` strings as ``{key: value}`` (keys stripped, values as given; a later key wins).
 
@@ -247,4 +259,5 @@ def parse_method_sets(pairs: Sequence[str], methods: Sequence[str] | None = None
 
 
 __all__ = ["ConfigError", "help_meta", "type_name", "field_default", "field_help", "did_you_mean", "coerce",
-           "check_names", "coerce_fields", "check_range", "check_choice", "parse_sets", "parse_method_sets"]
+           "check_names", "coerce_fields", "check_range", "check_choice", "check_indices", "parse_sets",
+           "parse_method_sets"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .base import EditError, Editor, EditorConfig, EditResult, add_update_, finite_or_raise, math_dtype, relative_norm
-from .fields import check_choice, check_range
+from .fields import check_choice, check_indices, check_range
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,7 @@ class FineTuneConfig(EditorConfig):
     def validate(self) -> None:
         if not self.layers:
             raise ValueError("layers must name at least one layer")
-        if any(int(x) < 0 for x in self.layers):
-            raise ValueError(f"layers must be non-negative, got {self.layers}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers has duplicates: {self.layers}")
+        check_indices("layers", self.layers)
         check_choice("module", self.module, MODULES)
         check_choice("objective", self.objective, OBJECTIVES)
         check_range("num_steps", self.num_steps, 1)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
-from .fields import check_range
+from .fields import check_indices, check_range
 from .finetune import right_pad
 from .hooks import output_grad_leaves
 from .models import LoadedModel
@@ -89,10 +89,7 @@ class HypernetConfig(EditorConfig):
         "the contract tests and the untrained baseline only; not part of the checkpoint key.")})
 
     def validate(self) -> None:
-        if any(int(x) < 0 for x in self.layers):
-            raise ValueError(f"layers must be non-negative, got {self.layers}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers has duplicates: {self.layers}")
+        check_indices("layers", self.layers)
         for name in ("rank", "n_edits"):
             check_range(name, getattr(self, name), 1)
         for name in ("n_blocks", "loc_coef"):

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult, apply_result
-from .fields import check_choice, check_range, help_meta
+from .fields import check_choice, check_indices, check_range, help_meta
 from .finetune import right_pad
 from .hooks import output_grad_leaves
 from .models import LoadedModel
@@ -123,8 +123,7 @@ class UltraEditConfig(EditorConfig):
         "phases). False: statistics only (our variant)."))
 
     def validate(self) -> None:
-        if any(int(x) < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be distinct non-negative layer indices, got {self.layers}")
+        check_indices("layers", self.layers)
         for name in ("lr", "ridge", "whiten_floor"):
             check_range(name, getattr(self, name), 0, lo_open=True)
         check_choice("normalization", self.normalization, NORMALIZATIONS)

@@ -8,6 +8,7 @@ import pytest
 from editors.fields import (
     ConfigError,
     check_choice,
+    check_indices,
     check_range,
     coerce,
     coerce_fields,
@@ -145,3 +146,12 @@ def test_method_configs_report_the_checks_with_the_method():
     with pytest.raises(ConfigError, match=r"^rect: base must be one of rome, memit, got 'pmet'$"):
         make_config(RECTConfig, {"base": "pmet"}, method="rect")
     assert make_config(RECTConfig, {"keep_fraction": 1, "eps": 0}, method="rect").keep_fraction == 1
+
+
+def test_check_indices_distinct_and_non_negative():
+    check_indices("layers", ())
+    check_indices("layers", (3, 1, 2))  # any order
+    with pytest.raises(ConfigError, match=r"^layers must be non-negative, got \(1, -1\)$"):
+        check_indices("layers", (1, -1))
+    with pytest.raises(ConfigError, match=r"^layers has duplicates: \(2, 0, 2\)$"):
+        check_indices("layers", (2, 0, 2))
