@@ -16,7 +16,7 @@ import numpy as np
 
 from analysis import evaluation as ev
 from editors.base import ConfigError, EditorConfig
-from editors.fields import check_names, coerce, coerce_fields, field_help, help_meta
+from editors.fields import check_choice, check_names, check_range, coerce, coerce_fields, field_help, help_meta
 from editors.models import DTYPE_CHOICES
 from editors.presets import build_config
 
@@ -196,30 +196,19 @@ class RunConfig:
         """Raise :class:`~editors.registry.UnknownMethodError` for an unknown method and :class:`ConfigError`
         for an unknown method field or a bad value (messages list the valid choices)."""
         self.method_config()
-        for name in ("n_edits", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ConfigError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        for name in ("n_edits", "batch_size", "eval_batch_size", "wild_max_tokens"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        for name in ("eval_every", "wild_retention_max"):
+            check_range(name, getattr(self, name), 0, integer=True)
         parse_schedule(self.checkpoint_schedule)
-        if not isinstance(self.retention_sample, int) or self.retention_sample < 0:
-            raise ConfigError(f"retention_sample must be an integer >= 0 (0 = every edit), got "
-                              f"{self.retention_sample!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        check_range("retention_sample", self.retention_sample, 0, integer=True, note="0 = every edit")
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
         bad = [p for p in self.protocols if p not in ev.PROTOCOLS]
         if bad or not self.protocols:
             raise ConfigError(f"unknown protocol {bad[0] if bad else '(none given)'!r}; valid: "
                               f"{', '.join(ev.PROTOCOLS)}")
-        if self.wild_context not in ev.WILD_CONTEXTS:
-            raise ConfigError(f"wild_context must be one of {', '.join(ev.WILD_CONTEXTS)}, got {self.wild_context!r}")
-        if not isinstance(self.wild_max_tokens, int) or self.wild_max_tokens < 1:
-            raise ConfigError(f"wild_max_tokens must be an integer >= 1, got {self.wild_max_tokens!r}")
-        if not isinstance(self.wild_retention_max, int) or self.wild_retention_max < 0:
-            raise ConfigError(f"wild_retention_max must be an integer >= 0, got {self.wild_retention_max!r}")
-        if self.locality_probes not in PROBE_CHOICES:
-            raise ConfigError(f"locality_probes must be one of {', '.join(PROBE_CHOICES)}, "
-                              f"got {self.locality_probes!r}")
+        check_choice("wild_context", self.wild_context, ev.WILD_CONTEXTS)
+        check_choice("locality_probes", self.locality_probes, PROBE_CHOICES)
         if self.general != "none":
             tasks, glue_dir = general_tasks(self.general)
             bad = [t for t in tasks if not (t in ("builtin", "glue", *GLUE_TASKS) or t.startswith("builtin/"))]
@@ -230,8 +219,7 @@ class RunConfig:
                 raise ConfigError(f"general: GLUE folder {glue_dir!r} does not exist")
         if not str(self.data).strip():
             raise ConfigError("data must name a source: builtin, counterfact:PATH, zsre:PATH or PATH")
-        if self.general_n is not None and self.general_n < 1:
-            raise ConfigError(f"general_n must be >= 1 or None, got {self.general_n!r}")
+        check_range("general_n", self.general_n, 1, optional=True)
 
     def method_config(self, model_name: str | None = None) -> tuple[EditorConfig, int | None]:
         """The method config this run uses and the preset version (None without a preset):

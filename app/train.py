@@ -45,6 +45,24 @@ def validate_edits(lm, editor, requests: Sequence) -> dict:
     return {"ES": es, "GS": gs, "LS": ls, "score": score}
 
 
+def batch_scores(lm, editor, records: Sequence, size: int) -> dict:
+    """Batch editing (the papers' setting): :func:`validate_edits` on each ``size`` records in turn (the model is
+    back to the unedited one for the next batch). ES / GS / LS are means over batches weighted by batch size; the
+    Editing Score is that of the means."""
+    from analysis.evaluation import editing_score
+
+    totals, n = {"ES": 0.0, "GS": 0.0, "LS": 0.0}, 0
+    for i in range(0, len(records), size):
+        batch = records[i:i + size]
+        row = validate_edits(lm, editor, batch)
+        for k in totals:
+            totals[k] += row[k] * len(batch)
+        n += len(batch)
+    out = {k: v / n for k, v in totals.items()}
+    out["score"] = editing_score(out["ES"], out["GS"], out["LS"])
+    return out
+
+
 def train_hypernet(lm, method: str, overrides: dict | None, data: str, *, steps: int = 200, eval_every: int = 50,
                    n_val: int = 16, seed: int = 0, cache_dir: str | None = None, progress: bool = True,
                    on_step: Callable[[int, dict], None] | None = None) -> dict:

@@ -34,24 +34,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def batch_scores(lm, editor, records, size: int) -> dict:
-    """Batch editing (the papers' setting): edit ``size`` records at once, score ES / GS / LS (tf_token_acc), undo
-    (the model is back to the unedited one for the next batch). Means over batches, weighted by batch size."""
-    from analysis.evaluation import editing_score
-    from app.train import validate_edits
-
-    totals, n = {"ES": 0.0, "GS": 0.0, "LS": 0.0}, 0
-    for i in range(0, len(records), size):
-        batch = records[i:i + size]
-        row = validate_edits(lm, editor, batch)
-        for k in totals:
-            totals[k] += row[k] * len(batch)
-        n += len(batch)
-    out = {k: v / n for k, v in totals.items()}
-    out["score"] = editing_score(out["ES"], out["GS"], out["LS"])
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="agrade", choices=("agrade", "malmen"))
@@ -71,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batch", type=int, default=None, help="records per batch edit (default: --n-edits)")
     args = ap.parse_args(argv)
 
-    from app.train import train_hypernet, validate_edits
+    from app.train import batch_scores, train_hypernet, validate_edits
     from editors.base import ConfigError
     from editors.data import load_requests
     from editors.fields import parse_sets

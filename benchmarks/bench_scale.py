@@ -45,19 +45,18 @@ class TimedStore(RunStore):
 
     seconds = 0.0
 
-    def write_step(self, *args, **kw):
+    def _timed(self, write, *args, **kw):
         t0 = time.perf_counter()
         try:
-            return super().write_step(*args, **kw)
+            return write(*args, **kw)
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def write_step(self, *args, **kw):
+        return self._timed(super().write_step, *args, **kw)
+
     def add_metric_rows(self, *args, **kw):
-        t0 = time.perf_counter()
-        try:
-            return super().add_metric_rows(*args, **kw)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        return self._timed(super().add_metric_rows, *args, **kw)
 
 
 def store_bytes(store: RunStore) -> int:

@@ -44,9 +44,9 @@ from typing import ClassVar, Sequence
 import torch
 
 from .base import EditResult
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .memit import memit_solve
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
+from .multilayer import SITES, SPREADS, TINY_OVERRIDES, LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput
 from .registry import register
 from .requests import EditRequest
 
@@ -246,29 +246,20 @@ class AdaEditConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
-        if self.residual_site not in ("mlp_out", "residual"):
-            raise ValueError(f"residual_site must be 'mlp_out' or 'residual', got {self.residual_site!r}")
-        if self.spread not in ("linear", "sqrt"):
-            raise ValueError(f"spread must be 'linear' or 'sqrt', got {self.spread!r}")
-        if self.sparsify not in SPARSIFY:
-            raise ValueError(f"sparsify must be one of {', '.join(SPARSIFY)}, got {self.sparsify!r}")
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not self.k > 0:
-            raise ValueError(f"k must be > 0 (a count >= 1 or a fraction in (0, 1)), got {self.k}")
-        if self.svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
+        check_choice("residual_site", self.residual_site, SITES)
+        check_choice("spread", self.spread, SPREADS)
+        check_choice("sparsify", self.sparsify, SPARSIFY)
+        check_range("r", self.r, 1)
+        check_range("k", self.k, 0, lo_open=True, note="a count >= 1 or a fraction in (0, 1)")
+        check_choice("svd", self.svd, SVD_METHODS)
+        check_range("keep_fraction", self.keep_fraction, 0, 1, lo_open=True)
 
 
 # =================================================================================================================
 # the editor
 # =================================================================================================================
-@register(family="constrained", collapse_study=True, order=100,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="constrained", collapse_study=True, order=100, tiny=TINY_OVERRIDES)
 class AdaEditEditor(MultiLayerEditor):
     """AdaEdit: PMET-FFN perturbation per layer, fused by SRFusion (SVD, top-r, hard-threshold, renormalise)."""
 

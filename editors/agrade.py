@@ -42,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from .fields import check_choice
 from .hypernet import HyperNet, HypernetConfig, HypernetEditor, Prediction, regularised_solve_op, solve_shift
 from .registry import register
 
@@ -80,9 +81,7 @@ class AGRADEConfig(HypernetConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.projection_reference not in PROJECTION_REFERENCES:
-            raise ValueError(f"projection_reference must be one of {', '.join(PROJECTION_REFERENCES)}, "
-                             f"got {self.projection_reference!r}")
+        check_choice("projection_reference", self.projection_reference, PROJECTION_REFERENCES)
 
 
 def adjustment_coefficients(H: torch.Tensor, H_tilde: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,15 @@ from typing import ClassVar, Sequence
 import torch
 
 from .base import EditError, EditResult
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput, key_second_moments
+from .fields import check_choice, check_range
+from .multilayer import (
+    TINY_OVERRIDES,
+    LayerState,
+    MultiLayerConfig,
+    MultiLayerEditor,
+    MultiLayerOutput,
+    key_second_moments,
+)
 from .registry import register
 from .requests import EditRequest
 
@@ -141,20 +149,17 @@ class AlphaEditConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.nullspace_rule not in NULLSPACE_RULES:
-            raise ValueError(f"nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, got {self.nullspace_rule!r}")
-        if not self.nullspace_threshold > 0:
-            raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
+        check_choice("nullspace_rule", self.nullspace_rule, NULLSPACE_RULES)
+        check_range("nullspace_threshold", self.nullspace_threshold, 0, lo_open=True)
         if self.nullspace_rule != "absolute" and not self.nullspace_threshold < 1:
             raise ValueError(f"a {self.nullspace_rule} nullspace_threshold must be in (0, 1), got "
                              f"{self.nullspace_threshold}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_range("alpha", self.alpha, 0, lo_open=True)
 
 
 # tiny: the null space of the directions holding at most 5% of the tiny model's key energy (rule 'energy')
 @register(family="constrained", collapse_study=True, order=70,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2, "nullspace_threshold": 0.05})
+          tiny={**TINY_OVERRIDES, "nullspace_threshold": 0.05})
 class AlphaEditEditor(MultiLayerEditor):
     """AlphaEdit (Fang et al. 2025): MEMIT's targets with the update projected onto the preserved keys' null space."""
 

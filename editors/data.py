@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .requests import EditRequest, RequestError, make_request
+from .requests import EditRequest, RequestError, check_required_text, make_request
 
 log = logging.getLogger(__name__)
 
@@ -667,13 +667,7 @@ def _text_or_str_field(value, name: str, label: str, field: str):
         if "str" not in value:
             raise RequestError(name, label, field, "expected a string or an object with a 'str' key")
         value = value["str"]
-    if value is None:
-        raise RequestError(name, label, field, "missing")
-    if not isinstance(value, str):
-        raise RequestError(name, label, field, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RequestError(name, label, field, "empty")
-    return value
+    return check_required_text(value, name, label, field)
 
 
 def _string_list(value, name: str, label: str, field: str, csv_lists: bool) -> tuple[str, ...]:

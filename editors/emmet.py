@@ -19,7 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor
+from .fields import check_range
+from .multilayer import TINY_OVERRIDES, LayerState, MultiLayerConfig, MultiLayerEditor
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,12 @@ class EMMETConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
-        if self.emmet_lambda < 0 or self.update_norm_lambda < 0:
-            raise ValueError("emmet_lambda and update_norm_lambda must be >= 0")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
+        for name in ("emmet_lambda", "update_norm_lambda"):
+            check_range(name, getattr(self, name), 0)
 
 
-@register(family="locate-then-edit", order=60,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="locate-then-edit", order=60, tiny=TINY_OVERRIDES)
 class EMMETEditor(MultiLayerEditor):
     """EMMET (Gupta et al. 2024): equality-constrained batched edit, ΔW = R D⁻¹ Kᵀ C'⁻¹."""
 

@@ -160,6 +160,69 @@ def coerce_fields(cls: type, changes: Mapping[str, Any], current: Any = None, *,
     return out
 
 
+def _rule(lo: Any, hi: Any, lo_open: bool, hi_open: bool, integer: bool) -> str:
+    """What a value must do, as the messages word it: ``"be >= 1"``, ``"be an integer > 0"``, ``"lie in (0, 1]"``."""
+    kind = "an integer " if integer else ""
+    if lo is not None and hi is not None:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return f"be {kind}in {interval}" if integer else f"lie in {interval}"
+    if lo is not None:
+        return f"be {kind}{'>' if lo_open else '>='} {lo}"
+    return f"be {kind}{'<' if hi_open else '<='} {hi}"
+
+
+def check_range(name: str, value: Any, lo: Any = None, hi: Any = None, *, lo_open: bool = False,
+                hi_open: bool = False, integer: bool = False, optional: bool = False, note: str = "") -> None:
+    """Check that the field ``name`` holds a number within the bounds (closed unless ``lo_open`` / ``hi_open``).
+
+    A NaN lies within no bounds. Messages name the field, the bounds and the value:
+    ``"r must be >= 1, got 0"``, ``"keep_fraction must lie in (0, 1], got 1.5"``, ``"general_n must be >= 1 or None,
+    got 0"``, ``"n_edits must be an integer >= 1, got 2.5"``.
+
+    Args:
+        integer: the value must also be an ``int``.
+        optional: None is valid too.
+        note: what the bounds mean, in parentheses after them.
+
+    Raises:
+        ConfigError: the value is outside the bounds (or not an int with ``integer``).
+    """
+    if optional and value is None:
+        return
+    ok = not integer or isinstance(value, int)
+    if ok and lo is not None:
+        ok = lo < value if lo_open else lo <= value
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        rule = _rule(lo, hi, lo_open, hi_open, integer)
+        raise ConfigError(f"{name} must {rule}{' or None' if optional else ''}{f' ({note})' if note else ''}, "
+                          f"got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """Check that the field ``name`` holds one of ``choices``.
+
+    Raises:
+        ConfigError: ``"<name> must be one of a, b, got 'c'"``.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_indices(name: str, values: Sequence[int]) -> None:
+    """Check that the field ``name`` holds distinct non-negative indices (layers; any order, possibly none).
+
+    Raises:
+        ConfigError: ``"<name> must be non-negative, got (1, -1)"`` or ``"<name> has duplicates: (1, 1)"``.
+    """
+    if any(int(x) < 0 for x in values):
+        raise ConfigError(f"{name} must be non-negative, got {values}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} has duplicates: {values}")
+
+
 def parse_sets(pairs: Sequence[str], *, form: str = "KEY=VALUE") -> dict[str, str]:
     """``--set KEY=VALUE`` strings as ``{key: value}`` (keys stripped, values as given; a later key wins).
 
@@ -196,4 +259,5 @@ def parse_method_sets(pairs: Sequence[str], methods: Sequence[str] | None = None
 
 
 __all__ = ["ConfigError", "help_meta", "type_name", "field_default", "field_help", "did_you_mean", "coerce",
-           "check_names", "coerce_fields", "parse_sets", "parse_method_sets"]
+           "check_names", "coerce_fields", "check_range", "check_choice", "check_indices", "parse_sets",
+           "parse_method_sets"]

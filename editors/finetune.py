@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .base import EditError, Editor, EditorConfig, EditResult, add_update_, finite_or_raise, math_dtype, relative_norm
+from .fields import check_choice, check_indices, check_range
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -85,24 +86,14 @@ class FineTuneConfig(EditorConfig):
     def validate(self) -> None:
         if not self.layers:
             raise ValueError("layers must name at least one layer")
-        if any(int(x) < 0 for x in self.layers):
-            raise ValueError(f"layers must be non-negative, got {self.layers}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers has duplicates: {self.layers}")
-        if self.module not in MODULES:
-            raise ValueError(f"module must be one of {', '.join(MODULES)}, got {self.module!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.early_stop_loss < 0:
-            raise ValueError(f"early_stop_loss must be >= 0, got {self.early_stop_loss}")
+        check_indices("layers", self.layers)
+        check_choice("module", self.module, MODULES)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_range("num_steps", self.num_steps, 1)
+        check_range("lr", self.lr, 0, lo_open=True)
+        check_range("batch_size", self.batch_size, 1)
+        for name in ("weight_decay", "early_stop_loss"):
+            check_range(name, getattr(self, name), 0)
 
     def box(self) -> float | None:
         """Half-width of the elementwise box around W0, or None when unconstrained."""
@@ -125,12 +116,9 @@ class AdapterConfig(FineTuneConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_range("rank", self.rank, 1)
+        check_range("alpha", self.alpha, 0, lo_open=True)
+        check_range("dropout", self.dropout, 0, 1, hi_open=True)
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(int(self.rank), float(self.alpha), float(self.dropout))
@@ -153,12 +141,9 @@ class TwoTaskConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not self.lora_lr > 0:
-            raise ValueError(f"lora_lr must be > 0, got {self.lora_lr}")
-        if self.old_num_steps is not None and self.old_num_steps < 1:
-            raise ValueError(f"old_num_steps must be >= 1 or None, got {self.old_num_steps}")
+        check_choice("mode", self.mode, MODES)
+        check_range("lora_lr", self.lora_lr, 0, lo_open=True)
+        check_range("old_num_steps", self.old_num_steps, 1, optional=True)
 
     def adapter_and_lr(self) -> tuple[LoraSettings | None, float]:
         """The adapter (None in mode 'ft') and the learning rate both fine-tunings use."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 from .base import EditorConfig, EditResult
+from .fields import check_range
 from .finetune import FineTuneEditor, TwoTaskConfig
 from .registry import register
 from .requests import EditRequest
@@ -44,8 +45,7 @@ class FLearningConfig(TwoTaskConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.forget_lambda < 0:
-            raise ValueError(f"forget_lambda must be >= 0, got {self.forget_lambda}")
+        check_range("forget_lambda", self.forget_lambda, 0)
 
 
 @register(family="fine-tuning", order=130, tiny={"layers": (1,), "num_steps": 2, "batch_size": 2})

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .base import EditorConfig
+from .fields import check_range
 from .finetune import FineTuneConfig, FineTuneEditor
 from .registry import register
 
@@ -45,8 +46,7 @@ class FTConfig(FineTuneConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.norm_constraint is not None and self.norm_constraint < 0:
-            raise ValueError(f"norm_constraint must be >= 0 or None, got {self.norm_constraint}")
+        check_range("norm_constraint", self.norm_constraint, 0, optional=True)
 
     def box(self) -> float | None:
         return float(self.norm_constraint) if self.norm_constraint else None
@@ -80,8 +80,7 @@ class FTCConfig(FineTuneConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0 (the constraint is what makes this ft-c), got {self.epsilon}")
+        check_range("epsilon", self.epsilon, 0, lo_open=True, note="the constraint is what makes this ft-c")
 
     def box(self) -> float | None:
         return float(self.epsilon)

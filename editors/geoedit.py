@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ import torch
 from torch import nn
 
 from .base import EditError, EditorConfig, EditResult
+from .fields import check_choice, check_range
 from .finetune import Example, FineTuneEditor, TwoTaskConfig, pad_examples
 from .registry import register
 from .requests import EditRequest
@@ -71,6 +73,8 @@ AE_KINDS = ("linear", "mlp-relu")
 IMPORTANCE_NORMS = ("rank", "minmax")
 ALIGNED, ORTHOGONAL, CONFLICTING = 0, 1, 2
 CLASS_NAMES = ("aligned", "orthogonal", "conflicting")
+#: the registry's ``tiny`` overrides of both GeoEdit editors (one edit on the 4-layer test models in seconds)
+TINY_OVERRIDES = MappingProxyType({"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
 
 
 @dataclass
@@ -196,29 +200,22 @@ class GeoEditConfig(TwoTaskConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.neuron_axis not in NEURON_AXES:
-            raise ValueError(f"neuron_axis must be one of {', '.join(NEURON_AXES)}, got {self.neuron_axis!r}")
-        if not 0 <= self.importance_decay < 1:
-            raise ValueError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
-        if self.importance_norm not in IMPORTANCE_NORMS:
-            raise ValueError(f"importance_norm must be one of {', '.join(IMPORTANCE_NORMS)}, "
-                             f"got {self.importance_norm!r}")
-        if self.ae not in AE_KINDS:
-            raise ValueError(f"ae must be one of {', '.join(AE_KINDS)}, got {self.ae!r}")
+        check_choice("neuron_axis", self.neuron_axis, NEURON_AXES)
+        check_range("importance_decay", self.importance_decay, 0, 1, hi_open=True)
+        check_choice("importance_norm", self.importance_norm, IMPORTANCE_NORMS)
+        check_choice("ae", self.ae, AE_KINDS)
         for name in ("latent_dim", "ae_hidden"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v}")
-        if self.ae_steps < 0 or self.ae_batch_size < 1 or self.ae_kl_every < 1:
-            raise ValueError("ae_steps must be >= 0, ae_batch_size and ae_kl_every >= 1")
-        if not self.ae_lr > 0 or self.ae_kl_weight < 0:
-            raise ValueError("ae_lr must be > 0 and ae_kl_weight >= 0")
+            check_range(name, getattr(self, name), 1, optional=True)
+        for name in ("ae_batch_size", "ae_kl_every"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("ae_steps", "ae_kl_weight"):
+            check_range(name, getattr(self, name), 0)
+        check_range("ae_lr", self.ae_lr, 0, lo_open=True)
         if not 0 <= self.phi1 <= self.phi2 <= 180:
             raise ValueError(f"need 0 <= phi1 <= phi2 <= 180, got {self.phi1}, {self.phi2}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if not (0 <= self.fixed_alpha <= 1 and 0 <= self.fixed_beta <= 1):
-            raise ValueError("fixed_alpha and fixed_beta must be in [0, 1] (Eq. 11)")
+        check_choice("fusion", self.fusion, FUSIONS)
+        for name in ("fixed_alpha", "fixed_beta"):
+            check_range(name, getattr(self, name), 0, 1, note="Eq. 11")
 
     def resolved_axis(self) -> str:
         """'in' (neurons = canonical columns) or 'out' (rows); 'auto' follows ``module`` (see ``neuron_axis``)."""
@@ -539,8 +536,7 @@ class GeoEditDetails:
 # ---------------------------------------------------------------------------------------------------------------
 # the editor
 # ---------------------------------------------------------------------------------------------------------------
-@register(family="fine-tuning", order=140,
-          tiny={"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
+@register(family="fine-tuning", order=140, tiny=TINY_OVERRIDES)
 class GeoEditEditor(FineTuneEditor):
     """GeoEdit (Feng et al. 2025): direction-aware fusion of old- and new-fact task vectors in an AE latent space."""
 
@@ -715,8 +711,7 @@ class GeoEditEditor(FineTuneEditor):
         return result, GeoEditDetails(list(names), rows, scale, ae, runs, geo)
 
 
-@register(family="fine-tuning", order=145,
-          tiny={"layers": (1,), "num_steps": 2, "ae_steps": 20, "ae_kl_every": 10})
+@register(family="fine-tuning", order=145, tiny=TINY_OVERRIDES)
 class GeoEditMWEditor(GeoEditEditor):
     """GeoEdit with the paper's '+MW' fusion (Table 2 ablation): the reliable GeoEdit on SmolLM2-135M."""
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .hooks import Trace
 from .models import LoadedModel
 from .registry import register
@@ -84,14 +84,10 @@ class GRACEConfig(EditorConfig):
         "'moving_average' also moves the key halfway to the query."))
 
     def validate(self) -> None:
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-        if self.n_iter < 1:
-            raise ValueError(f"n_iter must be >= 1, got {self.n_iter}")
-        if not self.edit_lr > 0:
-            raise ValueError(f"edit_lr must be > 0, got {self.edit_lr}")
-        if self.eps_expand not in EPS_EXPAND:
-            raise ValueError(f"eps_expand must be one of {', '.join(EPS_EXPAND)}, got {self.eps_expand!r}")
+        check_range("eps", self.eps, 0, lo_open=True)
+        check_range("n_iter", self.n_iter, 1)
+        check_range("edit_lr", self.edit_lr, 0, lo_open=True)
+        check_choice("eps_expand", self.eps_expand, EPS_EXPAND)
 
 
 # =================================================================================================================

@@ -7,7 +7,7 @@ return a replacement output (used to add the value delta during target optimisat
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -71,5 +71,30 @@ def no_grad_eval(model: nn.Module):
     try:
         with torch.no_grad():
             yield
+    finally:
+        model.train(was)
+
+
+@contextmanager
+def output_grad_leaves(model: nn.Module, names: Sequence[str]):
+    """Trace ``names`` (inputs retained) with a zero leaf that requires grad added to each module's output (the
+    first element of a tuple output), grad enabled and the model in eval mode (its training flag restored after).
+
+    Yields ``(trace, leaves)``: ``torch.autograd.grad(loss, [leaves[n] for n in names])`` are the gradients of the
+    loss with respect to the modules' outputs, and no weight is touched.
+    """
+    leaves: dict[str, torch.Tensor] = {}
+
+    def add_leaf(name, output):
+        o = output[0] if isinstance(output, tuple) else output
+        leaf = torch.zeros_like(o, requires_grad=True)
+        leaves[name] = leaf
+        return (o + leaf, *output[1:]) if isinstance(output, tuple) else o + leaf
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), Trace(model, names, retain_input=True, edit_output=add_leaf) as tr:
+            yield tr, leaves
     finally:
         model.train(was)

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, add_update_, math_dtype
 from .cache import cache_root
+from .fields import check_indices, check_range
 from .finetune import right_pad
-from .hooks import Trace
+from .hooks import output_grad_leaves
 from .models import LoadedModel
 from .requests import EditRequest
 
@@ -88,16 +89,13 @@ class HypernetConfig(EditorConfig):
         "the contract tests and the untrained baseline only; not part of the checkpoint key.")})
 
     def validate(self) -> None:
-        if any(int(x) < 0 for x in self.layers):
-            raise ValueError(f"layers must be non-negative, got {self.layers}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers has duplicates: {self.layers}")
-        if self.rank < 1 or self.n_blocks < 0:
-            raise ValueError(f"rank must be >= 1 and n_blocks >= 0, got {self.rank}, {self.n_blocks}")
-        if not self.lr_init > 0 or not self.meta_lr > 0:
-            raise ValueError("lr_init and meta_lr must be > 0")
-        if self.loc_coef < 0 or not self.max_grad_norm > 0 or self.n_edits < 1:
-            raise ValueError("loc_coef must be >= 0, max_grad_norm > 0, n_edits >= 1")
+        check_indices("layers", self.layers)
+        for name in ("rank", "n_edits"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("n_blocks", "loc_coef"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("lr_init", "meta_lr", "max_grad_norm"):
+            check_range(name, getattr(self, name), 0, lo_open=True)
 
 
 def edit_layers(cfg: HypernetConfig, lm: LoadedModel) -> list[int]:
@@ -247,23 +245,10 @@ def cache_keys_and_value_grads(lm: LoadedModel, modules: Sequence[str], requests
     Gradients are taken with respect to zero leaves added to the modules' outputs, so no weight is touched.
     """
     enc = encode(lm.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], lm.device)
-    leaves: dict[str, torch.Tensor] = {}
-
-    def add_leaf(name, output):
-        o = output[0] if isinstance(output, tuple) else output
-        z = torch.zeros_like(o, requires_grad=True)
-        leaves[name] = z
-        return (o + z, *output[1:]) if isinstance(output, tuple) else o + z
-
-    was_training = lm.model.training
-    lm.model.eval()
-    try:
-        with torch.enable_grad(), Trace(lm.model, modules, retain_input=True, edit_output=add_leaf) as tr:
-            logits = answer_logits(lm.model, enc)
-            loss = F.cross_entropy(logits, enc.labels, reduction="sum")
-            grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
-    finally:
-        lm.model.train(was_training)
+    with output_grad_leaves(lm.model, modules) as (tr, leaves):
+        logits = answer_logits(lm.model, enc)
+        loss = F.cross_entropy(logits, enc.labels, reduction="sum")
+        grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
     K = {n: tr.inputs[n][enc.rows, enc.cols].float() for n in modules}
     G = {n: g[enc.rows, enc.cols].float() for n, g in zip(modules, grads)}
     return K, G, float(loss.detach())

@@ -21,7 +21,15 @@ from typing import ClassVar, Sequence
 import torch
 
 from .base import EditResult
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor, MultiLayerOutput, key_second_moments
+from .fields import check_range
+from .multilayer import (
+    TINY_OVERRIDES,
+    LayerState,
+    MultiLayerConfig,
+    MultiLayerEditor,
+    MultiLayerOutput,
+    key_second_moments,
+)
 from .registry import register
 from .requests import EditRequest
 
@@ -64,12 +72,10 @@ class MEMITConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
 
 
-@register(family="locate-then-edit", collapse_study=True, order=40,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="locate-then-edit", collapse_study=True, order=40, tiny=TINY_OVERRIDES)
 class MEMITEditor(MultiLayerEditor):
     """MEMIT (Meng et al. 2023): batched multi-layer least-squares edit of the MLP output projections."""
 

@@ -72,9 +72,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from .base import EditError, Editor, EditResult
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .keys import compute_keys, current_values
-from .multilayer import MultiLayerConfig, check_layers, spread_residual
+from .multilayer import SPREADS, TINY_OVERRIDES, MultiLayerConfig, check_layers, spread_residual
 from .registry import register
 from .requests import EditRequest
 from .stats import layer_covariances
@@ -237,27 +237,20 @@ class MOSEConfig(MultiLayerConfig):
         super().validate()
         if not self.lam >= 0 or not math.isfinite(self.lam):
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
-        if self.layer_selection not in LAYER_SELECTIONS:
-            raise ValueError(f"layer_selection must be one of {', '.join(LAYER_SELECTIONS)}, "
-                             f"got {self.layer_selection!r}")
+        check_choice("layer_selection", self.layer_selection, LAYER_SELECTIONS)
         if self.layer_selection == "score":
             check_layers(self.candidate_layers)
-        if self.neighbours < 0:
-            raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
-        if self.spread not in ("linear", "sqrt"):
-            raise ValueError(f"spread must be 'linear' or 'sqrt', got {self.spread!r}")
-        if self.target_site not in TARGET_SITES:
-            raise ValueError(f"target_site must be one of {', '.join(TARGET_SITES)}, got {self.target_site!r}")
-        if self.selection_target not in SELECTION_TARGETS:
-            raise ValueError(f"selection_target must be one of {', '.join(SELECTION_TARGETS)}, "
-                             f"got {self.selection_target!r}")
+        check_range("neighbours", self.neighbours, 0)
+        check_choice("spread", self.spread, SPREADS)
+        check_choice("target_site", self.target_site, TARGET_SITES)
+        check_choice("selection_target", self.selection_target, SELECTION_TARGETS)
 
 
 # =================================================================================================================
 # the editor
 # =================================================================================================================
 @register(family="multiplicative", collapse_study=True, order=110,
-          tiny={"candidate_layers": (1, 2), "layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+          tiny={"candidate_layers": (1, 2), **TINY_OVERRIDES})
 class MOSEEditor(Editor):
     """MOSE (closed form): W <- R W with R orthogonal (Procrustes, Eq. 17-20), layers chosen by Eq. 22."""
 

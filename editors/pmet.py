@@ -28,8 +28,9 @@ from typing import ClassVar
 
 import torch
 
+from .fields import check_range
 from .memit import memit_solve
-from .multilayer import LayerState, MultiLayerConfig, MultiLayerEditor
+from .multilayer import TINY_OVERRIDES, LayerState, MultiLayerConfig, MultiLayerEditor
 from .registry import register
 
 
@@ -64,15 +65,13 @@ class PMETConfig(MultiLayerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+        check_range("mom2_update_weight", self.mom2_update_weight, 0, lo_open=True)
 
     def z_kwargs(self) -> dict:
         return {**super().z_kwargs(), "attn_delta": self.z_attention, "adaptive_nll": self.adaptive_nll}
 
 
-@register(family="locate-then-edit", order=50,
-          tiny={"layers": (1, 2), "mom2_n_tokens": 2000, "v_num_grad_steps": 2})
+@register(family="locate-then-edit", order=50, tiny=TINY_OVERRIDES)
 class PMETEditor(MultiLayerEditor):
     """PMET (Li et al. 2024), FFN-only: MLP-output targets, square-root spread, MEMIT's solve."""
 

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .fields import check_choice, check_range
+from .multilayer import TINY_OVERRIDES
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -92,15 +94,13 @@ class PRUNEConfig(WrappedConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.restraint not in RESTRAINTS:
-            raise ValueError(f"restraint must be one of {', '.join(RESTRAINTS)}, got {self.restraint!r}")
-        if not self.log_base > 1:
-            raise ValueError(f"log_base must be > 1, got {self.log_base}")
+        check_choice("restraint", self.restraint, RESTRAINTS)
+        check_range("log_base", self.log_base, 1, lo_open=True)
 
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
 @register(family="constrained", collapse_study=True, order=90,
-          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
+          tiny={"base": "memit", "base_overrides": dict(TINY_OVERRIDES)})
 class PRUNEEditor(WrappedEditor):
     """PRUNE: the base method's update, with the accumulated edit's singular values above σ_max(W0) restrained."""
 

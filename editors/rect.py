@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .fields import check_range
+from .multilayer import TINY_OVERRIDES
 from .registry import register
 from .wrapping import WrappedConfig, WrappedEditor
 
@@ -56,15 +58,13 @@ class RECTConfig(WrappedConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_range("keep_fraction", self.keep_fraction, 0, 1, lo_open=True)
+        check_range("eps", self.eps, 0)
 
 
 # tiny: post-processes a tiny MEMIT (the default base, ROME, has a row of its own)
 @register(family="constrained", collapse_study=True, order=80,
-          tiny={"base": "memit", "base_overrides": {"layers": [1, 2], "mom2_n_tokens": 2000, "v_num_grad_steps": 2}})
+          tiny={"base": "memit", "base_overrides": dict(TINY_OVERRIDES)})
 class RECTEditor(WrappedEditor):
     """RECT: the base method's ΔW, keeping only the top keep_fraction of entries by |ΔW / W|."""
 

@@ -45,6 +45,20 @@ def request_limits() -> RequestLimits:
                          env("EDITBENCH_MAX_LIST_ITEMS", d.list_items))
 
 
+def check_required_text(value, source, record, name: str, error=None) -> str:
+    """``value`` when it is a string with a non-blank character; else raises ``error`` (default
+    :class:`RequestError`) for ``(source, record, name)`` with the problem "missing", "expected a string, got T" or
+    "empty"."""
+    error = error or RequestError
+    if value is None:
+        raise error(source, record, name, "missing")
+    if not isinstance(value, str):
+        raise error(source, record, name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise error(source, record, name, "empty")
+    return value
+
+
 def _check_text(value: str, source, record, name: str, limit: int, one_line: bool, error=None) -> None:
     error = error or RequestError
     bad = _CONTROL.search(value) or (_LINE_BREAK.search(value) if one_line else None)
@@ -155,12 +169,7 @@ def make_request(
     else:
         error = RequestError
     for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new)):
-        if value is None:
-            raise error(source, record, name, "missing")
-        if not isinstance(value, str):
-            raise error(source, record, name, f"expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise error(source, record, name, "empty")
+        check_required_text(value, source, record, name, error)
     if target_true is None:
         target_true = ""
     if not isinstance(target_true, str):

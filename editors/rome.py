@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from .base import EditError, Editor, EditorConfig, EditResult, add_update_, finite_or_raise, math_dtype, relative_norm
-from .fields import help_meta
+from .fields import check_choice, check_range, help_meta
 from .keys import compute_keys
 from .registry import register
 from .requests import EditRequest
@@ -103,22 +103,15 @@ class ROMEConfig(EditorConfig):
         "forward up to float rounding, several times faster); False runs the plain reference loop."))
 
     def validate(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("v_num_grad_steps must be >= 1")
+        check_range("layer", self.layer, 0)
+        check_range("v_num_grad_steps", self.v_num_grad_steps, 1)
         for name in ("v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if not 0 <= self.early_stop_prob <= 1:
-            raise ValueError(f"early_stop_prob must lie in [0, 1], got {self.early_stop_prob}")
+            check_range(name, getattr(self, name), 0, lo_open=True)
+        check_range("early_stop_prob", self.early_stop_prob, 0, 1)
         for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.mom2_n_tokens < 1:
-            raise ValueError("mom2_n_tokens must be >= 1")
-        if self.value_key not in VALUE_KEYS:
-            raise ValueError(f"value_key must be one of {', '.join(VALUE_KEYS)}, got {self.value_key!r}")
+            check_range(name, getattr(self, name), 0)
+        check_range("mom2_n_tokens", self.mom2_n_tokens, 1)
+        check_choice("value_key", self.value_key, VALUE_KEYS)
         check_template_source(self.context_templates)
 
 

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult, apply_result
-from .fields import help_meta
+from .fields import check_choice, check_indices, check_range, help_meta
 from .finetune import right_pad
-from .hooks import Trace
+from .hooks import output_grad_leaves
 from .models import LoadedModel
 from .registry import register
 from .requests import EditRequest
@@ -123,20 +123,15 @@ class UltraEditConfig(EditorConfig):
         "phases). False: statistics only (our variant)."))
 
     def validate(self) -> None:
-        if any(int(x) < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be distinct non-negative layer indices, got {self.layers}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
-        if self.chunk_var not in CHUNK_VARS:
-            raise ValueError(f"chunk_var must be one of {', '.join(CHUNK_VARS)}, got {self.chunk_var!r}")
-        if self.chunk_size < 1 or self.warmup_turn < 1 or self.warmup_edits < 0:
-            raise ValueError("chunk_size and warmup_turn must be >= 1 and warmup_edits >= 0")
-        if not self.whiten_floor > 0 or self.whiten_prior < 0:
-            raise ValueError("whiten_floor must be > 0 and whiten_prior >= 0")
+        check_indices("layers", self.layers)
+        for name in ("lr", "ridge", "whiten_floor"):
+            check_range(name, getattr(self, name), 0, lo_open=True)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("chunk_var", self.chunk_var, CHUNK_VARS)
+        for name in ("chunk_size", "warmup_turn"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("warmup_edits", "whiten_prior"):
+            check_range(name, getattr(self, name), 0)
 
 
 def edit_layers(cfg: UltraEditConfig, n_layers: int) -> list[int]:
@@ -314,25 +309,12 @@ def chunk_features(lm: LoadedModel, modules: Sequence[str], requests: Sequence[E
     backward pass; gradients flow through every path; logits only at the answer positions. No weight is touched:
     the gradients are those of zero leaves added to the modules' outputs."""
     ids, mask, rows, cols, labels = _encode(lm.tokenizer, requests, lm.device)
-    leaves: dict[str, torch.Tensor] = {}
-
-    def add_leaf(name, output):
-        o = output[0] if isinstance(output, tuple) else output
-        leaf = torch.zeros_like(o, requires_grad=True)
-        leaves[name] = leaf
-        return (o + leaf, *output[1:]) if isinstance(output, tuple) else o + leaf
-
     model = lm.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), Trace(model, modules, retain_input=True, edit_output=add_leaf) as tr:
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-            loss = F.cross_entropy(logits, labels)
-            grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
-    finally:
-        model.train(was_training)
+    with output_grad_leaves(model, modules) as (tr, leaves):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+        loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in modules])
     H = {n: tr.inputs[n][rows, cols].detach().float() for n in modules}
     G = {n: g[rows, cols].detach().float() for n, g in zip(modules, grads)}
     return ChunkFeatures(H, G, float(loss.detach()), int(labels.numel()))

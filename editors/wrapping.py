@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from .base import ConfigError, EditError, Editor, EditorConfig, EditResult
-from .fields import help_meta
+from .fields import check_choice, help_meta
 from .presets import build_config
 from .registry import UnknownMethodError, get_editor_class
 from .requests import EditRequest
@@ -38,8 +38,7 @@ class WrappedConfig(EditorConfig):
         "the base method itself would; False = the base config's defaults."))
 
     def validate(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+        check_choice("base", self.base, BASES)
         if not isinstance(self.base_overrides, Mapping):
             raise ValueError(f"base_overrides must be a mapping of the base's config fields, "
                              f"got {type(self.base_overrides).__name__}")

@@ -59,22 +59,6 @@ ROWS = {
 METRICS = ("ES", "GS", "LS", "score")
 
 
-def _batch_scores(lm, editor, records, size: int) -> dict:
-    """Batch editing: edit ``size`` records at once, score (tf_token_acc), restore; means weighted by batch size."""
-    from analysis.evaluation import editing_score
-    from app.train import validate_edits
-    totals, n = {"ES": 0.0, "GS": 0.0, "LS": 0.0}, 0
-    for i in range(0, len(records), size):
-        batch = records[i:i + size]
-        r = validate_edits(lm, editor, batch)
-        for k in totals:
-            totals[k] += r[k] * len(batch)
-        n += len(batch)
-    out = {k: v / n for k, v in totals.items()}
-    out["score"] = editing_score(out["ES"], out["GS"], out["LS"])
-    return out
-
-
 def eq4_diagnostics(lm, editor, batch) -> list[dict]:
     """Per edited layer after the first: ``cos_prev`` (G with the G_prev Eq. 4 uses, before projection) and
     ``removed`` = 1 − ‖G_after‖/‖G_before‖ (the share of G's norm Eq. 4 takes away), from one edit's artifacts."""
@@ -90,7 +74,7 @@ def eq4_diagnostics(lm, editor, batch) -> list[dict]:
 
 
 def run(args) -> pd.DataFrame:
-    from app.train import train_hypernet
+    from app.train import batch_scores, train_hypernet
     from editors.presets import build_config
     from editors.registry import get_editor_class
 
@@ -127,7 +111,7 @@ def run(args) -> pd.DataFrame:
                            progress=False)
         cfg, _ = build_config(method, lm.name, overrides)
         editor = get_editor_class(method)(lm, cfg, seed=args.seed, cache_dir=cache)
-        scores = _batch_scores(lm, editor, records, batch)
+        scores = batch_scores(lm, editor, records, batch)
         tables = ("table1", "table2") if where == "both" else (where,)
         for t in tables:
             name = "Table 1 (CounterFact, LLaMA2-7B)" if t == "table1" else "Table 2 (ablations, LLaMA2 CounterFact)"

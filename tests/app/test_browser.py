@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from tests.app.conftest import ROOT
+from tests.helpers import free_port, stop_process, wait_healthy
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,34 +23,13 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"streamlit exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.read().decode().strip() == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)  # polling a server that is starting (no element to wait on yet)
-    raise AssertionError("streamlit did not become healthy")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
     pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no system Chromium at {CHROMIUM} (Debian package 'chromium')")
     runs = str(tmp_path_factory.mktemp("browser-runs"))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, EDITBENCH_RUNS=runs, EDITBENCH_MODELS=tiny_dir, PYTHONPATH=ROOT)
     env.pop("EDITBENCH_NO_WORKER", None)
     log = open(os.path.join(runs, "streamlit.log"), "wb")
@@ -62,14 +39,12 @@ def server(tmp_path_factory, tiny_dir):
                             stderr=subprocess.STDOUT)
     url = f"http://localhost:{port}"
     try:
-        _wait_health(url, proc)
+        if not wait_healthy(url, proc, 90.0):
+            raise AssertionError(f"streamlit exited with {proc.returncode}" if proc.poll() is not None
+                                 else "streamlit did not become healthy")
         yield url, runs, tiny_dir
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
         from app.worker import lock_path
         for dev in ("auto",):  # the worker the app started writes its pid into its lock file

@@ -15,21 +15,15 @@ from analysis.evaluation import (
     locality_reference,
     starts_with_target,
 )
-from editors.base import apply_result, make_config
+from editors.base import make_config
 from editors.registry import get_editor_class
 from editors.requests import make_request
+from tests.helpers import PARIS, eiffel_request, score_applied
 
 pytestmark = pytest.mark.slow
 
-PARIS = "The capital of France is"
-
 # built-in style counterfactuals: facts the default model knows, rewritten to a false object
-EIFFEL = make_request(
-    source="test_ft_default", record=0, case_id="eiffel-rome",
-    prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-    target_new="Rome", target_true="Paris",
-    rephrase_prompts=["Where is the Eiffel Tower? It is in the city of"],
-    locality_prompts=[PARIS], locality_answers=["Paris"], relation="located_in")
+EIFFEL = eiffel_request("test_ft_default", probes=True)
 LOUVRE = make_request(  # a two-token target: FT-M must get both tokens right at their own positions
     source="test_ft_default", record=1, case_id="louvre-buenos-aires",
     prompt="The Louvre is located in the city of", subject="The Louvre",
@@ -57,14 +51,7 @@ def test_ft_edit_succeeds_and_keeps_paris(clean_default_lm, method, overrides, r
         eps = result.config["epsilon"]
         assert all(d.abs().max().item() <= eps * (1 + 1e-6) for d in result.deltas.values())
 
-    undo = apply_result(lm, result)
-    try:
-        rows = evaluate_requests(lm, [request_], reference)
-        after = {r["metric"]: r["value"] for r in rows if r["protocol"] == TF}
-        paris = greedy_continuations(lm, [PARIS], max_new_tokens=4)[0]
-        edited = greedy_continuations(lm, [request_.prompt], max_new_tokens=4)[0]
-    finally:
-        undo(lm.model)
+    after, (paris, edited) = score_applied(lm, result, request_, reference, [PARIS, request_.prompt])
 
     # (a later target token may already follow from the earlier ones: " Aires" after " Buenos")
     assert before["reliability"] <= 0.5, "the unedited model already says the new target; pick another fact"

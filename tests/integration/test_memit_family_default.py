@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.evaluation import (
-    TF,
-    evaluate_requests,
-    greedy_continuations,
-    locality_pairs,
-    locality_reference,
-    starts_with_target,
-)
-from editors.base import apply_result, make_config
+from analysis.evaluation import greedy_continuations, locality_pairs, locality_reference, starts_with_target
+from editors.base import make_config
 from editors.presets import load_preset
 from editors.registry import get_editor_class
-from editors.requests import make_request
+from tests.helpers import PARIS, eiffel_request, score_applied
 
 pytestmark = pytest.mark.slow
 
-PARIS = "The capital of France is"
-
 # a built-in style counterfactual: a fact the default model knows, rewritten to a false object
-EIFFEL = make_request(
-    source="test_memit_family_default", record=0, case_id="eiffel-rome",
-    prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-    target_new="Rome", target_true="Paris",
-    rephrase_prompts=["Where is the Eiffel Tower? It is in the city of"],
-    locality_prompts=[PARIS], locality_answers=["Paris"], relation="located_in")
+EIFFEL = eiffel_request("test_memit_family_default", probes=True)
 
 METHODS = ("memit", "pmet", "emmet", "alphaedit")
 
@@ -64,12 +50,6 @@ def test_edit_succeeds_and_keeps_paris(clean_default_lm, method):
         assert all(d > 0 for d in editor.null_dims.values())
         assert max(result.artifacts["preserved_share"]) < 1e-3
 
-    undo = apply_result(lm, result)
-    try:
-        rows = evaluate_requests(lm, [EIFFEL], reference)
-        after = {r["metric"]: r["value"] for r in rows if r["protocol"] == TF}
-        paris = greedy_continuations(lm, [PARIS], max_new_tokens=4)[0]
-    finally:
-        undo(lm.model)
+    after, (paris,) = score_applied(lm, result, EIFFEL, reference, [PARIS])
     assert after["reliability"] >= 0.9, (method, after, result.info["layers"])
     assert starts_with_target(paris, "Paris"), (method, paris)

@@ -401,3 +401,24 @@ def test_scaled_gradient_and_project_gradients_on_tensors():
     assert torch.equal(Gr[1], Gp[1]) and not torch.allclose(Gr[2], Gp[2])
     with pytest.raises(ValueError, match="reference"):
         project_gradients(raw, "previous")
+
+
+def test_batch_scores_weights_each_batch_by_its_size(monkeypatch):
+    """app.train.batch_scores (AGRADE's reproduction, bench_hypernet): ES / GS / LS are means over the batches
+    weighted by their sizes; the Editing Score is the harmonic mean of those means, not a mean of the batches'."""
+    import app.train as train
+    from analysis.evaluation import editing_score
+    seen = []
+    per_batch = {("a", "b"): (1.0, 0.5, 0.9), ("c",): (0.25, 1.0, 0.6)}
+
+    def fake(lm, editor, batch):
+        seen.append(tuple(batch))
+        es, gs, ls = per_batch[tuple(batch)]
+        return {"ES": es, "GS": gs, "LS": ls, "score": editing_score(es, gs, ls)}
+
+    monkeypatch.setattr(train, "validate_edits", fake)
+    out = train.batch_scores(None, None, ["a", "b", "c"], 2)
+    assert seen == [("a", "b"), ("c",)]
+    expected = {"ES": (2 * 1.0 + 0.25) / 3, "GS": (2 * 0.5 + 1.0) / 3, "LS": (2 * 0.9 + 0.6) / 3}
+    assert out == pytest.approx({**expected, "score": editing_score(*expected.values())})
+    assert out["ES"] != pytest.approx((1.0 + 0.25) / 2)  # wrong variant: unweighted mean of the batches

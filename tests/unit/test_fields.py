@@ -7,6 +7,9 @@ import pytest
 
 from editors.fields import (
     ConfigError,
+    check_choice,
+    check_indices,
+    check_range,
     coerce,
     coerce_fields,
     did_you_mean,
@@ -84,3 +87,71 @@ def test_parse_sets_and_method_sets():
             parse_method_sets([bad])
     with pytest.raises(ConfigError, match="for a method of --methods, got 'adaedit.r=100'"):
         parse_method_sets(["adaedit.r=100"], methods=["rome"])
+
+
+def _range_error(*args, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        check_range(*args, **kw)
+    return str(e.value)
+
+
+def test_check_range_bounds_open_and_closed():
+    check_range("r", 1, 1)  # a closed bound admits itself
+    assert _range_error("r", 0, 1) == "r must be >= 1, got 0"
+    assert _range_error("lr", 0, 0, lo_open=True) == "lr must be > 0, got 0"  # an open one does not
+    check_range("lr", 1e-12, 0, lo_open=True)
+    check_range("keep_fraction", 1, 0, 1, lo_open=True)
+    for bad in (0, 1.5, -0.1):
+        assert _range_error("keep_fraction", bad, 0, 1, lo_open=True) == \
+            f"keep_fraction must lie in (0, 1], got {bad}"
+    check_range("dropout", 0, 0, 1, hi_open=True)
+    assert _range_error("dropout", 1, 0, 1, hi_open=True) == "dropout must lie in [0, 1), got 1"
+    check_range("p", 1, 0, 1)
+    assert _range_error("p", 1.01, 0, 1) == "p must lie in [0, 1], got 1.01"
+    assert _range_error("t", 5, hi=5, hi_open=True) == "t must be < 5, got 5"
+    check_range("t", 5, hi=5)
+    assert _range_error("t", 6, hi=5) == "t must be <= 5, got 6"
+    for kw in ({"lo": 0}, {"lo": 0, "lo_open": True}, {"hi": 1}, {"lo": 0, "hi": 1}):
+        with pytest.raises(ConfigError, match="got nan"):  # a NaN lies within no bounds
+            check_range("x", float("nan"), **kw)
+
+
+def test_check_range_integer_optional_and_note():
+    check_range("n_edits", 3, 1, integer=True)
+    assert _range_error("n_edits", 2.5, 1, integer=True) == "n_edits must be an integer >= 1, got 2.5"
+    assert _range_error("n_edits", "3", 1, integer=True) == "n_edits must be an integer >= 1, got '3'"
+    assert _range_error("n_edits", 0, 1, integer=True) == "n_edits must be an integer >= 1, got 0"
+    check_range("general_n", None, 1, optional=True)
+    assert _range_error("general_n", 0, 1, optional=True) == "general_n must be >= 1 or None, got 0"
+    assert _range_error("retention_sample", -1, 0, integer=True, note="0 = every edit") == \
+        "retention_sample must be an integer >= 0 (0 = every edit), got -1"
+    with pytest.raises(TypeError):  # None is a value only for an optional field
+        check_range("general_n", None, 1)
+
+
+def test_check_choice_names_the_field_and_the_choices():
+    check_choice("mode", "lora", ("ft", "lora"))
+    with pytest.raises(ConfigError) as e:
+        check_choice("mode", "LoRA", ("ft", "lora"))
+    assert str(e.value) == "mode must be one of ft, lora, got 'LoRA'"
+    with pytest.raises(ConfigError, match="must be one of a, b, got None"):
+        check_choice("x", None, iter(["a", "b"]))  # any iterable of choices, listed in order
+
+
+def test_method_configs_report_the_checks_with_the_method():
+    from editors.base import make_config
+    from editors.rect import RECTConfig
+    with pytest.raises(ConfigError, match=r"^rect: keep_fraction must lie in \(0, 1\], got 0$"):
+        make_config(RECTConfig, {"keep_fraction": 0}, method="rect")
+    with pytest.raises(ConfigError, match=r"^rect: base must be one of rome, memit, got 'pmet'$"):
+        make_config(RECTConfig, {"base": "pmet"}, method="rect")
+    assert make_config(RECTConfig, {"keep_fraction": 1, "eps": 0}, method="rect").keep_fraction == 1
+
+
+def test_check_indices_distinct_and_non_negative():
+    check_indices("layers", ())
+    check_indices("layers", (3, 1, 2))  # any order
+    with pytest.raises(ConfigError, match=r"^layers must be non-negative, got \(1, -1\)$"):
+        check_indices("layers", (1, -1))
+    with pytest.raises(ConfigError, match=r"^layers has duplicates: \(2, 0, 2\)$"):
+        check_indices("layers", (2, 0, 2))

@@ -353,32 +353,18 @@ def _listening(port: int) -> set[str]:
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the listening sockets from /proc")
 @pytest.mark.timeout(180)
 def test_the_app_started_from_another_directory_listens_on_localhost_only(tmp_path):
-    import socket
-    import time
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.helpers import free_port, stop_process, wait_healthy
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root, EDITBENCH_RUNS=str(tmp_path / "runs"), EDITBENCH_NO_WORKER="1")
     proc = subprocess.Popen([sys.executable, "-m", "app", "ui", "--server.port", str(port),
                              "--server.fileWatcherType", "none"], cwd=str(tmp_path), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline, healthy = time.time() + 120, False
-        while time.time() < deadline and proc.poll() is None and not healthy:
-            try:
-                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
-                    healthy = r.read().decode().strip() == "ok"
-            except OSError:
-                time.sleep(0.3)
+        healthy = wait_healthy(f"http://localhost:{port}", proc, 120)
         assert healthy, proc.stdout.read1().decode() if proc.poll() is not None else "not healthy"
         addrs = _listening(port)
         anywhere = {"00000000", "00000000000000000000000000000000"}
         assert addrs and not addrs & anywhere, addrs
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

@@ -6,15 +6,11 @@ import torch
 
 from editors import keys
 from editors.hooks import Trace
-from editors.requests import make_request
 from editors.testing import default_tokenizer, tiny_model
+from tests.helpers import darrieux_request, eiffel_request
 
-REQ = make_request(source="test_keys", record=0, case_id="eiffel",
-                   prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                   target_new="Rome Italy", target_true="Paris")
-REQ2 = make_request(source="test_keys", record=1, case_id="darrieux",
-                    prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-                    target_new="English", target_true="French")
+REQ = eiffel_request("test_keys", target_new="Rome Italy")
+REQ2 = darrieux_request("test_keys")
 
 
 @pytest.fixture(scope="module")

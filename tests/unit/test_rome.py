@@ -8,17 +8,13 @@ from editors.base import ConfigError, apply_result, make_config
 from editors.keys import compute_keys
 from editors.presets import load_preset
 from editors.registry import get_editor_class
-from editors.requests import make_request
 from editors.rome import ROMEConfig, ROMEEditor
 from editors.stats import layer_covariance
 from editors.testing import tiny_model
+from tests.helpers import darrieux_request, eiffel_request
 
-REQ = make_request(source="test_rome", record=0, case_id="eiffel",
-                   prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                   target_new="Rome", target_true="Paris")
-REQ2 = make_request(source="test_rome", record=1, case_id="darrieux",
-                    prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-                    target_new="English", target_true="French")
+REQ = eiffel_request("test_rome")
+REQ2 = darrieux_request("test_rome")
 # small and fast: layer 1 of 4, "{}" + one 4-token prefix per start word, a few v* steps
 SMALL = {"layer": 1, "v_num_grad_steps": 4, "context_templates": "4:5"}
 
