@@ -292,6 +292,19 @@ def _median(x: np.ndarray) -> float:
     return float((part[:k].max() + part[k]) / 2)
 
 
+def _median_on_device(x: torch.Tensor) -> float:
+    """The median of a flat tensor where it lives (a GPU's matrix is not copied to the host): the mean of the two
+    middle order statistics for an even size, like :func:`numpy.median` and :func:`_median`."""
+    n = x.numel()
+    if n == 0:
+        return math.nan
+    k = n // 2
+    upper = torch.kthvalue(x, k + 1).values  # the (k+1)-th smallest
+    if n % 2:
+        return float(upper)
+    return float((torch.kthvalue(x, k).values + upper) / 2)
+
+
 def _summary(W: torch.Tensor, dtype: torch.dtype, method: str, exact_max_dim: int, steps: int, probes: int,
              seed: int) -> dict[str, float]:
     m = _resolve_method(W.shape, dtype, method, exact_max_dim)
@@ -331,7 +344,8 @@ def _matrix_stats(W: torch.Tensor, W0: torch.Tensor | None, *, exact_max_dim: in
     out["max"] = float(flat.max()) if flat.numel() else math.nan
     out["min"] = float(flat.min()) if flat.numel() else math.nan
     out["mean"] = float(flat.mean()) if flat.numel() else math.nan
-    out["median"] = _median(W.reshape(-1).cpu().numpy())
+    flat_w = W.reshape(-1)
+    out["median"] = _median(flat_w.numpy()) if flat_w.device.type == "cpu" else _median_on_device(flat_w)
     if W0 is not None:
         W0 = _as_matrix(W0)
         if tuple(W0.shape) != tuple(W.shape):

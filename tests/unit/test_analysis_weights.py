@@ -159,3 +159,17 @@ def test_preserved_output_change_against_explicit_keys():
     assert math.isclose(preserved_output_change(R @ W0r, W0r, C), 2 * math.sin(th / 2), rel_tol=1e-10)
     with pytest.raises(ValueError, match="shapes"):
         preserved_output_change(W, W0, C[:4, :4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 1001])
+def test_median_on_device_equals_numpy_for_odd_and_even_sizes(n):
+    """The GPU path of the ``median`` statistic (order statistics where the matrix lives, no host copy) equals
+    numpy's median: the mean of the two middle values for an even size, with ties."""
+    from analysis.weights import _median, _median_on_device
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-5, 6, (n,), generator=gen).float() + torch.rand(n, generator=gen).round()  # many ties
+    assert _median_on_device(x) == pytest.approx(float(np.median(x.numpy())), abs=0)
+    assert _median(x.numpy()) == pytest.approx(float(np.median(x.numpy())), abs=0)
+    y = torch.arange(n, dtype=torch.float64).flip(0)
+    assert _median_on_device(y) == float(np.median(y.numpy()))
+    assert math.isnan(_median_on_device(torch.zeros(0)))
