@@ -178,3 +178,39 @@ def test_playground_edit_with_an_adaptor_editor(tiny_llama):
     assert edit["after"]["p_new"] > edit["before"]["p_new"]  # the codebook acted while applied
     assert len(host._forward_hooks) == n0 and not cache  # detached; adaptor results are not cached
     assert all(torch.equal(p, snap[n]) for n, p in lm.model.named_parameters())
+
+
+@pytest.mark.parametrize("expand", ["coverage", "moving_average"])
+def test_same_label_expand_grows_the_radius_and_moving_average_moves_the_key(tiny_llama, expand):
+    """A second edit with the same label whose query lies beyond the entry's radius but within ε₀ + ε_j expands the
+    entry: ε_j <- d under both rules; 'moving_average' also moves the key to (k_j + q)/2, 'coverage' keeps it
+    (wrong variants: a moved key under 'coverage', the key replaced by q, or no move). Undo restores key and radius."""
+    lm = tiny_llama
+    first = REQS[0]
+    second = make_request(source="test", record=3, case_id="eiffel-b", prompt="The Eiffel Tower stands in the city of",
+                          subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
+    probe = _editor(lm)
+    try:
+        k1 = _host_io(lm, probe, first.prompt)[0][-1].to(torch.float64)
+        q2 = _host_io(lm, probe, second.prompt)[0][-1].to(torch.float64)
+    finally:
+        probe.close()
+    d = float(torch.linalg.vector_norm(k1 - q2))
+    assert d > 0
+    ed = _editor(lm, eps=0.75 * d, eps_expand=expand)  # ε_1 = 0.75 d < d <= ε₀ + ε_1 = 1.5 d: expand
+    ed.prepare()
+    try:
+        r1 = ed.edit([first])
+        apply_result(lm, r1)
+        ed.after_apply([first], r1)
+        key0, eps0 = ed.codebook.keys[0].clone(), list(ed.codebook.eps)
+        r2 = ed.edit([second])
+        undo = apply_result(lm, r2)
+        assert len(ed.codebook) == 1  # no new entry
+        assert ed.codebook.eps[0] == pytest.approx(d, rel=1e-6)
+        want = (key0.to(torch.float64) + q2) / 2 if expand == "moving_average" else key0.to(torch.float64)
+        torch.testing.assert_close(ed.codebook.keys[0].to(torch.float64), want, rtol=1e-5, atol=1e-5)
+        undo(lm.model)
+        assert torch.equal(ed.codebook.keys[0], key0) and ed.codebook.eps == eps0
+    finally:
+        ed.close()
