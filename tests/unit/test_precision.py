@@ -6,6 +6,7 @@ between their edits comes from the precision of the computation alone.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -174,6 +175,31 @@ def test_randomized_top_svd_matches_exact():
         top_svd(D, 4, method="lanczos")
 
 
+def test_top_svd_shapes_auto_boundary_and_seeded_determinism():
+    """Mutation-testing survivors of top_svd, killed: the thin shapes of both paths (U [m, q], S [q], Vh [q, n];
+    full_matrices=True would give square factors), 'auto' switching to the randomised path exactly when
+    min(m, n) > 4 q (not >=, not 5 q, not always exact), the default method being 'auto' and the default seed 0,
+    and a seeded range finder (the same call twice is bit-identical, another seed is not)."""
+    from editors.adaedit import top_svd
+    g = torch.Generator().manual_seed(1)
+    r, q = 2, 10  # q = r + 8
+    for m in (4 * q, 4 * q + 1):
+        D = torch.randn(m, 3 * m, generator=g, dtype=torch.float64)
+        exact = torch.linalg.svd(D, full_matrices=False)
+        rand = top_svd(D, r, method="randomized")
+        auto = top_svd(D, r, method="auto")
+        assert [tuple(t.shape) for t in rand] == [(m, q), (q,), (q, 3 * m)]
+        assert [tuple(t.shape) for t in top_svd(D, r, method="exact")] == [(m, m), (m,), (m, 3 * m)]
+        want = exact if m <= 4 * q else rand
+        assert all(torch.equal(a, b) for a, b in zip(auto, want)), m
+        assert all(torch.equal(a, b) for a, b in zip(top_svd(D, r), auto))  # the default method is auto
+    D = torch.randn(60, 200, generator=g, dtype=torch.float64)  # full rank: the range finder's draw matters
+    a, b = top_svd(D, r, method="randomized"), top_svd(D, r, method="randomized", seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # seeded, default seed 0
+    c = top_svd(D, r, method="randomized", seed=1)
+    assert not torch.equal(a[1], c[1])
+
+
 def test_max_rotation_angle_matches_eigvals():
     from editors.mose import max_rotation_angle
     g = torch.Generator().manual_seed(1)
@@ -183,6 +209,12 @@ def test_max_rotation_angle_matches_eigvals():
         expect = float(torch.linalg.eigvals(R).angle().abs().max())
         assert abs(max_rotation_angle(R) - expect) < 1e-6, d
     assert max_rotation_angle(torch.eye(5)) == 0.0
+    assert max_rotation_angle(torch.zeros(0, 0)) == 0.0  # no matrix: no rotation
+    # rounding: an orthogonal R computed in floating point can put λ just outside [0, 4]; the clamp keeps acos's
+    # domain (a clamp at 2 or -2 instead of ±1 raises "math domain error" here)
+    eye = torch.eye(4, dtype=torch.float64)
+    assert max_rotation_angle(eye * (1 + 1e-12)) == 0.0
+    assert max_rotation_angle(-eye * (1 + 1e-12)) == pytest.approx(math.pi)
     refl = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))  # an eigenvalue -1: angle pi
     assert abs(max_rotation_angle(refl) - torch.pi) < 1e-6
 
