@@ -27,6 +27,10 @@ the shard's bytes through Ray and merges it into ``runs_dir`` (:func:`app.merge.
 lossless, idempotent). If the driver dies first, the shard stays on that node (its path is logged) and
 ``python -m app merge`` imports it later.
 
+What runs on the nodes. A driver that connects to a cluster (``--address``) sends this checkout's ``editors``,
+``analysis`` and ``app`` packages with the job (Ray ``runtime_env`` ``py_modules``, :func:`code_runtime_env`), so the
+trials run the driver's code; ``ship_code=False`` (``--no-ship-code``) leaves the nodes' installed copy in charge.
+
 Ray's own machinery is used for the rest: resources (``num_cpus`` / ``num_gpus`` per task; Ray sets
 ``CUDA_VISIBLE_DEVICES``), retries of a task whose worker process died (``max_retries``), and cancellation
 (``ray.cancel``: queued tasks never start; a running one gets a ``KeyboardInterrupt`` and its run ends
@@ -412,7 +416,14 @@ def merge_shard(blob: bytes, local: RunStore):
     from .merge import merge_stores
     with tempfile.TemporaryDirectory(prefix="editbench-shard-") as tmp:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
-            tar.extractall(tmp, filter="data")  # plain files under tmp only
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: plain files under tmp only
+                tar.extractall(tmp, filter="data")
+            else:  # older 3.11: the shard is ours, but still refuse anything outside tmp
+                bad = [m.name for m in tar.getmembers() if m.name.startswith("/") or ".." in m.name.split("/")
+                       or not (m.isfile() or m.isdir())]
+                if bad:
+                    raise ValueError(f"store shard holds unexpected entries: {bad[:3]}")
+                tar.extractall(tmp)
         return merge_stores(local, [os.path.join(tmp, "runs.sqlite")])
 
 
