@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "list of steps")
     p.add_argument("--retention-sample", type=int, default=0, metavar="K",
                    help="re-score a seeded stratified sample of K edits so far at each checkpoint (0 = all, exact)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="K",
+                   help="resume snapshots every K steps and at every checkpoint (0 = at checkpoints, the default; "
+                        "-1 = never); an interrupted run continues with `python -m app resume RUN_ID`")
     _add_threads(p)
     _add_runs_dir(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -102,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named variant of the method's preset, e.g. 'reference' (what the reference implementation "
                         "computes); `python -m app methods METHOD` lists them")
     p.add_argument("--label", default="", help="free-text name of the run")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("resume", help="continue an interrupted, failed or cancelled run from its newest snapshot",
+                       description="Continue a run that was killed, interrupted, cancelled or failed from its newest "
+                                   "resume snapshot (taken at checkpoints, or every --snapshot-every steps): the "
+                                   "rows after the snapshot are dropped and made again, with the run's stored "
+                                   "config; the result is what an uninterrupted run records.")
+    p.add_argument("run_id", help="run id (or a unique prefix)")
+    _add_threads(p)
+    _add_runs_dir(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -265,39 +279,70 @@ def run_sets(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
 
 def cmd_run(args) -> int:
     from editors.base import ConfigError
-    from editors.data import DataSourceError
-    from editors.models import ModelLoadError, UnsupportedModelError
+    from editors.models import ModelLoadError
     from editors.registry import UnknownMethodError
-    from editors.requests import RequestError
 
-    from .engine import queue_run, run_sequential, run_summary
+    from .engine import queue_run, run_sequential
     from .runconfig import RunConfig
 
-    usage_errors = (RequestError, ConfigError, ModelLoadError, UnsupportedModelError, DataSourceError)
     try:
         run_fields, overrides = run_sets(args.sets)
         config = RunConfig(model=args.model, method=args.method, method_overrides=overrides, data=args.data,
                            n_edits=args.n_edits, batch_size=args.batch_size, eval_every=args.eval_every,
                            seed=args.seed, device=args.device, runs_dir=args.runs_dir, label=args.label,
                            preset_variant=args.preset_variant, dtype=args.dtype,
-                           checkpoint_schedule=args.checkpoint_schedule, retention_sample=args.retention_sample)
+                           checkpoint_schedule=args.checkpoint_schedule, retention_sample=args.retention_sample,
+                           snapshot_every=args.snapshot_every)
         if run_fields:
             config = config.replace(**run_fields)
         run_id, store = queue_run(config)
     except (ConfigError, UnknownMethodError, ModelLoadError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"run {run_id} -> {store.path}", file=sys.stderr)
-    bar = _Progress(config.n_edits, enabled=not args.no_progress)
+    return _execute_and_report(args, store, run_id, config.n_edits,
+                               lambda bar: run_sequential(config, store, progress=bar, run_id=run_id))
+
+
+def cmd_resume(args) -> int:
+    from .engine import ResumeError, resume_run
+    from .snapshots import SnapshotError
+    store, run_id = _store_and_run(args)
+    run = store.get_run(run_id)
+    print(f"resuming run {run_id} ({run['method']}, {run['status']} after {run['n_edits_done']} edits) -> "
+          f"{store.path}", file=sys.stderr)
+    try:
+        return _execute_and_report(args, store, run_id, int(run["n_edits_planned"] or 0),
+                                   lambda bar: resume_run(store, run_id, progress=bar), reraise=(ResumeError,
+                                                                                                 SnapshotError))
+    except (ResumeError, SnapshotError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _execute_and_report(args, store, run_id: str, n_edits: int, call, reraise: tuple = ()) -> int:
+    """Run ``call(progress_bar)`` (a run or a resume), print its one-line summary (and ``--json``); exit code."""
+    from editors.base import ConfigError
+    from editors.data import DataSourceError
+    from editors.models import ModelLoadError, UnsupportedModelError
+    from editors.requests import RequestError
+
+    from .engine import run_summary
+
+    usage_errors = (RequestError, ConfigError, ModelLoadError, UnsupportedModelError, DataSourceError)
+    bar = _Progress(n_edits, enabled=not args.no_progress)
     code = EXIT_OK
     try:
-        run_sequential(config, store, progress=bar, run_id=run_id)
+        call(bar)
+    except reraise:
+        bar.close()
+        raise
     except usage_errors as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted: run {run_id} is marked interrupted", file=sys.stderr)
+        print(f"interrupted: run {run_id} is marked interrupted; continue it from its newest snapshot with "
+              f"`python -m app resume {run_id} --runs-dir {args.runs_dir}`", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         bar.close()
@@ -651,7 +696,8 @@ def cmd_export_stats(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "export": cmd_export, "methods": cmd_methods,
-            "cancel": cmd_cancel, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study, "train": cmd_train,
+            "cancel": cmd_cancel, "resume": cmd_resume, "delete": cmd_delete, "bench": cmd_bench, "study": cmd_study,
+            "train": cmd_train,
             "export-stats": cmd_export_stats,
             "sweep": cmd_sweep, "merge": cmd_merge}
 

@@ -9,7 +9,10 @@ Protocol (../shared/guides/EVALUATION.md, "Sequential editing"):
   weight diagnostics of every edited matrix against its original (``kind="weights"``) and timings
   (``kind="timing"``); optionally update angles (``kind="update_angle"``) and captured hidden states (artifacts);
 * a NaN/Inf in an update, in the weights or in the logits stops the run as ``diverged``; every row recorded until
-  then stays.
+  then stays;
+* resume snapshots (:mod:`app.snapshots`) at checkpoints (and every ``snapshot_every`` steps): a run that was
+  killed, interrupted or cancelled continues from its newest one with :func:`resume_run` (``python -m app resume``),
+  making the same edits and rows an uninterrupted run makes.
 
 Library code: usable from a notebook (``run_sequential(RunConfig(...), lm=lm)`` leaves ``lm`` exactly as it was),
 from the CLI and from the app's worker. The run config is :class:`app.runconfig.RunConfig`.
@@ -41,6 +44,7 @@ from editors.base import ConfigError, EditError, Editor, EditorConfig, apply_res
 from editors.registry import UnknownMethodError, get_editor_class
 from editors.requests import EditRequest
 
+from . import snapshots as snaps
 from .procs import Heartbeat
 from .provenance import package_versions
 from .runconfig import RunConfig, checkpoint_steps, general_tasks, retention_priorities, stratified_sample
@@ -236,8 +240,10 @@ class SequentialRun:
     heartbeat_every = 10.0
 
     def __init__(self, config: RunConfig, store: RunStore, run_id: str, method_config: EditorConfig, *, lm=None,
-                 progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None):
+                 progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
+                 resume: Mapping[str, Any] | None = None):
         self.config = config
+        self.resume = resume  # a loaded snapshot (app.snapshots.load_snapshot) to continue from, or None
         self.store = store
         self.run_id = run_id
         self.method_config = method_config
@@ -374,6 +380,8 @@ class SequentialRun:
                 rng = random.Random(cfg.seed)
                 self.wild_subset = set(rng.sample(range(len(self.requests)), cfg.wild_retention_max))
         rows: list[dict] = []
+        if self.resume is not None:  # the pre-edit rows of this run are already in the store
+            return rows
         if cfg.pre_eval:
             self._notify("pre_eval")
             pre = self._evaluate(self.requests, "pre-edit evaluation")
@@ -561,7 +569,7 @@ class SequentialRun:
         rows = [{"n_edits": self.n_done, "step": self.step, "kind": "editor", "metric": str(m["metric"]),
                  "value": float(m["value"]), "layer": m.get("layer"), "protocol": m.get("protocol")}
                 for m in metrics]
-        state = self.editor.state_dict()
+        state = self.editor.state_dict() if self.editor.state_in_store else {}
         if state:
             artifacts.append(("editor_state", state, self.n_done, self.step))
         return rows
@@ -633,6 +641,76 @@ class SequentialRun:
             return []
         return _collapse_to_rows(out, self.n_done, self.step)
 
+    # ---- resume snapshots -----------------------------------------------------------------------------------------
+    def _snapshot_due(self, checkpointed: bool) -> bool:
+        every = self.config.snapshot_every
+        if every < 0:
+            return False
+        return checkpointed or (every > 0 and self.step % every == 0)
+
+    def save_snapshot(self) -> str:
+        """Write the resume snapshot of the current step (after its rows were committed)."""
+        params = dict(self.lm.model.named_parameters())
+        torch_rng = torch.get_rng_state().tolist()
+        np_rng = np.random.get_state()
+        meta = {"run_id": self.run_id, "n_done": self.n_done, "model_hash": self.lm.model_hash,
+                "method": self.config.method, "edit_seconds": self.edit_seconds, "diag_seconds": self.diag_seconds,
+                "eval_seconds_total": self.eval_seconds_total, "peak_mem": self.peak_mem,
+                "run_seconds": time.time() - self.started, "param_dtypes": {n: str(params[n].dtype) for n in self.W0},
+                "prev_n": {n: int(v[0]) for n, v in self.prev_update.items()},
+                "rng": {"random": random.getstate(), "torch": torch_rng,
+                        "numpy": [np_rng[0], np_rng[1].tolist(), int(np_rng[2]), int(np_rng[3]), float(np_rng[4])]}}
+        if torch.cuda.is_available() and self.lm.device.type == "cuda":
+            meta["rng"]["cuda"] = torch.cuda.get_rng_state(self.lm.device).tolist()
+        return snaps.save_snapshot(self.store.runs_dir, self.run_id, self.step, meta=meta,
+                                   params={n: params[n] for n in self.W0}, editor_state=self.editor.state_dict(),
+                                   hidden=self.hidden_baseline,
+                                   prev={n: v[1] for n, v in self.prev_update.items()})
+
+    def apply_snapshot(self) -> None:
+        """After :meth:`setup` on the UNEDITED model: make the model, the editor and the counters those of the
+        snapshot in ``self.resume``.
+
+        Raises:
+            SnapshotError: the snapshot is of another model, or names a parameter the model lacks.
+        """
+        snap = self.resume
+        meta = snap["meta"]
+        if meta.get("model_hash") and self.lm.model_hash and meta["model_hash"] != self.lm.model_hash:
+            raise snaps.SnapshotError(f"the snapshot of run {self.run_id} is of model {meta['model_hash']}, the "
+                                      f"model loaded is {self.lm.model_hash}")
+        params = dict(self.lm.model.named_parameters())
+        missing = sorted(set(snap["params"]) - set(params))
+        if missing:
+            raise snaps.SnapshotError(f"the snapshot names parameter {missing[0]!r}, which the model lacks")
+        with torch.no_grad():
+            for name, value in snap["params"].items():
+                p = params[name]
+                if tuple(value.shape) != tuple(p.shape):
+                    raise snaps.SnapshotError(f"snapshot parameter {name!r} has shape {tuple(value.shape)}, the "
+                                              f"model's is {tuple(p.shape)}")
+                self.W0.setdefault(name, p.detach().clone())  # the unedited value, as in the interrupted run
+                p.copy_(torch.from_numpy(np.asarray(value)).to(device=p.device, dtype=p.dtype))
+        self.editor.load_state_dict(dict(snap["editor_state"]))
+        self.hidden_baseline = {int(k): np.asarray(v) for k, v in snap["hidden"].items()}
+        self.prev_update = {n: (int(meta["prev_n"][n]), torch.from_numpy(np.asarray(v)).to(
+            device=params[n].device, dtype=params[n].dtype)) for n, v in snap["prev"].items()}
+        self.step = int(meta["step"])
+        self.n_done = self.n_recorded = int(meta["n_done"])
+        self.edit_seconds = float(meta["edit_seconds"])
+        self.diag_seconds = float(meta["diag_seconds"])
+        self.eval_seconds_total = float(meta["eval_seconds_total"])
+        self.peak_mem = float(meta["peak_mem"])
+        self.started = time.time() - float(meta["run_seconds"])
+        rng = meta["rng"]
+        state = rng["random"]
+        random.setstate((state[0], tuple(state[1]), state[2]))
+        n = rng["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and self.lm.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), self.lm.device)
+
     def restore(self) -> None:
         """Put every edited parameter back to its original value (bit for bit)."""
         if not self.W0 or self.lm is None:
@@ -653,16 +731,21 @@ class SequentialRun:
         try:
             rows = self.setup()
             store.write_step(run_id, metric_rows=rows)
+            if self.resume is not None:
+                self.apply_snapshot()
             bs = self.config.batch_size
             n_steps = math.ceil(len(self.requests) / bs)
             at = set(checkpoint_steps(self.config, n_steps))
-            self._notify("start", n_steps=n_steps)
-            for s in range(n_steps):
+            self._notify("start", n_steps=n_steps, resumed_at=self.n_done if self.resume is not None else None)
+            for s in range(self.step, n_steps):
                 if self._cancel_wanted():
                     raise Cancelled()
                 self.edit_step(self.requests[s * bs:(s + 1) * bs])
-                if self.step in at:
+                checkpointed = self.step in at
+                if checkpointed:
                     self.checkpoint()
+                if self._snapshot_due(checkpointed) and self.step < n_steps:
+                    self.save_snapshot()
             status = "finished"
         except Diverged as exc:
             status, error = "diverged", f"step {self.step}: {exc}"
@@ -688,6 +771,8 @@ class SequentialRun:
                         log.warning("collapse detection failed for run %s: %s", run_id, exc)
                 store.update_status(run_id, status, error=error, n_edits_done=self.n_recorded,
                                     seconds_total=time.time() - self.started, heartbeat=time.time())
+                if status in ("finished", "diverged"):  # nothing left to resume
+                    snaps.delete_snapshots(store.runs_dir, run_id)
             finally:
                 if self.editor is not None:
                     self.editor.close()
@@ -794,6 +879,57 @@ def run_sequential(config: RunConfig | Mapping[str, Any], store: RunStore | None
                          should_cancel=should_cancel).execute()
 
 
+#: statuses a run can be resumed from (a ``running`` run whose process died is marked ``interrupted`` first)
+RESUMABLE = ("interrupted", "failed", "cancelled")
+
+
+class ResumeError(ConfigError):
+    """A run cannot be resumed (still running, finished, no snapshot, ...); the message says why."""
+
+
+def resume_run(store: RunStore, run_id: str, *, lm=None, progress: ProgressFn | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> str:
+    """Continue an interrupted, failed or cancelled run from its newest resume snapshot; returns the run id.
+
+    The run's stored config and method config are used as they were (a preset changed since does not change the
+    run); its rows after the snapshot's edit count are deleted and made again; a ``kind="resume"`` row
+    (``resumed_at_edit``) records where it continued. With the same seed, code and model the continued run makes
+    the same edits and rows as an uninterrupted one (tests/unit/test_resume.py checks this for every shipped method).
+
+    Raises:
+        ResumeError: the run is running, finished or diverged, or has no snapshot (the message says which).
+        SnapshotError: the snapshot is unreadable or of another model.
+    """
+    from editors.base import make_config
+    store.recover_interrupted()
+    run_id = store.resolve(run_id)
+    run = store.get_run(run_id)
+    if run["status"] not in RESUMABLE:
+        raise ResumeError(f"run {run_id} is {run['status']}; only {', '.join(RESUMABLE)} runs can be resumed"
+                          + (" (it may still be running: cancel it first)" if run["status"] == "running" else ""))
+    found = snaps.list_snapshots(store.runs_dir, run_id)
+    snap = None
+    done = int(run["n_edits_done"] or 0)
+    for _, path in reversed(found):  # the newest snapshot whose edits the store has recorded
+        candidate = snaps.load_snapshot(path)
+        if int(candidate["meta"]["n_done"]) <= done:
+            snap = candidate
+            break
+    if snap is None:
+        raise ResumeError(f"run {run_id} has no resume snapshot in {snaps.snapshot_dir(store.runs_dir, run_id)} "
+                          f"(it stopped before its first checkpoint, or ran with snapshot_every=-1): start it again")
+    config = RunConfig.from_dict(run["config"])
+    method_config = make_config(get_editor_class(config.method).config_cls, dict(run["method_config"] or {}),
+                                method=config.method)
+    n = int(snap["meta"]["n_done"])
+    store.truncate_run(run_id, n)
+    store.add_metric_rows(run_id, [{"n_edits": n, "step": int(snap["meta"]["step"]), "kind": "resume",
+                                    "metric": "resumed_at_edit", "value": float(n)}])
+    log.info("run %s: resuming after %d edits (step %d)", run_id, n, int(snap["meta"]["step"]))
+    return SequentialRun(config, store, run_id, method_config, lm=lm, progress=progress,
+                         should_cancel=should_cancel, resume=snap).execute()
+
+
 def run_summary(store: RunStore, run_id: str) -> dict[str, Any]:
     """``{run_id, status, n_edits, seconds_per_edit, final: {reliability, generality, locality}, error}``:
     retention means (tf_token_acc) at the last checkpoint; locality falls back to the probe set's when the
@@ -835,5 +971,6 @@ def queue_run(config: RunConfig, store: RunStore | None = None, *, owner_pid: in
     return run_id, store
 
 
-__all__ = ["RunConfig", "run_sequential", "run_summary", "queue_run", "SequentialRun", "Diverged",
+__all__ = ["RunConfig", "run_sequential", "run_summary", "queue_run", "resume_run", "ResumeError", "RESUMABLE",
+           "SequentialRun", "Diverged",
            "capture_hidden_states", "ConfigError", "UnknownMethodError"]

@@ -140,6 +140,12 @@ class RunConfig:
         "equal index ranges, one edit drawn from each with priorities fixed by the seed (early edits stay "
         "represented; the same edits are drawn whenever the count is the same); the retention means are then "
         "estimates with a standard error of about sd / sqrt(K). Cost per checkpoint: K evaluations."))
+    snapshot_every: int = field(default=0, metadata=help_meta(
+        "Resume snapshots (app/snapshots.py: the edited matrices, the editor's state, the RNG states; the newest two "
+        "are kept, deleted when the run finishes): K >= 1 = after every K-th step and at every checkpoint; 0 = at "
+        "checkpoints only; -1 = never. A killed, interrupted or cancelled run continues from its newest snapshot "
+        "with `python -m app resume RUN_ID` (rows after it are dropped and made again). Cost per snapshot: the "
+        "edited matrices in float32 (ROME on the default model 3.5 MB, MEMIT 17.7 MB) written to disk."))
     seed: int = field(default=0, metadata=help_meta("Seed of torch / numpy / random and of the editor."))
     device: str | None = field(default=None, metadata=help_meta(
         "'cpu', 'cuda', 'cuda:1', 'mps'; None = the best available."))
@@ -202,6 +208,7 @@ class RunConfig:
             check_range(name, getattr(self, name), 0, integer=True)
         parse_schedule(self.checkpoint_schedule)
         check_range("retention_sample", self.retention_sample, 0, integer=True, note="0 = every edit")
+        check_range("snapshot_every", self.snapshot_every, -1, integer=True, note="0 = at checkpoints, -1 = never")
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         bad = [p for p in self.protocols if p not in ev.PROTOCOLS]
         if bad or not self.protocols:

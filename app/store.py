@@ -441,6 +441,25 @@ class RunStore(SQLiteFile):
         import shutil
         shutil.rmtree(self.artifact_dir(run_id), ignore_errors=True)
 
+    def truncate_run(self, run_id: str, n_edits: int) -> dict[str, int]:
+        """Delete a run's rows made after its first ``n_edits`` edits (edit rows, metric rows and artifacts with a
+        larger ``n_edits``, and the files of such artifacts) and set ``n_edits_done`` to ``n_edits``: what a resume
+        from a snapshot of ``n_edits`` edits makes again. Returns the counts deleted per table."""
+        run_id = self.resolve(run_id)
+        n = int(n_edits)
+        with self._tx() as conn:
+            files = [bytes(r[0]).decode() for r in conn.execute(
+                "SELECT blob FROM artifacts WHERE run_id = ? AND n_edits > ? AND format LIKE '%-file'", (run_id, n))]
+            counts = {t: conn.execute(f"DELETE FROM {t} WHERE run_id = ? AND n_edits > ?", (run_id, n)).rowcount
+                      for t in ("edits", "metrics", "artifacts")}
+            self._update(conn, run_id, {"n_edits_done": n})
+        for rel in files:
+            try:
+                os.remove(os.path.join(self.runs_dir, rel))
+            except OSError:
+                pass
+        return counts
+
     # ---- rows ------------------------------------------------------------------------------------------------
     @staticmethod
     def _edit_tuples(run_id: str, rows: Iterable[Mapping[str, Any]]) -> list[tuple]:

@@ -23,8 +23,9 @@ preset variant as ``method:variant``. With ``protocols`` including ``wild_gen`` 
 (free-generation) exact-match retention next to the teacher-forced one. The ``lifelong`` preset
 (:data:`STUDY_PRESETS`) sets all of this at 1,000 edits with geometric checkpoints.
 
-A method whose finished run with the same study label already exists in the store is not run again (``reuse``), so
-an interrupted study can be continued by running the same command.
+A method whose finished run with the same study label already exists in the store is not run again (``reuse``), and
+an unfinished one (killed, interrupted, cancelled) continues from its newest resume snapshot (app/snapshots.py), so
+an interrupted study is continued by running the same command.
 """
 from __future__ import annotations
 
@@ -202,6 +203,21 @@ def format_table(df: pd.DataFrame) -> str:
     return view.to_string(index=False)
 
 
+def _resume_unfinished(store: RunStore, method: str, label: str, lm, progress) -> str | None:
+    """Resume the newest unfinished run (interrupted, failed, cancelled) of ``method`` with ``label`` that has a
+    resume snapshot; its id, or None when there is none (the study then starts a new run)."""
+    from .engine import RESUMABLE, resume_run
+    from .snapshots import list_snapshots
+    store.recover_interrupted()
+    runs = store.list_runs(method=method, status=list(RESUMABLE))
+    runs = runs[runs["label"] == label] if len(runs) else runs
+    for run_id in (runs.sort_values("created")["run_id"].iloc[::-1] if len(runs) else ()):
+        if list_snapshots(store.runs_dir, str(run_id)):
+            log.info("%s: resuming unfinished run %s", method, run_id)
+            return resume_run(store, str(run_id), lm=lm, progress=progress)
+    return None
+
+
 def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data: str = DEFAULT_DATA,
                    runs_dir: str = "runs", *, eval_every: int | None = None, model: str = "default",
                    seed: int = 0, device: str | None = None, general: str = "none",
@@ -269,13 +285,19 @@ def collapse_study(methods: Sequence[str] = DEFAULT_METHODS, n: int = 200, data:
                 log.info("%s: reusing finished run %s", method, run_id)
                 run_ids.append(run_id)
                 continue
+        t0 = time.time()
+        cb = (lambda done, total, info, _m=method: progress(_m, done, total, info)) if progress else None
+        if reuse:  # an unfinished run of this study (killed, interrupted): continue it from its newest snapshot
+            resumed = _resume_unfinished(store, name, label, lm, cb)
+            if resumed is not None:
+                log.info("%s: run %s resumed and done in %.0fs", method, resumed, time.time() - t0)
+                run_ids.append(resumed)
+                continue
         config = RunConfig(model=model, method=name, method_overrides=overrides, data=data, n_edits=n,
                            batch_size=1, eval_every=every, seed=seed, device=device, runs_dir=runs_dir,
                            general=general, locality_probes=locality_probes, label=label, preset_variant=variant)
         if run_fields:
             config = config.replace(**run_fields)
-        t0 = time.time()
-        cb = (lambda done, total, info, _m=method: progress(_m, done, total, info)) if progress else None
         try:
             run_id = run_sequential(config, store, lm=lm, progress=cb)
         except Exception as exc:  # one failing method must not lose the others; the store has the error

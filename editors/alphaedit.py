@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from .base import EditError, EditResult
 from .fields import check_choice, check_range
 from .multilayer import (
     TINY_OVERRIDES,
+    KeyMomentsState,
     LayerState,
     MultiLayerConfig,
     MultiLayerEditor,
@@ -160,7 +161,7 @@ class AlphaEditConfig(MultiLayerConfig):
 # tiny: the null space of the directions holding at most 5% of the tiny model's key energy (rule 'energy')
 @register(family="constrained", collapse_study=True, order=70,
           tiny={**TINY_OVERRIDES, "nullspace_threshold": 0.05})
-class AlphaEditEditor(MultiLayerEditor):
+class AlphaEditEditor(KeyMomentsState, MultiLayerEditor):
     """AlphaEdit (Fang et al. 2025): MEMIT's targets with the update projected onto the preserved keys' null space."""
 
     name: ClassVar[str] = "alphaedit"
@@ -205,6 +206,13 @@ class AlphaEditEditor(MultiLayerEditor):
         if layer in self.KpKp:
             out["KpKp"] = self.KpKp[layer]
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "n_results": torch.tensor(self._n_results)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._n_results = int(torch.as_tensor(state.get("n_results", 0)))
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, state: LayerState) -> torch.Tensor:
         state.info["null_dim"] = self.null_dims[state.layer]

@@ -229,10 +229,18 @@ class Editor:
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         """Called by the engine after ``result`` was applied (sequential state updates)."""
 
+    #: whether the engine stores :meth:`state_dict` as the artifact ``editor_state`` at every checkpoint (small
+    #: states a page shows: a codebook, running statistics); False for large ones (accumulated key moments, a copy of
+    #: W0), which go only into resume snapshots (app/snapshots.py)
+    state_in_store: ClassVar[bool] = True
+
     # ---- state that is not a weight delta (base: none) --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The editor's sequential state as flat ``{key: numpy array}`` (running statistics, a codebook, ...); the
-        engine stores it as the artifact ``editor_state`` at every checkpoint. Empty: nothing beyond the weights."""
+        """The editor's COMPLETE sequential state, as flat ``{key: numpy array or tensor}``: everything beyond the
+        weights that its next edit depends on (running statistics, a codebook, accumulated key moments, ...), so
+        that an editor restored with :meth:`load_state_dict` on the edited model makes the same next edit as the one
+        that made the earlier edits (resume snapshots; tests/unit/test_resume.py checks every shipped method).
+        Empty: nothing beyond the weights."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

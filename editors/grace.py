@@ -488,7 +488,13 @@ class GRACEEditor(Editor):
                 "label_lens": lens, "label_ids": np.asarray([i for y in cb.labels for i in y], dtype=np.int64),
                 "edit_ids": np.asarray(cb.edit_ids, dtype=str),
                 "counts": np.asarray([cb.counts[k] for k in ("added", "expanded", "split")], dtype=np.int64),
-                "n_edits": np.asarray(self.n_edits)}
+                "n_edits": np.asarray(self.n_edits),
+                # the edits made so far (the hit-share metrics of state_metrics score them)
+                "edited_prompts": np.asarray([p for p, _, _ in self.edited], dtype=str),
+                "edited_label_lens": np.asarray([len(y) for _, y, _ in self.edited], dtype=np.int64),
+                "edited_label_ids": np.asarray([i for _, y, _ in self.edited for i in y], dtype=np.int64),
+                "edited_n_rephrases": np.asarray([len(rs) for _, _, rs in self.edited], dtype=np.int64),
+                "edited_rephrases": np.asarray([q for _, _, rs in self.edited for q in rs], dtype=str)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(np.asarray(state.get("format", -1))) != _STATE_FORMAT:
@@ -510,6 +516,15 @@ class GRACEEditor(Editor):
             raise ValueError("grace: the state's keys, values, radii, labels and edit ids differ in length")
         self.codebook = cb
         self.n_edits = int(np.asarray(state["n_edits"]))
+        prompts = [str(x) for x in np.asarray(state.get("edited_prompts", np.zeros(0, dtype=str))).reshape(-1)]
+        lens = np.asarray(state.get("edited_label_lens", np.zeros(0, dtype=np.int64))).reshape(-1)
+        ids = np.asarray(state.get("edited_label_ids", np.zeros(0, dtype=np.int64))).reshape(-1)
+        n_reph = np.asarray(state.get("edited_n_rephrases", np.zeros(len(prompts), dtype=np.int64))).reshape(-1)
+        reph = [str(x) for x in np.asarray(state.get("edited_rephrases", np.zeros(0, dtype=str))).reshape(-1)]
+        lo = np.concatenate([[0], np.cumsum(lens)]).astype(int)
+        ro = np.concatenate([[0], np.cumsum(n_reph)]).astype(int)
+        self.edited = [(p, tuple(int(x) for x in ids[lo[i]:lo[i + 1]]), tuple(reph[ro[i]:ro[i + 1]]))
+                       for i, p in enumerate(prompts)]
 
 
 __all__ = ["GRACEConfig", "GRACEEditor", "Codebook", "CodebookPatch", "Decision", "decide", "sq_distances",

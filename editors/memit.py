@@ -24,6 +24,7 @@ from .base import EditResult
 from .fields import check_range
 from .multilayer import (
     TINY_OVERRIDES,
+    KeyMomentsState,
     LayerState,
     MultiLayerConfig,
     MultiLayerEditor,
@@ -76,7 +77,7 @@ class MEMITConfig(MultiLayerConfig):
 
 
 @register(family="locate-then-edit", collapse_study=True, order=40, tiny=TINY_OVERRIDES)
-class MEMITEditor(MultiLayerEditor):
+class MEMITEditor(KeyMomentsState, MultiLayerEditor):
     """MEMIT (Meng et al. 2023): batched multi-layer least-squares edit of the MLP output projections."""
 
     name: ClassVar[str] = "memit"

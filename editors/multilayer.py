@@ -363,6 +363,27 @@ class MultiLayerConfig(EditorConfig):
                 "early_stop_loss": self.early_stop_loss}
 
 
+class KeyMomentsState:
+    """Mixin of the editors that accumulate the keys of the batches applied so far (MEMIT_seq, AlphaEdit): their
+    sequential state ``KpKp`` (layer -> ΣK_pK_pᵀ) and ``n_accumulated`` as :meth:`Editor.state_dict` arrays, so a
+    resumed run (app/snapshots.py) solves with the same K_pK_pᵀ as an uninterrupted one."""
+
+    KpKp: dict[int, torch.Tensor]
+    n_accumulated: int
+    state_in_store: ClassVar[bool] = False  # d_ff x d_ff per layer: resume snapshots only
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_accumulated": torch.tensor(self.n_accumulated)}
+        out.update({f"KpKp|{layer}": M.detach().cpu() for layer, M in self.KpKp.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = self.lm.device  # type: ignore[attr-defined]
+        self.n_accumulated = int(torch.as_tensor(state.get("n_accumulated", 0)))
+        self.KpKp = {int(k.split("|", 1)[1]): torch.as_tensor(v).to(device) for k, v in state.items()
+                     if k.startswith("KpKp|")}
+
+
 class MultiLayerEditor(Editor):
     """Abstract editor around :func:`multilayer_update`. Concrete methods set ``name``, ``config_cls``, ``site``,
     ``spread``, ``solve_dtype`` and implement :meth:`solve`; they may add per-layer statistics
@@ -437,4 +458,5 @@ class MultiLayerEditor(Editor):
 
 
 __all__ = ["LayerState", "Solve", "MultiLayerOutput", "multilayer_update", "key_second_moments", "check_layers",
-           "MultiLayerConfig", "MultiLayerEditor", "SITES", "SPREADS", "SOLVE_PRECISIONS", "TINY_OVERRIDES"]
+           "KeyMomentsState", "MultiLayerConfig", "MultiLayerEditor", "SITES", "SPREADS", "SOLVE_PRECISIONS",
+           "TINY_OVERRIDES"]

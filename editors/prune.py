@@ -115,6 +115,22 @@ class PRUNEEditor(WrappedEditor):
         self.W0: dict[str, torch.Tensor] = {}
         self.sigma_max: dict[str, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state plus, per matrix edited so far, W0 (``W0|name``) and σ_max(W0) (``sigma_max|name``):
+        a resumed run restrains against the unedited matrix, not the one it resumed on."""
+        out = super().state_dict()
+        for name, W0 in self.W0.items():
+            out[f"W0|{name}"] = W0.detach().cpu()
+            out[f"sigma_max|{name}"] = torch.tensor(self.sigma_max[name], dtype=torch.float64)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        params = dict(self.lm.model.named_parameters())
+        self.W0 = {k[3:]: torch.as_tensor(v).to(device=params[k[3:]].device, dtype=params[k[3:]].dtype)
+                   for k, v in state.items() if k.startswith("W0|")}
+        self.sigma_max = {k[10:]: float(torch.as_tensor(v)) for k, v in state.items() if k.startswith("sigma_max|")}
+
     def transform_param(self, name: str, delta: torch.Tensor, W: torch.Tensor
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config

@@ -101,5 +101,15 @@ class WrappedEditor(Editor):
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         self.base.after_apply(requests, result)
 
+    #: the base's state may be large (MEMIT_seq's key moments), PRUNE's holds W0: resume snapshots only
+    state_in_store: ClassVar[bool] = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base editor's state under ``base|``."""
+        return {f"base|{k}": v for k, v in self.base.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("base|")})
+
 
 __all__ = ["BASES", "WrappedConfig", "WrappedEditor"]

@@ -59,6 +59,14 @@ class ShiftEditor(Editor):
                             info={"call": self.calls, "norm": float(delta.norm()), "per_layer": {str(cfg.layer): 1.0}},
                             artifacts={"u": u.squeeze(1)})
 
+    state_in_store = False  # the counters are for resume snapshots only (no editor_state artifacts)
+
+    def state_dict(self):  # the call counter seeds the shifts: a resumed run continues it
+        return {"calls": torch.tensor(self.calls), "applied": torch.tensor(self.applied)}
+
+    def load_state_dict(self, state):
+        self.calls, self.applied = int(state["calls"]), int(state["applied"])
+
     def after_apply(self, requests, result):
         self.applied += 1
         if self.applied == self.config.nan_logits_at:  # simulates a model whose forward pass blows up

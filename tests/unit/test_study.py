@@ -54,3 +54,32 @@ def test_collapse_study_table_reuse_and_report(tmp_path):
     assert list(again["run_id"]) == list(table["run_id"]) and len(RunStore(str(runs)).list_runs()) == n_runs
     report = collapse_study(["mose"], 3, str(data), str(runs), report_only=True, **kw)
     assert list(report["run_id"]) == [table["run_id"].iloc[0]]
+
+
+def test_an_interrupted_study_continues_its_unfinished_run(tmp_path):
+    """A study stopped inside a method's run (Ctrl-C after its 2nd edit, past the checkpoint at 2) is continued
+    by the same call: the unfinished run resumes from its snapshot (one run in the store, every edit once) and the
+    table equals that of an uninterrupted study in another store."""
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(RECORDS))
+    lm = tiny_model("llama", seed=21)
+    kw = dict(eval_every=2, method_overrides=SMALL, lm=lm, locality_probes="none")
+
+    def stop_after_two(method, done, total, info):
+        if info.get("phase") == "edit" and info.get("n_edits") == 3:
+            raise KeyboardInterrupt
+
+    runs = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        collapse_study(["adaedit"], 3, str(data), str(runs), progress=stop_after_two, **kw)
+    store = RunStore(runs)
+    (run_id,) = list(store.list_runs()["run_id"])
+    assert store.get_run(run_id)["status"] == "interrupted"
+    table = collapse_study(["adaedit"], 3, str(data), str(runs), **kw)
+    assert list(store.list_runs()["run_id"]) == [run_id]
+    assert store.get_run(run_id)["status"] == "finished"
+    assert list(store.edits_frame(run_id)["idx"]) == [0, 1, 2]
+    clean = collapse_study(["adaedit"], 3, str(data), str(tmp_path / "clean"), **kw)
+    cols = ["n_edits", "reliability", "generality", "fro_rel", "cond_rel", "drift"]
+    for col in cols:
+        assert table[col].astype(float).tolist() == pytest.approx(clean[col].astype(float).tolist(), rel=1e-5), col
