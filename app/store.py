@@ -440,6 +440,7 @@ class RunStore(SQLiteFile):
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         import shutil
         shutil.rmtree(self.artifact_dir(run_id), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.runs_dir, "snapshots", run_id), ignore_errors=True)  # app/snapshots.py
 
     def truncate_run(self, run_id: str, n_edits: int) -> dict[str, int]:
         """Delete a run's rows made after its first ``n_edits`` edits (edit rows, metric rows and artifacts with a

@@ -160,6 +160,11 @@ def test_never_snapshotting_and_the_refusals(tmp_path, tiny_llama, standins):
     a = run_sequential(_cfg(tmp_path, "rome", update_angles=False), store, lm=tiny_llama)
     with pytest.raises(ResumeError, match="is finished"):
         resume_run(store, a, lm=tiny_llama)
+    c = run_sequential(_cfg(tmp_path, "rome", update_angles=False), store, lm=tiny_llama,
+                       should_cancel=_StopBefore(4))
+    assert snaps.list_snapshots(str(tmp_path), c)
+    store.delete_run(c)  # deleting a run deletes its snapshots
+    assert not os.path.exists(snaps.snapshot_dir(str(tmp_path), c))
     with pytest.raises(Exception, match="snapshot_every"):
         _cfg(tmp_path, "rome", snapshot_every=-2).validate()
 
