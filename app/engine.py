@@ -656,7 +656,7 @@ class SequentialRun:
         meta = {"run_id": self.run_id, "n_done": self.n_done, "model_hash": self.lm.model_hash,
                 "method": self.config.method, "edit_seconds": self.edit_seconds, "diag_seconds": self.diag_seconds,
                 "eval_seconds_total": self.eval_seconds_total, "peak_mem": self.peak_mem,
-                "run_seconds": time.time() - self.started, "param_dtypes": {n: str(params[n].dtype) for n in self.W0},
+                "run_seconds": time.time() - self.started,
                 "prev_n": {n: int(v[0]) for n, v in self.prev_update.items()},
                 "rng": {"random": random.getstate(), "torch": torch_rng,
                         "numpy": [np_rng[0], np_rng[1].tolist(), int(np_rng[2]), int(np_rng[3]), float(np_rng[4])]}}

@@ -439,8 +439,10 @@ class RunStore(SQLiteFile):
         with self._tx() as conn:
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         import shutil
+
+        from .snapshots import delete_snapshots
         shutil.rmtree(self.artifact_dir(run_id), ignore_errors=True)
-        shutil.rmtree(os.path.join(self.runs_dir, "snapshots", run_id), ignore_errors=True)  # app/snapshots.py
+        delete_snapshots(self.runs_dir, run_id)
 
     def truncate_run(self, run_id: str, n_edits: int) -> dict[str, int]:
         """Delete a run's rows made after its first ``n_edits`` edits (edit rows, metric rows and artifacts with a
