@@ -375,6 +375,10 @@ class HypernetEditor(Editor):
         return build_hypernet(self.lm, self.name, self.config, seed=self.seed, cache_dir=self.cache_dir,
                               require_trained=require_trained)
 
+    def checkpoint_meta(self) -> dict | None:
+        """The metadata of the trained checkpoint this editor edits with, or None when its net is untrained."""
+        return self._net(require_trained=False)[3]
+
     # ---- to implement --------------------------------------------------------------------------------------
     def predict(self, net: HyperNet, K: list[torch.Tensor], grads: list[torch.Tensor]) -> Prediction:
         raise NotImplementedError

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import pandas as pd
 
@@ -102,15 +103,22 @@ def run(args) -> pd.DataFrame:
     rows: list[dict] = []
     note = (f"{n} edit records in batches of {batch}; {steps} meta steps x {train_edits} train records "
             f"(paper: batches of 8192, trained to convergence) on {lm.display_name}")
+    empty_cache = None  # the untrained row's own, empty cache: the untrained net shares AGRADE's cache key
+    # (allow_untrained is not hashed), so with the shared cache it would load the trained AGRADE net
     for key in wanted:
         method, over, label, where = ROWS[key]
         overrides = {**sets.get(method, {}), "n_edits": train_edits, "meta_lr": meta_lr, **over}
-        if key != "untrained":
+        row_cache = cache
+        if key == "untrained":
+            empty_cache = empty_cache or tempfile.TemporaryDirectory(prefix="editbench-untrained-")
+            row_cache = empty_cache.name
+        else:
             train_hypernet(lm, method, {k: v for k, v in overrides.items() if k != "allow_untrained"}, train_data,
                            steps=steps, eval_every=steps, n_val=min(8, n), seed=args.seed, cache_dir=cache,
                            progress=False)
         cfg, _ = build_config(method, lm.name, overrides)
-        editor = get_editor_class(method)(lm, cfg, seed=args.seed, cache_dir=cache)
+        editor = get_editor_class(method)(lm, cfg, seed=args.seed, cache_dir=row_cache)
+        _check_trained(editor, label, trained=key != "untrained")
         scores = batch_scores(lm, editor, records, batch)
         tables = ("table1", "table2") if where == "both" else (where,)
         for t in tables:
@@ -127,12 +135,24 @@ def run(args) -> pd.DataFrame:
         elif key == "untrained":  # both Eq. 4 references on the same untrained net (nothing to train)
             for ref in ("raw", "projected"):
                 c, _ = build_config(method, lm.name, {**overrides, "projection_reference": ref})
-                diag.append((f"untrained, {ref} G_prev", get_editor_class(method)(lm, c, seed=args.seed,
-                                                                                   cache_dir=cache)))
+                ed = get_editor_class(method)(lm, c, seed=args.seed, cache_dir=row_cache)
+                _check_trained(ed, f"untrained, {ref} G_prev", trained=False)
+                diag.append((f"untrained, {ref} G_prev", ed))
         for name, ed in diag:
             for d in eq4_diagnostics(lm, ed, records[:batch]):
                 for metric in ("cos_prev", "removed"):
                     rows.append(row("Eq. 4 (what it removes)", f"{name} L{d['layer']}", metric, math.nan,
                                     d[metric], "one batch edit; cos with G_prev, share of ‖G‖ removed",
                                     unit="ratio"))
+    if empty_cache is not None:
+        empty_cache.cleanup()
     return pd.DataFrame(rows)
+
+
+def _check_trained(editor, label: str, *, trained: bool) -> None:
+    """A row is what its label says: a trained row edits with a trained net, the untrained row with a fresh one."""
+    meta = editor.checkpoint_meta()
+    if (meta is not None) != trained:
+        from . import ReproduceError
+        raise ReproduceError(f"row {label!r}: expected {'a trained' if trained else 'an untrained'} hypernetwork, "
+                             f"got {'a checkpoint of step ' + str(meta.get('step')) if meta else 'none'}")

@@ -69,3 +69,51 @@ def test_agrade_reproduction_quick(tiny_llama, tmp_path):
 def test_bad_option_names_the_key(tiny_llama, tmp_path):
     with pytest.raises(ReproduceError, match="nope"):
         reproduce("mose", make_args("mose", quick=True, out=str(tmp_path), lm=tiny_llama, options={"nope": "1"}))
+
+
+@pytest.mark.timeout(900)
+def test_agrade_untrained_row_never_loads_a_trained_net(tiny_llama, tmp_path, monkeypatch):
+    """The 'untrained' row shares AGRADE's cache key (allow_untrained is not hashed): run after the AGRADE row with
+    the same cache it must still edit (and diagnose Eq. 4) with a fresh net, and the AGRADE row with the trained one."""
+    import app.reproduce.agrade as rep
+    import app.train as train
+    from editors.hypernet import build_hypernet
+
+    seen = []
+
+    def trained(editor):
+        return build_hypernet(editor.lm, editor.name, editor.config, seed=editor.seed, cache_dir=editor.cache_dir,
+                              require_trained=False)[3] is not None
+
+    real_scores, real_diag = train.batch_scores, rep.eq4_diagnostics
+    monkeypatch.setattr(train, "batch_scores", lambda lm, ed, *a, **k: (
+        seen.append(("scores", ed.config.allow_untrained, trained(ed))), real_scores(lm, ed, *a, **k))[1])
+    monkeypatch.setattr(rep, "eq4_diagnostics", lambda lm, ed, *a, **k: (
+        seen.append(("eq4", ed.config.allow_untrained, trained(ed))), real_diag(lm, ed, *a, **k))[1])
+    shared_path("counterfact", "counterfact-train.json")
+    sets = ["agrade.rank=8", "agrade.layers=2,3"]
+    args = _args("agrade", tiny_llama, tmp_path, sets, cache=str(tmp_path / "cache"), rows="agrade,untrained")
+    table = reproduce("agrade", args)
+    assert ("scores", False, True) in seen and ("eq4", False, True) in seen  # the AGRADE row: trained
+    untrained = [s for s in seen if s[1]]
+    assert [s[0] for s in untrained] == ["scores", "eq4", "eq4"] and not any(s[2] for s in untrained)
+    assert "untrained hypernetwork" in set(table["row"])
+    assert list((tmp_path / "cache").rglob("*"))  # the trained net is still in the shared cache
+
+
+def test_check_trained_refuses_a_mislabelled_row():
+    from app.reproduce.agrade import _check_trained
+
+    class Fake:
+        def __init__(self, meta):
+            self.meta = meta
+
+        def checkpoint_meta(self):
+            return self.meta
+
+    _check_trained(Fake(None), "untrained", trained=False)
+    _check_trained(Fake({"step": 3}), "AGRADE", trained=True)
+    with pytest.raises(ReproduceError, match="untrained.*checkpoint of step 3"):
+        _check_trained(Fake({"step": 3}), "untrained", trained=False)
+    with pytest.raises(ReproduceError, match="AGRADE.*a trained"):
+        _check_trained(Fake(None), "AGRADE", trained=True)
