@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .base import EditError, Editor, EditorConfig, EditResult
 from .fields import check_choice, check_range, help_meta
-from .hooks import Trace
+from .hooks import Trace, frozen_prefix
 from .models import LoadedModel
 from .registry import register
 from .requests import EditRequest
@@ -357,17 +357,23 @@ class GRACEEditor(Editor):
         losses = []
         was = self.model.training
         self.model.eval()
+        def forward():
+            return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
         try:
-            for _ in range(self.config.n_iter):
-                self._override = (0, len(p) - 1, v)
-                with torch.enable_grad():
-                    hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, pos]
-                    loss = F.cross_entropy(self.model.get_output_embeddings()(hidden).float(), labels)
-                    (g,) = torch.autograd.grad(loss, [v])
-                losses.append(float(loss.detach()))
-                opt.zero_grad()
-                v.grad = g
-                opt.step()
+            # the blocks below the adaptor's layer do not depend on v: computed once, not n_iter times (exact;
+            # tests/unit/test_grace.py compares with the full forward)
+            with frozen_prefix(self.model, self.spec.layers_path, self.layer, forward):
+                for _ in range(self.config.n_iter):
+                    self._override = (0, len(p) - 1, v)
+                    with torch.enable_grad():
+                        hidden = forward()[0, pos]
+                        loss = F.cross_entropy(self.model.get_output_embeddings()(hidden).float(), labels)
+                        (g,) = torch.autograd.grad(loss, [v])
+                    losses.append(float(loss.detach()))
+                    opt.zero_grad()
+                    v.grad = g
+                    opt.step()
         finally:
             self._override = None
             self.model.train(was)

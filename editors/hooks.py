@@ -98,3 +98,52 @@ def output_grad_leaves(model: nn.Module, names: Sequence[str]):
             yield tr, leaves
     finally:
         model.train(was)
+
+
+@contextmanager
+def frozen_prefix(model: nn.Module, layers_path: str, n_frozen: int, run: Callable[[], object]):
+    """Skip blocks ``0 .. n_frozen-1`` in repeated forward passes on the SAME inputs.
+
+    ``run()`` makes one forward pass (grad off, the model's current hooks active); the output block ``n_frozen-1``
+    returned in it is kept, and inside the ``with`` block every one of blocks ``0 .. n_frozen-1`` returns that kept
+    output instead of computing (the blocks below ``n_frozen`` see nothing that changes between the passes, so a
+    forward pass inside gives what the full one gives, and costs only the blocks from ``n_frozen`` on). The caller
+    guarantees that every forward inside uses the inputs ``run`` used and that nothing below block ``n_frozen``
+    changes; the blocks' ``forward`` is restored on exit, also on exceptions. ``n_frozen <= 0``: nothing is skipped.
+    """
+    blocks = model.get_submodule(layers_path)
+    if n_frozen <= 0:
+        yield
+        return
+    if n_frozen > len(blocks):
+        raise ValueError(f"frozen_prefix: {n_frozen} blocks asked, the model has {len(blocks)}")
+    kept: list = []
+    last = blocks[n_frozen - 1]
+
+    def grab(module, args, output):
+        kept.append(output)  # computed under no_grad: nothing to detach
+        raise StopForward()
+
+    handle = last.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            try:
+                run()
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not kept:
+        raise RuntimeError(f"frozen_prefix: block {n_frozen - 1} of {layers_path} was not called by run()")
+    out = kept[0]
+    saved = [(b, b.__dict__.get("forward")) for b in blocks[:n_frozen]]
+    try:
+        for b, _ in saved:
+            b.forward = lambda *args, **kwargs: out
+        yield
+    finally:
+        for b, own in saved:
+            if own is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = own

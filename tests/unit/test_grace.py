@@ -214,3 +214,25 @@ def test_same_label_expand_grows_the_radius_and_moving_average_moves_the_key(tin
         assert torch.equal(ed.codebook.keys[0], key0) and ed.codebook.eps == eps0
     finally:
         ed.close()
+
+
+def test_value_training_with_the_frozen_prefix_equals_the_full_forward(tiny_llama, monkeypatch):
+    """_train_value skips the blocks below the adaptor (editors/hooks.frozen_prefix); the value it trains and its
+    losses equal those of the full forward in every step (fails if the prefix kept the wrong block's output or
+    dropped the override)."""
+    import contextlib
+
+    import editors.grace as grace
+    ed = _editor(tiny_llama, layer=2)
+    ed.prepare()
+    try:
+        p, t = ed._encode(REQS[0])
+        v0 = torch.rand(tiny_llama.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+        fast = ed._train_value(p, t, v0)
+        monkeypatch.setattr(grace, "frozen_prefix", lambda *a, **k: contextlib.nullcontext())
+        full = ed._train_value(p, t, v0)
+    finally:
+        ed.close()
+    assert torch.allclose(fast[0], full[0], atol=1e-5, rtol=1e-5)
+    assert fast[1] == pytest.approx(full[1], rel=1e-5) and fast[2] == pytest.approx(full[2], rel=1e-5)
+    assert fast[2] < fast[1]  # it trained
