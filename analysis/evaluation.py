@@ -20,6 +20,10 @@ small model).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import re
 import string
 from collections import Counter
@@ -29,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from editors.models import LoadedModel
+from editors.models import LoadedModel, weights_fingerprint
 from editors.requests import EditRequest
 
 TF = "tf_token_acc"
@@ -383,11 +387,52 @@ WildReference = dict[str, WildOut]
 
 
 def wild_reference(lm: LoadedModel, prompts: Iterable[str], *, context: str = "none",
-                   max_new_tokens: int = WILD_MAX_TOKENS, batch_size: int = 64) -> WildReference:
-    """The UNEDITED model's WILD generation of each prompt (compute before any edit): WILD locality compares with it."""
+                   max_new_tokens: int = WILD_MAX_TOKENS, batch_size: int = 64,
+                   cache_root: str | None = None) -> WildReference:
+    """The UNEDITED model's WILD generation of each prompt (compute before any edit): WILD locality compares with it.
+
+    With ``cache_root`` the result is kept in ``<cache_root>/wild_reference/`` and reused by the next call with the
+    same weights (their fingerprint NOW, not at load time), prompts in the same order, settings, batch size, device,
+    dtype, torch version and thread count (every input of the batched greedy generation, so a hit is what a new
+    generation would give): 1,000 CounterFact records are ~10,000 generations, the same for every method of a study.
+    An unreadable or mismatched cache file is regenerated (and overwritten), never trusted.
+    """
     uniq = list(dict.fromkeys(prompts))
+    path = None
+    if cache_root is not None:
+        dtype = next(lm.model.parameters()).dtype
+        key = {"format": 1, "weights": weights_fingerprint(lm.model), "prompts": uniq, "context": context,
+               "max_new_tokens": int(max_new_tokens), "batch_size": int(batch_size), "device": str(lm.device),
+               "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        path = os.path.join(cache_root, "wild_reference", f"{digest}.json")
+        cached = _read_wild_cache(path, key)
+        if cached is not None:
+            return cached
     outs = wild_generate(lm, uniq, context=context, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return dict(zip(uniq, outs))
+    ref = dict(zip(uniq, outs))
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "ids": [list(o.ids) for o in outs], "text": [o.text for o in outs]}, f)
+        os.replace(tmp, path)
+    return ref
+
+
+def _read_wild_cache(path: str, key: dict) -> WildReference | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data["key"] != key or not (len(data["ids"]) == len(data["text"]) == len(key["prompts"])):
+            raise ValueError("its key or length differs from this call's")
+        return {p: WildOut(tuple(int(t) for t in ids), str(text))
+                for p, ids, text in zip(key["prompts"], data["ids"], data["text"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logging.getLogger(__name__).warning("WILD reference cache %s ignored (%s); generating again", path, exc)
+        return None
 
 
 def wild_locality_scores(lm: LoadedModel, prompts: Sequence[str], reference: Mapping[str, WildOut], *,

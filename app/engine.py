@@ -41,6 +41,7 @@ from analysis.hidden import capture_states, shift_metrics
 from analysis.weights import matrix_stats, preserved_output_change, singular_values
 from editors import data
 from editors.base import ConfigError, EditError, Editor, EditorConfig, apply_result
+from editors.cache import cache_root
 from editors.registry import UnknownMethodError, get_editor_class
 from editors.requests import EditRequest
 
@@ -375,7 +376,8 @@ class SequentialRun:
         if ev.WILD in cfg.protocols:
             self.wild_reference = ev.wild_reference(self.lm, [p for p, _ in pairs], context=cfg.wild_context,
                                                     max_new_tokens=cfg.wild_max_tokens,
-                                                    batch_size=cfg.eval_batch_size)
+                                                    batch_size=cfg.eval_batch_size,
+                                                    cache_root=cache_root(cfg.cache_dir))
             if cfg.wild_retention_max and len(self.requests) > cfg.wild_retention_max:
                 rng = random.Random(cfg.seed)
                 self.wild_subset = set(rng.sample(range(len(self.requests)), cfg.wild_retention_max))

@@ -129,3 +129,45 @@ def test_rows_and_locality_against_the_unedited_model(tiny_llama):
     assert got[("locality", ev.WILD)] == 0.0 and got[("locality", ev.WILD_F1)] < 1.0
     with pytest.raises(ValueError, match="unknown protocol"):
         ev.evaluate_requests(lm, [REQ], {}, protocols=("wild",))
+
+
+def test_wild_reference_cache_hits_only_on_identical_inputs(tiny_llama, tmp_path, monkeypatch, caplog):
+    """The on-disk WILD reference: a second call with the same inputs generates nothing and returns the same
+    outputs; changed prompts (or their order), token budget or WEIGHTS miss; a corrupt file is regenerated.
+    Wrong variants it fails on: a key without the prompts / order / budget, the load-time hash instead of the
+    current weights, trusting a corrupt or foreign file."""
+    lm = tiny_llama
+    prompts = ["The capital of France is", "Danielle Darrieux speaks", "The capital of France is"]
+    calls = []
+    real = ev.wild_generate
+    monkeypatch.setattr(ev, "wild_generate", lambda lm_, ps, **kw: (calls.append(list(ps)), real(lm_, ps, **kw))[1])
+    first = ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path))
+    (f,) = list((tmp_path / "wild_reference").iterdir())
+    assert calls == [prompts[:2]]
+    again = ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path))
+    assert len(calls) == 1 and again == first and list(again) == prompts[:2]
+    for kw in ({"prompts": prompts[1::-1]}, {"max_new_tokens": 4}, {"prompts": prompts[:1]}):
+        n = len(calls)
+        ev.wild_reference(lm, kw.get("prompts", prompts), max_new_tokens=kw.get("max_new_tokens", 5),
+                          cache_root=str(tmp_path))
+        assert len(calls) == n + 1, kw
+    w = lm.model.get_parameter(lm.spec.mlp_out_weight(1))
+    w0 = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.5)
+    try:
+        n = len(calls)
+        ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path))
+        assert len(calls) == n + 1  # edited weights: not the unedited model's cached generations
+    finally:
+        with torch.no_grad():
+            w.copy_(w0)
+    n = len(calls)
+    assert ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path)) == first and len(calls) == n
+    f.write_text("{not json")
+    n = len(calls)
+    assert ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path)) == first
+    assert len(calls) == n + 1 and "ignored" in caplog.text
+    assert ev.wild_reference(lm, prompts, max_new_tokens=5, cache_root=str(tmp_path)) == first and len(calls) == n + 1
+    ev.wild_reference(lm, prompts, max_new_tokens=5)  # no cache root: nothing read or written
+    assert len(calls) == n + 2
