@@ -76,7 +76,8 @@ case "$method" in
                 $t::test_eq1_and_eq2_as_used_inside_predict $t::test_use_c_false_is_the_ablation_without_c
                 $t::test_eq4_inside_predict_against_the_chosen_previous_G $t::test_eq6_is_autograds_gradient_of_the_edit_objective
                 $t::test_weight_projection_false_is_P_equals_H_g $t::test_lambda_term_is_the_derivative_of_the_edit_objective
-                $t::test_agrade_spectral_artifacts $t::test_agrade_artifacts_and_projection"
+                $t::test_agrade_spectral_artifacts $t::test_agrade_artifacts_and_projection
+                $t::test_predict_solves_eq5_with_or_without_the_regulariser"
     full_tests="$t"
     # Eq. 1-7 as the editor computes them (predict, the projected gradient, the hyper loss). Not the artifacts
     # (_extras: covered by test_agrade_spectral_artifacts / test_agrade_artifacts_and_projection in the full pass)

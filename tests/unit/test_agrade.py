@@ -219,6 +219,26 @@ def test_use_c_false_is_the_ablation_without_c(tiny_llama):
             assert torch.allclose(pred.D[m], -net.lr[m] * net(H, g, m)[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("regularise", [True, False])
+def test_predict_solves_eq5_with_or_without_the_regulariser(tiny_llama, regularise):
+    """predict's ΔW_m solves Eq. 5 with M = HᵀH + e^λ I, or (regularise=False, the ablation) the minimum-norm least
+    squares of M = HᵀH. Fails on: λ used in the ablation (mutant `regularise or True`), λ dropped from the method,
+    another module's λ."""
+    ed, cfg = _agrade(tiny_llama, gradient_projection=False, regularise=regularise)
+    K, grads = _inputs(T=8)
+    net = _scrambled_net(cfg, 6, 4, 3)
+    with torch.no_grad():
+        net.lamda.copy_(torch.tensor([0.5, 1.5, 2.5], dtype=net.lamda.dtype))
+        pred = ed.predict(net, K, grads)
+        for m, (H, G) in enumerate(zip(K, pred.D)):
+            a = float(torch.exp(net.lamda[m])) if regularise else 0.0
+            want = torch.linalg.solve(H.T @ H + a * torch.eye(6, dtype=H.dtype), H.T @ G)
+            assert torch.allclose(pred.deltas[m], want, rtol=1e-8, atol=1e-10), m
+            other = float(torch.exp(net.lamda[m])) if not regularise else 0.0
+            wrong = torch.linalg.solve(H.T @ H + other * torch.eye(6, dtype=H.dtype), H.T @ G)
+            assert not torch.allclose(pred.deltas[m], wrong, rtol=1e-3)
+
+
 @pytest.mark.parametrize("reference", ["raw", "projected"])
 def test_eq4_inside_predict_against_the_chosen_previous_G(tiny_llama, reference):
     """Module m's G is Eq. 2's G_m minus its projection on the previous module's raw (Eq. 2) or projected G; the
