@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import string
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -300,13 +301,30 @@ def wild_stop_mask(lm: LoadedModel) -> torch.Tensor:
     HF ``stop_strings=[".", "\\n"]`` fires for single characters, or they end a sequence)."""
     tok = lm.tokenizer
     n = max(len(tok), lm.model.get_output_embeddings().weight.shape[0])
+    eos = frozenset(_eos_ids(lm))
+    # decoding the whole vocabulary is ~0.4 s (49k tokens): kept per tokenizer, for its size, n and end tokens
+    # (an immediate WILD evaluation after every edit of a 1,000-edit run asked for it 1,000 times)
+    key = (len(tok), n, eos)
+    try:
+        hit = _STOP_MASKS.get(tok)
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        hit = None
+    if hit is not None and hit[0] == key:
+        return hit[1].clone()
     texts = tok.batch_decode([[i] for i in range(len(tok))])
     mask = torch.zeros(n, dtype=torch.bool)
     mask[[i for i, t in enumerate(texts) if "." in t or "\n" in t]] = True
-    for i in _eos_ids(lm):
+    for i in eos:
         if i < n:
             mask[i] = True
+    try:
+        _STOP_MASKS[tok] = (key, mask.clone())
+    except TypeError:
+        pass
     return mask
+
+
+_STOP_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _StopAfterMask(StoppingCriteria):

@@ -44,6 +44,26 @@ def test_stop_mask_is_hf_stop_strings(tiny_llama):
         assert hf == bool(mask[v]), f"token {v} {tok.decode([v])!r}: HF {hf}, mask {bool(mask[v])}"
 
 
+def test_stop_mask_is_kept_per_tokenizer_and_follows_its_end_tokens(tiny_llama, monkeypatch):
+    """The mask is decoded once per tokenizer, returned as a copy (a caller's change does not leak into the next
+    call), and recomputed when the end tokens change. Fails on: no cache (decodes again), the cached tensor itself
+    returned, a key without the end tokens."""
+    lm = tiny_llama
+    first = ev.wild_stop_mask(lm)
+    decodes = []
+    real = type(lm.tokenizer).batch_decode
+    monkeypatch.setattr(type(lm.tokenizer), "batch_decode", lambda self, *a, **k: (decodes.append(1),
+                                                                                    real(self, *a, **k))[1])
+    again = ev.wild_stop_mask(lm)
+    assert torch.equal(again, first) and not decodes
+    again[:] = True
+    assert torch.equal(ev.wild_stop_mask(lm), first)
+    extra = int(torch.nonzero(~first).flatten()[0])
+    monkeypatch.setattr(ev, "_eos_ids", lambda lm_: {lm.tokenizer.eos_token_id, extra})
+    changed = ev.wild_stop_mask(lm)
+    assert decodes and bool(changed[extra]) and int(changed.sum()) == int(first.sum()) + 1
+
+
 def test_trailing_strip_in_the_authors_order(tiny_llama):
     lm = tiny_llama
     tok = lm.tokenizer
