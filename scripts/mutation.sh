@@ -46,8 +46,13 @@ case "$method" in
     fast_tests="$eq::test_sr_fusion_matches_the_steps_written_out $eq::test_hard_threshold_keeps_largest_magnitudes
                 tests/unit/test_mose_adaedit_rect_prune.py::test_resolve_k_counts_and_fractions
                 tests/unit/test_mose_adaedit_rect_prune.py::test_hard_threshold_dr_and_topk
-                tests/unit/test_mose_adaedit_rect_prune.py::test_sr_fusion_without_thresholding_is_the_truncated_svd"
-    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
+                tests/unit/test_mose_adaedit_rect_prune.py::test_sr_fusion_without_thresholding_is_the_truncated_svd
+                $eq::test_sr_factors_and_sr_fusion_use_the_svd_they_are_given $eq::test_sr_factors_drops_zero_singular_values
+                $eq::test_random_drop_mask_is_the_seeded_float64_draw
+                $eq::test_topk_magnitude_keeps_at_least_one_and_breaks_ties_to_the_lower_index
+                tests/unit/test_precision.py::test_randomized_top_svd_matches_exact
+                tests/unit/test_precision.py::test_top_svd_shapes_auto_boundary_and_seeded_determinism"
+    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py tests/unit/test_precision.py"
     # the paper's maths (section 4.2 and the DR / top-k strategies of section 3.1). The editor's solve/fuse wiring
     # is covered by the full pass (test_adaedit_editor_deltas_are_srfusion_sparse, the residual-site tests).
     functions="x_resolve_k x__top_indices x_hard_threshold x_top_svd x_sr_factors x_sr_fusion x_random_drop
@@ -62,8 +67,9 @@ case "$method" in
                 $eq::test_layer_score_is_eq22_with_the_activation_norm
                 tests/unit/test_mose_adaedit_rect_prune.py::test_procrustes_recovers_a_known_rotation
                 tests/unit/test_mose_adaedit_rect_prune.py::test_rotation_is_orthogonal_and_identity_for_huge_lambda
-                tests/unit/test_mose_adaedit_rect_prune.py::test_layer_score_and_neighbours"
-    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py"
+                tests/unit/test_mose_adaedit_rect_prune.py::test_layer_score_and_neighbours
+                tests/unit/test_precision.py::test_max_rotation_angle_matches_eigvals"
+    full_tests="tests/unit/test_mose_adaedit_rect_prune.py tests/unit/test_seed_equations.py tests/unit/test_precision.py"
     # Eq. 17-20 (Procrustes and its diagnostics), Eq. 22, the spectral norm and the neighbour rule
     functions="x_procrustes_rotation x_max_rotation_angle x_layer_score x_spectral x_edit_layers_around"
     ;;

@@ -253,3 +253,47 @@ def test_procrustes_diagnostics_known_angle_scale_and_degenerate_cases():
     _, small = procrustes_rotation(W * s, C, K, V2 * s, 0.5)  # the same problem in units 1000x smaller
     assert small["fit_before"] < 1 and abs(small["fit_after"] - big["fit_after"]) < 1e-8
     assert abs(small["preserve_change"] - big["preserve_change"]) < 1e-8 and small["preserve_change"] > 0
+
+
+# ---- AdaEdit: the mutation-testing survivors of 2026-12-02, killed ------------------------------------------------
+def test_sr_factors_and_sr_fusion_use_the_svd_they_are_given():
+    """svd='exact' is the full SVD even where 'auto' would take the randomised range finder (min(m, n) > 4 q):
+    fails if sr_factors / sr_fusion drop their svd argument."""
+    from editors.adaedit import top_svd
+    D = torch.randn(120, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    f = sr_factors(D, 3, 10_000, svd="exact")  # k >= every length: nothing thresholded, the triples themselves
+    assert torch.allclose(f.S, S[:3], rtol=1e-12)
+    assert torch.allclose((f.U * f.S) @ f.V.T, (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-10)
+    assert torch.allclose(sr_fusion(D, 3, 10_000, svd="exact"), (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-10)
+    _, S_auto, _ = top_svd(D, 3, method="auto")  # here 'auto' is randomised and visibly approximate
+    assert (S_auto[:3] - S[:3]).abs().max() > 1e-6
+
+
+def test_sr_factors_drops_zero_singular_values():
+    """A zero Δ keeps no triple (S > tol with tol = 0; fails on S >= tol), a rank-1 Δ keeps one of r = 3."""
+    f = sr_factors(torch.zeros(6, 5, dtype=torch.float64), 3, 0.5)
+    assert f.S.numel() == 0 and f.U.shape == (6, 0) and f.V.shape == (5, 0)
+    u, v = torch.arange(1.0, 7.0, dtype=torch.float64), torch.arange(1.0, 6.0, dtype=torch.float64)
+    assert sr_factors(torch.outer(u, v), 3, 10_000).S.numel() == 1
+
+
+def test_random_drop_mask_is_the_seeded_float64_draw():
+    """DR keeps exactly the entries whose float64 uniform draw (the generator's stream) is below keep_fraction;
+    fails on a float32 draw (another stream) or another comparison of the draw."""
+    from editors.adaedit import random_drop
+    delta = torch.randn(40, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    out = random_drop(delta, 0.3, torch.Generator().manual_seed(11))
+    draw = torch.rand(delta.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    assert out.dtype == delta.dtype and torch.equal(out, delta * (draw < 0.3).to(delta.dtype))
+    assert torch.equal(random_drop(delta, 0.3, torch.Generator().manual_seed(11), rescale=True),
+                       delta * (draw < 0.3).to(delta.dtype) / 0.3)
+
+
+def test_topk_magnitude_keeps_at_least_one_and_breaks_ties_to_the_lower_index():
+    from editors.adaedit import topk_magnitude
+    d = torch.tensor([[0.5, -3.0, 2.0], [1.0, 0.1, -0.2]])
+    assert torch.equal(topk_magnitude(d, 0.01), torch.tensor([[0.0, -3.0, 0.0], [0.0, 0.0, 0.0]]))  # n = max(1, 0)
+    assert torch.equal(topk_magnitude(d, 2 / 6), torch.tensor([[0.0, -3.0, 2.0], [0.0, 0.0, 0.0]]))
+    ties = torch.ones(2, 3)
+    assert torch.equal(topk_magnitude(ties, 0.5), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
