@@ -467,7 +467,7 @@ class SequentialRun:
             raise Diverged(f"weights became non-finite after step {self.step} ({self.n_done} edits): {bad[0]}")
         t_eval = time.perf_counter()
         try:
-            immediate = self._evaluate(batch, "immediate evaluation")
+            immediate = self._evaluate(batch, "immediate evaluation", cfg.immediate_protocols or None)
             self.eval_seconds_total += time.perf_counter() - t_eval
         except Diverged:
             self._write_edits(edit_rows, metric_rows, artifacts)

@@ -46,9 +46,25 @@ def test_wild_protocol_in_a_run(tmp_path, tiny_llama, standins):
     assert len(loc[(loc["protocol"] == ev.WILD) & (loc["n_edits"] == 2)]) == len(PROBES)
 
 
+def test_immediate_protocols_score_edits_with_a_subset(tmp_path, tiny_llama, standins):
+    """immediate_protocols=(tf,): each edit is scored right after it teacher-forced only, the checkpoints with every
+    protocol (fails if the immediate evaluation ignored the field, or the checkpoints used it too)."""
+    cfg = _cfg(tmp_path, protocols=(ev.TF, ev.WILD), immediate_protocols=(ev.TF,), wild_max_tokens=3, n_edits=2,
+               batch_size=1, eval_every=2)
+    run_id = run_sequential(cfg, lm=tiny_llama)
+    store = RunStore(tmp_path)
+    assert store.get_run(run_id)["status"] == "finished", store.get_run(run_id)["error"]
+    assert store.get_run(run_id)["config"]["immediate_protocols"] == [ev.TF]
+    cases = (df := store.metrics_frame([run_id]))[df["case_id"].notna()]
+    assert set(cases.loc[cases["kind"] == "edit", "protocol"]) == {ev.TF}
+    assert {ev.TF, ev.WILD, ev.WILD_F1} <= set(cases.loc[cases["kind"] == "retention", "protocol"])
+    assert {ev.TF, ev.WILD, ev.WILD_F1} <= set(cases.loc[cases["kind"] == "pre", "protocol"])
+
+
 def test_wild_run_fields_are_validated():
     import pytest
-    for bad in ({"wild_context": "judge"}, {"wild_max_tokens": 0}, {"wild_retention_max": -1}):
+    for bad in ({"wild_context": "judge"}, {"wild_max_tokens": 0}, {"wild_retention_max": -1},
+                {"immediate_protocols": (ev.WILD,)}):  # not one of the run's protocols (tf, margin)
         with pytest.raises(ConfigError, match=next(iter(bad))):
             RunConfig(method="unit-shift", **bad).validate()
 
