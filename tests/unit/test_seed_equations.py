@@ -268,6 +268,9 @@ def test_sr_factors_and_sr_fusion_use_the_svd_they_are_given():
     assert torch.allclose(sr_fusion(D, 3, 10_000, svd="exact"), (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-10)
     _, S_auto, _ = top_svd(D, 3, method="auto")  # here 'auto' is randomised and visibly approximate
     assert (S_auto[:3] - S[:3]).abs().max() > 1e-6
+    fr = sr_factors(D, 3, 10_000, svd="randomized")  # and sr_fusion passes a non-default svd on
+    assert torch.allclose(sr_fusion(D, 3, 10_000, svd="randomized"), (fr.U * fr.S) @ fr.V.T, atol=1e-12)
+    assert not torch.allclose(sr_fusion(D, 3, 10_000, svd="randomized"), sr_fusion(D, 3, 10_000), atol=1e-6)
 
 
 def test_sr_factors_drops_zero_singular_values():
@@ -276,6 +279,9 @@ def test_sr_factors_drops_zero_singular_values():
     assert f.S.numel() == 0 and f.U.shape == (6, 0) and f.V.shape == (5, 0)
     u, v = torch.arange(1.0, 7.0, dtype=torch.float64), torch.arange(1.0, 6.0, dtype=torch.float64)
     assert sr_factors(torch.outer(u, v), 3, 10_000).S.numel() == 1
+    # an empty Δ (no rows) has no singular value: nothing kept, no IndexError from S[0]
+    empty = sr_factors(torch.zeros(0, 5, dtype=torch.float64), 2, 0.5)
+    assert empty.S.numel() == 0 and sr_fusion(torch.zeros(0, 5), 2, 0.5).shape == (0, 5)
 
 
 def test_random_drop_mask_is_the_seeded_float64_draw():
