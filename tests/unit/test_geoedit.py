@@ -90,7 +90,7 @@ def test_editor_kl_term_compares_the_model_with_tau_and_with_its_reconstruction(
     task's own prompts, τ_old for task 0 and τ_new for task 1: recomputed here with the deltas applied to the model."""
     lm = tiny_model("llama")
     snap = _snapshot(lm)
-    ov = {"layers": (1,), "num_steps": 3, "ae_steps": 4, "ae_kl_every": 2, "latent_dim": 4}
+    ov = {"layers": (1,), "num_steps": 3, "lr": 5e-2, "ae_steps": 4, "ae_kl_every": 2, "latent_dim": 4}
     res, editor, cap = _captured_edit(monkeypatch, lm, ov)
     assert len(res.artifacts["ae_kl"]) == 2 and (res.artifacts["ae_kl"] > 0).all()
     name = lm.spec.mlp_out_weight(1)
@@ -108,6 +108,13 @@ def test_editor_kl_term_compares_the_model_with_tau_and_with_its_reconstruction(
             undo(lm.model)
         return torch.cat(out)
 
+    # the trained AE reconstructs τ so well that the KL is ~7e-5, where float32 rounding of the two computations
+    # (the editor's batched forward, this test's per-example one) differs by ~1% on some CPUs; a perturbed AE makes
+    # the KL large enough to compare at rtol 1e-3 (the comparison is of the formula, not of the trained AE)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(7)
+        for prm in ae.parameters():
+            prm.add_(0.5 * prm.std() * torch.randn(prm.shape, generator=gen, dtype=prm.dtype))
     for task, t in ((0, "old"), (1, "new")):
         tau = cap[t].deltas[name]
         cols = lm.spec.to_canonical(tau).T  # neuron_axis 'in': columns
@@ -120,7 +127,7 @@ def test_editor_kl_term_compares_the_model_with_tau_and_with_its_reconstruction(
         expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
         with torch.no_grad():
             got = cap["kl_term"](ae, task)
-        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-7), (t, got, expected)
+        assert expected > 1e-3 and torch.allclose(got, expected, rtol=1e-3, atol=1e-7), (t, got, expected)
     assert _unchanged(lm, snap)
 
 

@@ -170,7 +170,7 @@ def test_linear_autoencoder_maps_angles_close_to_identity_in_the_data_subspace()
         w = w / w.norm()
         ys = [math.cos(math.radians(p)) * u + math.sin(math.radians(p)) * w for p in sweep]
         raw = [_angle(x, y) for y in ys]
-        assert np.allclose(raw, sweep, atol=1e-6)
+        assert np.allclose(raw, sweep, atol=1e-4)  # degrees: acos near 1 leaves ~1e-6 of rounding
         with torch.no_grad():
             hx = ae.encode(x.float()[None])
             lat = [_angle(hx, ae.encode(y.float()[None])) for y in ys]

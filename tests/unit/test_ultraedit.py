@@ -183,7 +183,7 @@ def test_features_are_inputs_and_output_gradients_at_answer_positions(tiny_llama
         (g,) = torch.autograd.grad(loss, eps)
     assert f.n_tokens == len(t)
     assert torch.allclose(f.H[m], tr.inputs[m][0, pos], atol=1e-5)
-    assert torch.allclose(f.G[m], g[0, pos], atol=1e-6 * g.abs().max().item())
+    assert torch.allclose(f.G[m], g[0, pos], atol=1e-5 * g.abs().max().item())  # float32, two forward paths
     # wrong variant: positions shifted by one
     shifted = [x + 1 for x in pos]
     assert not torch.allclose(f.H[m], tr.inputs[m][0, shifted], atol=1e-3)
