@@ -357,6 +357,7 @@ class GRACEEditor(Editor):
         losses = []
         was = self.model.training
         self.model.eval()
+
         def forward():
             return self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
 

@@ -117,22 +117,11 @@ def frozen_prefix(model: nn.Module, layers_path: str, n_frozen: int, run: Callab
         return
     if n_frozen > len(blocks):
         raise ValueError(f"frozen_prefix: {n_frozen} blocks asked, the model has {len(blocks)}")
-    kept: list = []
-    last = blocks[n_frozen - 1]
-
-    def grab(module, args, output):
-        kept.append(output)  # computed under no_grad: nothing to detach
-        raise StopForward()
-
-    handle = last.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            try:
-                run()
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+    kept: list = []  # block n_frozen-1's whole output (tuple or tensor), computed under no_grad
+    last = f"{layers_path}.{n_frozen - 1}"
+    with torch.no_grad(), Trace(model, [last], edit_output=lambda name, output: kept.append(output),
+                                stop_after=last):
+        run()
     if not kept:
         raise RuntimeError(f"frozen_prefix: block {n_frozen - 1} of {layers_path} was not called by run()")
     out = kept[0]

@@ -1,10 +1,11 @@
 """editors/hooks.py: output_grad_leaves, the gradients of a loss with respect to traced modules' outputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from editors.hooks import output_grad_leaves
+from editors.hooks import Trace, frozen_prefix, output_grad_leaves
 
 
 class _Pair(nn.Module):
@@ -49,11 +50,6 @@ def test_leaves_give_output_gradients_and_touch_nothing():
 
 
 # ---- frozen_prefix -------------------------------------------------------------------------------------------------
-import pytest  # noqa: E402
-
-from editors.hooks import Trace, frozen_prefix  # noqa: E402
-
-
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("n_frozen", [1, 2, 3])
 def test_frozen_prefix_gives_the_full_forward_and_its_gradient(arch, n_frozen, request):
